@@ -1,0 +1,35 @@
+"""FastV (Chen et al., ECCV'24; official code pkunlp-icler/FastV).
+
+Prune once, before decoder layer K (default 2): score each visual token by the attention the LAST
+token pays it in the attention map produced by layer K-1 (mean over heads), keep the top
+round(retention x N_vis). Kept tokens keep their original positions.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from sharp.methods import PruningMethod, Selection, budget, register_method
+
+
+@register_method
+@dataclass
+class FastV(PruningMethod):
+    name = "fastv"
+    layer: int = 2  # K: the first layer that sees the pruned sequence
+
+    def stages(self, num_layers: int) -> list[int]:
+        if not 1 <= self.layer < num_layers:
+            raise ValueError(f"fastv: layer must be in 1..{num_layers - 1} (it scores with layer K-1), got {self.layer}")
+        return [self.layer]
+
+    def score_layers(self, num_layers: int) -> list[int]:
+        return [self.layer - 1]
+
+    def select(self, ctx) -> Selection:
+        scores = ctx.last_token_attention(layer=self.layer - 1)  # (b, s): last row of layer K-1's map
+        keep = []
+        for b in range(scores.shape[0]):
+            pos = ctx.visual_positions(b)
+            k = budget(ctx.layout.n_visual, self.retention)
+            keep.append(torch.topk(scores[b, pos], k).indices)
+        return Selection(keep_visual=keep)

@@ -1,0 +1,13 @@
+"""`vanilla`: no pruning (the unpruned model, Table 1's first row)."""
+from dataclasses import dataclass
+
+from sharp.methods import PruningMethod, register_method
+
+
+@register_method
+@dataclass
+class Vanilla(PruningMethod):
+    name = "vanilla"
+
+    def token_schedule(self, n_visual: int, num_layers: int) -> list[int]:
+        return [n_visual] * num_layers

@@ -1,0 +1,75 @@
+"""Backbones: layouts, real video files through prepare() + generate(), clear input errors."""
+import numpy as np
+import pytest
+import torch
+
+import sharp
+from sharp.video import VideoError, write_video
+
+
+@pytest.fixture(scope="module", params=["tiny_llava_onevision", "tiny_qwen2_vl"])
+def bb(request):
+    return sharp.load_backbone(request.param)
+
+
+def _colour_video(path, frames=40, h=64, w=96):
+    g = np.random.default_rng(0)
+    x = np.zeros((frames, h, w, 3), np.uint8)
+    for t in range(frames):
+        x[t] = g.integers(0, 256, size=3, dtype=np.uint8)
+    return write_video(path, x, fps=8)
+
+
+def test_layout_matches_placeholders(bb):
+    inputs = bb.synthetic_inputs(frames=8)
+    layout = bb.layout(inputs)
+    vis = bb.visual_mask(inputs["input_ids"], layout)
+    assert int(vis.sum()) == layout.n_visual == layout.frames * layout.tokens_per_frame
+    assert layout.grid[0] * layout.grid[1] == layout.tokens_per_frame
+    if bb.kind == "llava_onevision":
+        assert layout.frames == 8 and layout.tokens_per_frame == 16  # 56px / patch 7 -> 8x8 -> pooled 4x4
+    else:
+        assert layout.frames == 4  # temporal patches of 2 frames
+
+
+def test_mp4_through_prepare_and_generate(bb, tmp_path):
+    path = _colour_video(tmp_path / "v.mp4")
+    bb.num_frames = 8
+    inputs = bb.prepare(str(path), "What colour is the video?")
+    layout = bb.layout(inputs)
+    assert layout.n_visual > 0
+    with sharp.prune(bb, "fastv", 0.5) as trace:
+        out = bb.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert len(trace.kept[0][0]) == round(0.5 * layout.n_visual)
+    text = bb.tokenizer.decode(inputs["input_ids"][0])
+    assert "What colour is the video?" in text and text.startswith("<|im_start|>system\nYou are a helpful assistant.")
+
+
+def test_corrupt_and_missing_video(bb, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(VideoError, match="bad.mp4"):
+        bb.prepare(str(bad), "q")
+    with pytest.raises(VideoError, match="missing.mp4"):
+        bb.prepare(str(tmp_path / "missing.mp4"), "q")
+
+
+def test_too_few_frames_for_llava(tmp_path):
+    bb = sharp.load_backbone("tiny_llava_onevision")
+    path = _colour_video(tmp_path / "short.mp4", frames=5)
+    with pytest.raises(VideoError, match="5 frames"):
+        bb.prepare(str(path), "q")  # 32 frames asked
+
+
+def test_byte_tokenizer_roundtrip(bb):
+    ids = bb.tokenizer("héllo <video> wörld", add_special_tokens=False)["input_ids"]
+    assert bb.video_token_id in ids if bb.kind == "llava_onevision" else True
+    assert bb.tokenizer.decode(ids) == "héllo <video> wörld"
+
+
+def test_random_weight_7b_configs_are_the_published_sizes():
+    from sharp.flops import lm_dims
+    for name in ("llava_onevision_7b", "qwen2_vl_7b"):
+        d = lm_dims(name)
+        assert (d.num_layers, d.hidden, d.ffn, d.heads, d.kv_heads) == (28, 3584, 18944, 28, 4)

@@ -1,0 +1,417 @@
+"""The engine: exactness at retention 1.0, decode correctness after pruning, and every capability
+later methods rely on (multi-stage, merging, custom masks, probes, before-LLM reduction, KV drop)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import sharp
+import sharp.engine as engine
+from sharp.methods import PruningMethod, Selection, budget, register_method
+
+from engine_reference import generate_with_logits, kept_key_mask, masked_reference_logits
+
+BACKBONES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
+_CACHE: dict = {}
+
+
+def backbone(name, impl="sdpa"):
+    if (name, impl) not in _CACHE:
+        _CACHE[name, impl] = sharp.load_backbone(name, attn_implementation=impl)
+    return _CACHE[name, impl]
+
+
+def prefill_logits(bb, inputs):
+    with torch.no_grad():
+        return bb.model(**inputs).logits
+
+
+# -- exactness --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("method", ["vanilla", "fastv"])
+def test_retention_one_is_bit_identical(name, impl, batch, method):
+    bb = backbone(name, impl)
+    inputs = bb.synthetic_inputs(frames=8, seed=1, batch_size=batch)
+    if batch == 2:
+        assert (inputs["attention_mask"] == 0).any(), "batch 2 must be left-padded"
+    ref_prefill = prefill_logits(bb, inputs)
+    ref_seq, ref_logits = generate_with_logits(bb, inputs)
+    with sharp.prune(bb, method, 1.0) as trace:
+        prefill = prefill_logits(bb, inputs)
+        seq, logits = generate_with_logits(bb, inputs)
+    assert torch.equal(prefill, ref_prefill)
+    assert torch.equal(seq, ref_seq)
+    assert torch.equal(logits, ref_logits)
+    assert trace.visual_tokens_per_layer == [bb.layout(inputs).n_visual] * bb.num_layers
+    # and the model is restored afterwards
+    assert torch.equal(prefill_logits(bb, inputs), ref_prefill)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fastv_decode_matches_masked_no_cache_reference(name, batch):
+    bb = backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=2, batch_size=batch)
+    k = 2
+    with sharp.prune(bb, "fastv", 0.25, layer=k) as trace:
+        seq, logits = generate_with_logits(bb, inputs, max_new_tokens=4)
+    n_vis = bb.layout(inputs).n_visual
+    assert [len(x) for x in trace.kept[0]] == [budget(n_vis, 0.25)] * batch
+    assert trace.visual_tokens_per_layer == [n_vis] * k + [budget(n_vis, 0.25)] * (bb.num_layers - k)
+    keys = kept_key_mask(bb, inputs, seq, trace.kept[0])
+    ref = masked_reference_logits(bb, inputs, seq, {layer: keys for layer in range(k, bb.num_layers)})
+    p = inputs["input_ids"].shape[1]
+    ref_steps = ref[:, p - 1: seq.shape[1] - 1]
+    torch.testing.assert_close(logits, ref_steps, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_position_mistake_is_caught(name, monkeypatch):
+    """Re-compacting positions (a classic bug) must break the reference comparison."""
+    bb = backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=2)
+    real = engine._gather_seq
+
+    def compacted(x, index, seq_dim):
+        if seq_dim == -2:  # cos/sin: take the first s' positions instead of the kept ones
+            return real(x, torch.arange(index.shape[1]).expand_as(index), seq_dim)
+        return real(x, index, seq_dim)
+
+    monkeypatch.setattr(engine, "_gather_seq", compacted)
+    with sharp.prune(bb, "fastv", 0.25) as trace:
+        seq, logits = generate_with_logits(bb, inputs, max_new_tokens=4)
+    keys = kept_key_mask(bb, inputs, seq, trace.kept[0])
+    ref = masked_reference_logits(bb, inputs, seq, {layer: keys for layer in range(2, bb.num_layers)})
+    p = inputs["input_ids"].shape[1]
+    assert not torch.allclose(logits, ref[:, p - 1: seq.shape[1] - 1], atol=2e-4, rtol=1e-4)
+
+
+# -- FastV selection ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_fastv_keeps_topk_of_eager_attentions(name, layer):
+    bb = backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=3, batch_size=2)
+    with torch.no_grad():
+        att = bb.model(**inputs, output_attentions=True).attentions[layer - 1]  # (b, H, s, s)
+    scores = att[:, :, -1, :].mean(dim=1)  # last row, head mean
+    vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))
+    with sharp.prune(bb, "fastv", 0.25, layer=layer) as trace:
+        with torch.no_grad():
+            bb.model(**inputs)
+    for i in range(2):
+        s = scores[i, vis[i]]
+        expected = torch.topk(s, budget(len(s), 0.25)).indices.sort().values
+        assert torch.equal(trace.kept[0][i], expected)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_last_token_attention_with_and_without_rope(name):
+    bb = backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=4)
+    with torch.no_grad():
+        att = bb.model(**inputs, output_attentions=True).attentions
+    captured = {}
+
+    @dataclass
+    class Capture(PruningMethod):
+        name = "_test_capture"
+
+        def stages(self, n):
+            return [2]
+
+        def score_layers(self, n):
+            return [1]
+
+        def select(self, ctx):
+            captured["rope1"] = ctx.last_token_attention(layer=1)
+            captured["rope2"] = ctx.last_token_attention()
+            captured["q4"] = ctx.last_token_attention(queries=4)
+            captured["norope2"] = ctx.last_token_attention(rope=False)
+            captured["vis2"] = ctx.last_token_attention(softmax_over="visual")
+            return Selection([torch.arange(int(ctx.visual_mask[b].sum())) for b in range(ctx.hidden_states.shape[0])])
+
+    with sharp.prune(bb, Capture()):
+        with torch.no_grad():
+            bb.model(**inputs)
+    torch.testing.assert_close(captured["rope1"], att[1][:, :, -1].mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(captured["rope2"], att[2][:, :, -1].mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(captured["q4"], att[2][:, :, -4:].mean((1, 2)), atol=1e-6, rtol=1e-5)
+    vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))
+    assert torch.allclose(captured["vis2"][vis].sum(), torch.tensor(1.0)) and captured["vis2"][~vis].sum() == 0
+
+    # without RoPE == a run whose cos/sin are (1, 0) in layer 2
+    def unit_rope(module, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        return args, dict(kwargs, position_embeddings=(torch.ones_like(cos), torch.zeros_like(sin)))
+
+    h = bb.layers[2].register_forward_pre_hook(unit_rope, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            att_norope = bb.model(**inputs, output_attentions=True).attentions[2]
+    finally:
+        h.remove()
+    torch.testing.assert_close(captured["norope2"], att_norope[:, :, -1].mean(1), atol=1e-6, rtol=1e-5)
+
+
+# -- capabilities for later methods ------------------------------------------------------------
+@register_method
+@dataclass
+class _TwoStage(PruningMethod):
+    """Test method: uniform stride keep at two layers, the second merging dropped into kept."""
+
+    name = "_test_two_stage"
+    first: int = 1
+    second: int = 3
+    merge: bool = False
+
+    def stages(self, n):
+        return [self.first, self.second]
+
+    def select(self, ctx):
+        keep, hidden = [], ctx.hidden_states.clone() if self.merge else None
+        for b in range(ctx.hidden_states.shape[0]):
+            n = int(ctx.visual_mask[b].sum())
+            kv = torch.arange(0, n, 2)  # keep every other visual token
+            keep.append(kv)
+            if self.merge:  # token 2j absorbs 2j+1: mean of the two
+                pos = ctx.visual_positions(b)
+                for j in kv.tolist():
+                    if j + 1 < n:
+                        hidden[b, pos[j]] = 0.5 * (hidden[b, pos[j]] + hidden[b, pos[j + 1]])
+        return Selection(keep, hidden)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_multi_stage_pruning_decodes_like_reference(name):
+    bb = backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=5)
+    with sharp.prune(bb, "_test_two_stage") as trace:
+        seq, logits = generate_with_logits(bb, inputs, max_new_tokens=3)
+    n = bb.layout(inputs).n_visual
+    assert len(trace.kept) == 2
+    assert torch.equal(trace.kept[0][0], torch.arange(0, n, 2))
+    assert torch.equal(trace.kept[1][0], torch.arange(0, n, 4))
+    assert trace.visual_tokens_per_layer == [n, n // 2, n // 2, n // 4]
+    keys1 = kept_key_mask(bb, inputs, seq, trace.kept[0])
+    keys2 = kept_key_mask(bb, inputs, seq, trace.kept[1])
+    ref = masked_reference_logits(bb, inputs, seq, {1: keys1, 2: keys1, 3: keys2})
+    p = inputs["input_ids"].shape[1]
+    torch.testing.assert_close(logits, ref[:, p - 1: seq.shape[1] - 1], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_merging_changes_kept_hidden_states(name):
+    bb = backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=5)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["h"] = args[0].clone()
+
+    h = bb.layers[3].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with sharp.prune(bb, "_test_two_stage", merge=False), torch.no_grad():
+            bb.model(**inputs)
+        plain = seen["h"]
+        with sharp.prune(bb, "_test_two_stage", merge=True), torch.no_grad():
+            bb.model(**inputs)
+        merged = seen["h"]
+    finally:
+        h.remove()
+    assert plain.shape == merged.shape  # same kept layout
+    assert not torch.allclose(plain, merged)
+
+
+@register_method
+@dataclass
+class _BlockVisual(PruningMethod):
+    """Test method: in layer 0, visual tokens may not attend to other visual tokens."""
+
+    name = "_test_block_visual"
+
+    def attention_mask(self, session, layer_idx):
+        if layer_idx != 0 or session.state.phase != "prefill":
+            return None
+        vis = session.state.seq.visual_mask  # (b, s)
+        s = vis.shape[1]
+        cross = vis[:, :, None] & vis[:, None, :] & ~torch.eye(s, dtype=torch.bool)[None]
+        return ~cross[:, None]
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_custom_mask_in_chosen_layer(name, impl):
+    bb = backbone(name, impl)
+    inputs = bb.synthetic_inputs(frames=8, seed=6)
+    with sharp.prune(bb, "_test_block_visual"):
+        seq, logits = generate_with_logits(bb, inputs, max_new_tokens=3)
+    ref_bb = backbone(name, "eager")
+    vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))
+    b, s = seq.shape
+    p = inputs["input_ids"].shape[1]
+    # reference: layer 0 rows of visual tokens cannot see other visual keys
+    causal = torch.ones(s, s, dtype=torch.bool).tril()[None, None]
+    visf = torch.zeros(b, s, dtype=torch.bool)
+    visf[:, :p] = vis
+    cross = visf[:, :, None] & visf[:, None, :] & ~torch.eye(s, dtype=torch.bool)[None]
+    from engine_reference import layer_masks
+
+    kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    with torch.no_grad(), layer_masks(ref_bb, {0: causal & ~cross[:, None]}):
+        ref = ref_bb.model(input_ids=seq, attention_mask=torch.ones_like(seq), **kwargs, use_cache=False).logits
+    torch.testing.assert_close(logits, ref[:, p - 1: s - 1], atol=2e-4, rtol=1e-4)
+    with torch.no_grad():
+        plain = ref_bb.model(input_ids=seq, attention_mask=torch.ones_like(seq), **kwargs).logits
+    assert not torch.allclose(plain[:, p - 1: s - 1], ref[:, p - 1: s - 1], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_probe_forward_with_black_video(name):
+    bb = backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=7)
+    black = bb.black_inputs(inputs)
+    got = {}
+
+    @dataclass
+    class Probe(PruningMethod):
+        name = "_test_probe"
+
+        def stages(self, n):
+            return [1]
+
+        def score_layers(self, n):
+            return [0]
+
+        def select(self, ctx):
+            got["real"] = ctx.last_token_attention(layer=0)
+            got["black"] = ctx.probe(bb.black_inputs, lambda c: c.last_token_attention(layer=0))
+            return Selection([torch.arange(int(ctx.visual_mask[0].sum()))])
+
+    with sharp.prune(bb, Probe()) as trace, torch.no_grad():
+        out = bb.model(**inputs).logits
+    with torch.no_grad():
+        att_black = bb.model(**black, output_attentions=True).attentions[0][:, :, -1].mean(1)
+        att_real = bb.model(**inputs, output_attentions=True).attentions[0][:, :, -1].mean(1)
+        ref = bb.model(**inputs).logits
+    torch.testing.assert_close(got["black"], att_black, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got["real"], att_real, atol=1e-6, rtol=1e-5)
+    assert torch.equal(out, ref)  # the probe leaves the real forward untouched
+    assert trace.prefill_calls == 1
+    # every frame of the black video gives the same tokens before the LLM (only positions differ)
+    vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))
+    with torch.no_grad():
+        emb = {}
+        h = bb.layers[0].register_forward_pre_hook(lambda m, a, k: emb.update(x=a[0]), with_kwargs=True)
+        bb.model(**black)
+        h.remove()
+    layout = bb.layout(inputs)
+    v = emb["x"][0, vis[0]].view(layout.frames, layout.tokens_per_frame, -1)
+    assert torch.allclose(v, v[:1].expand_as(v), atol=1e-5)
+
+
+@register_method
+@dataclass
+class _BeforeLLM(PruningMethod):
+    """Test method: reduce visual tokens before the LLM (stage at layer 0), keeping the last ones."""
+
+    name = "_test_before_llm"
+
+    def stages(self, n):
+        return [0]
+
+    def select(self, ctx):
+        keep = []
+        for b in range(ctx.hidden_states.shape[0]):
+            n = int(ctx.visual_mask[b].sum())
+            keep.append(torch.arange(n - budget(n, self.retention), n))
+        return Selection(keep)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_reduction_before_llm(name, batch):
+    bb = backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=8, batch_size=batch)
+    with sharp.prune(bb, "_test_before_llm", 0.5) as trace:
+        seq, logits = generate_with_logits(bb, inputs, max_new_tokens=3)
+    n = bb.layout(inputs).n_visual
+    assert trace.visual_tokens_per_layer == [n // 2] * bb.num_layers
+    keys = kept_key_mask(bb, inputs, seq, trace.kept[0])
+    ref = masked_reference_logits(bb, inputs, seq, {layer: keys for layer in range(bb.num_layers)})
+    p = inputs["input_ids"].shape[1]
+    torch.testing.assert_close(logits, ref[:, p - 1: seq.shape[1] - 1], atol=2e-4, rtol=1e-4)
+
+
+@register_method
+@dataclass
+class _DropKV(PruningMethod):
+    """Test method: after prefill, drop the visual KV entries of layer 2 (SharpV's memory stage)."""
+
+    name = "_test_drop_kv"
+    layer: int = 2
+
+    def after_prefill(self, session):
+        vis = session.backbone.visual_mask(session.prefill_inputs["input_ids"], session.state.layout)
+        keep = [(~vis[b]).nonzero().squeeze(1) for b in range(vis.shape[0])]
+        session.drop_kv(self.layer, keep)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_dropping_kv_cache_entries_during_decode(name):
+    bb = backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=9)
+    with sharp.prune(bb, "_test_drop_kv"):
+        seq, logits = generate_with_logits(bb, inputs, max_new_tokens=4)
+    p = inputs["input_ids"].shape[1]
+    vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))
+    keys = torch.ones(seq.shape, dtype=torch.bool)
+    keys[:, :p] = ~vis
+    ref = masked_reference_logits(bb, inputs, seq, {2: keys}, query_from={2: p})
+    torch.testing.assert_close(logits, ref[:, p - 1: seq.shape[1] - 1], atol=2e-4, rtol=1e-4)
+    plain = masked_reference_logits(bb, inputs, seq, {})
+    assert not torch.allclose(plain[:, p: seq.shape[1] - 1], ref[:, p: seq.shape[1] - 1], atol=1e-4)
+
+
+# -- errors ------------------------------------------------------------------------------------
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown backbone 'nope'.*tiny_llava_onevision"):
+        sharp.load_backbone("nope")
+
+
+def test_unknown_method_and_bad_retention():
+    bb = backbone("tiny_llava_onevision")
+    with pytest.raises(ValueError, match="unknown pruning method 'nope'.*fastv.*vanilla"):
+        with sharp.prune(bb, "nope", 0.5):
+            pass
+    for r in (0, -0.1, 1.5, "x"):
+        with pytest.raises(ValueError, match=r"retention must be"):
+            with sharp.prune(bb, "fastv", r):
+                pass
+    with pytest.raises(TypeError, match="unknown argument.*nope.*valid arguments: layer"):
+        with sharp.prune(bb, "fastv", 0.5, nope=1):
+            pass
+
+
+def test_inputs_without_visual_tokens():
+    bb = backbone("tiny_qwen2_vl")
+    inputs = bb.synthetic_inputs(frames=4)
+    text_only = {"input_ids": inputs["input_ids"][:, :10], "attention_mask": inputs["attention_mask"][:, :10]}
+    with sharp.prune(bb, "fastv", 0.5):
+        with pytest.raises(ValueError, match="no visual tokens"):
+            bb.model.generate(**text_only, max_new_tokens=2)
+
+
+def test_hooks_removed_after_exception():
+    bb = backbone("tiny_llava_onevision")
+    inputs = bb.synthetic_inputs(frames=4)
+    ref = prefill_logits(bb, inputs)
+    with pytest.raises(RuntimeError, match="boom"):
+        with sharp.prune(bb, "fastv", 0.25):
+            raise RuntimeError("boom")
+    assert not bb.model._forward_pre_hooks and not any(layer._forward_pre_hooks for layer in bb.layers)
+    assert torch.equal(prefill_logits(bb, inputs), ref)
