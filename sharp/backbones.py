@@ -26,6 +26,10 @@ _BACKBONES: dict[str, dict[str, Any]] = {
     "tiny_llava_onevision": dict(kind="llava_onevision", hub=None, config="tiny_llava_onevision.json",
                                  dtype=torch.float32),
     "tiny_qwen2_vl": dict(kind="qwen2_vl", hub=None, config="tiny_qwen2_vl.json", dtype=torch.float32),
+    # mid-size random-weight configs: seconds per prefill on CPU (latency benchmarks)
+    "mid_llava_onevision": dict(kind="llava_onevision", hub=None, config="mid_llava_onevision.json",
+                                dtype=torch.float32),
+    "mid_qwen2_vl": dict(kind="qwen2_vl", hub=None, config="mid_qwen2_vl.json", dtype=torch.float32),
 }
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -288,14 +292,18 @@ class Backbone:
         return self.pixels_to_inputs(frames, question)
 
     def synthetic_inputs(self, frames: int = 8, seed: int = 0, batch_size: int = 1,
-                         question: str = "What happens in the video?", pad: bool = True) -> dict:
+                         question: str = "What happens in the video?", pad: bool = True,
+                         size: Optional[tuple[int, int]] = None) -> dict:
         """Random-pixel video inputs for tests and benchmarks (no decoding, no torchvision).
 
-        With batch_size > 1 the questions differ in length, so the batch is left-padded.
+        With batch_size > 1 the questions differ in length, so the batch is left-padded. ``size``
+        (h, w) sets the frame resolution (Qwen2-VL: e.g. (336, 420) gives 12 x 15 = 180 tokens per
+        temporal patch, the paper's 2880 tokens for 32 frames).
         """
         g = np.random.default_rng(seed)
         side = self.frame_size() if self.kind == "llava_onevision" else 2 * self.frame_size()
-        pixels = g.integers(0, 256, size=(frames, side, side, 3), dtype=np.uint8)
+        h, w = size or (side, side)
+        pixels = g.integers(0, 256, size=(frames, h, w, 3), dtype=np.uint8)
         questions = [question + " Answer briefly." * (i if pad else 0) for i in range(batch_size)]
         return self.pixels_to_inputs(pixels, questions)
 
