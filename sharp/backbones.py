@@ -25,7 +25,8 @@ _BACKBONES: dict[str, dict[str, Any]] = {
                         config="qwen2_vl_7b.json", dtype=torch.bfloat16),
     "tiny_llava_onevision": dict(kind="llava_onevision", hub=None, config="tiny_llava_onevision.json",
                                  dtype=torch.float32),
-    "tiny_qwen2_vl": dict(kind="qwen2_vl", hub=None, config="tiny_qwen2_vl.json", dtype=torch.float32),
+    "tiny_qwen2_vl": dict(kind="qwen2_vl", hub=None, config="tiny_qwen2_vl.json", dtype=torch.float32,
+                          video_kwargs=dict(max_pixels=112 * 112)),
     # mid-size random-weight configs: seconds per prefill on CPU (latency benchmarks)
     "mid_llava_onevision": dict(kind="llava_onevision", hub=None, config="mid_llava_onevision.json",
                                 dtype=torch.float32),
@@ -270,7 +271,9 @@ class Backbone:
         else:
             vc = self.config.vision_config
             pv, thw = V.qwen2vl_preprocess(frames, patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
-                                           temporal_patch_size=vc.temporal_patch_size, **self.video_kwargs)
+                                           temporal_patch_size=vc.temporal_patch_size,
+                                           **{k: v for k, v in self.video_kwargs.items()
+                                              if k in ("min_pixels", "max_pixels")})
             n_placeholders = int(thw[0].prod()) // (vc.spatial_merge_size ** 2)
             out = self._tokenize([self.build_prompt(q, n_placeholders) for q in questions])
             out["pixel_values_videos"] = pv.repeat(len(questions), 1)
@@ -288,7 +291,9 @@ class Backbone:
         if self.kind == "llava_onevision":
             frames = V.load_frames_uniform(video, self.num_frames)
         else:
-            frames = V.qwen2vl_sample_frames(video, max_num_frames=self.num_frames)
+            vc = self.config.vision_config
+            frames = V.qwen2vl_sample_frames(video, max_num_frames=self.num_frames, patch_size=vc.patch_size,
+                                             merge_size=vc.spatial_merge_size, **self.video_kwargs)
         return self.pixels_to_inputs(frames, question)
 
     def synthetic_inputs(self, frames: int = 8, seed: int = 0, batch_size: int = 1,
@@ -393,6 +398,7 @@ def load_backbone(name: str, *, attn_implementation: str = "sdpa", random_weight
         tokenizer = _byte_tokenizer(_special_ids(kind, config))
     else:
         model, tokenizer = _load_pretrained(kind, hub, attn_implementation, dtype, device)
+    video_kwargs = {**spec.get("video_kwargs", {}), **video_kwargs}
     return Backbone(name=name, kind=kind, model=model, tokenizer=tokenizer, num_frames=num_frames,
                     video_kwargs=video_kwargs)
 
