@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 $PY -m pip install -q "torch==2.13.0"
-$PY -m pip install -q -e ".[test]"
+# one resolver run for the project and lmms-eval's real imports, under the tested versions
+$PY -m pip install -q -e ".[test]" -r requirements-lmms.txt -c constraints.txt
 $PY -m pip install -q --no-deps "lmms-eval==0.7.3"
-$PY -m pip install -q -r requirements-lmms.txt
 $PY - <<'PY'
 import importlib.util, sys
 if importlib.util.find_spec("torchvision") is not None:

@@ -30,6 +30,12 @@ from sharp.backbones import Backbone, VisualLayout
 from sharp.methods import PruningMethod, Selection, make_method
 
 
+def cuda_sync(device: torch.device) -> None:
+    """Wait for the GPU so that perf_counter brackets the real work (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _ProbeDone(Exception):
     """Raised inside a probe forward once the probed stage has been reached."""
 
@@ -139,13 +145,15 @@ class StageContext:
         return self.visual_index[b, self.visual_positions(b)]
 
     def last_token_attention(self, layer: Optional[int] = None, queries: int = 1, rope: bool = True,
-                             softmax_over: str = "all") -> torch.Tensor:
+                             softmax_over: str = "all", space: str = "prob") -> torch.Tensor:
         """Attention of the last ``queries`` tokens in layer ``layer`` (default: this stage's layer).
 
         Returns (b, s) float32: softmax(q k^T / sqrt(d_h) + mask) averaged over heads and queries,
         recomputed from that layer's input (input_layernorm, q_proj on the last rows, k_proj on all
         rows, RoPE) without building the N x N matrix. ``softmax_over="visual"`` normalises over the
-        visual keys only (FEATHER); ``rope=False`` skips RoPE (FEATHER's de-RoPE criterion).
+        visual keys only (FEATHER); ``rope=False`` skips RoPE (FEATHER's de-RoPE criterion);
+        ``space="logit"`` returns the pre-softmax logits q k^T / sqrt(d_h) averaged the same way
+        (masked keys read 0).
         """
         layer = self.layer_idx if layer is None else layer
         if layer == self.layer_idx:
@@ -158,14 +166,14 @@ class StageContext:
                 raise RuntimeError(f"layer {layer}'s input has a different sequence than stage layer {self.layer_idx}")
         return attention_of_last_tokens(
             self.backbone, layer, hidden, pos, self.attention_mask_2d, queries=queries, rope=rope,
-            key_mask=self.visual_mask if softmax_over == "visual" else None)
+            key_mask=self.visual_mask if softmax_over == "visual" else None, space=space)
 
     def probe(self, modify_inputs: Callable[[dict], dict], fn: Callable[["StageContext"], Any]) -> Any:
         """Forward ``modify_inputs(prefill inputs)`` without pruning or cache up to this stage; return fn(ctx)."""
         return self.session.probe(modify_inputs(dict(self.session.prefill_inputs)), self.layer_idx, fn)
 
 
-def _rope_apply(backbone: Backbone, layer: int) -> Callable:
+def rope_apply(backbone: Backbone, layer: int) -> Callable:
     """The attention module's own RoPE function, as f(x (b, h, n, d), cos, sin) -> x."""
     attn = backbone.layers[layer].self_attn
     module = sys.modules[type(attn).__module__]
@@ -177,11 +185,14 @@ def _rope_apply(backbone: Backbone, layer: int) -> Callable:
 
 def attention_of_last_tokens(backbone: Backbone, layer: int, hidden: torch.Tensor, position_embeddings,
                              attention_mask_2d: Optional[torch.Tensor], queries: int = 1, rope: bool = True,
-                             key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             key_mask: Optional[torch.Tensor] = None, space: str = "prob") -> torch.Tensor:
     """Head- and query-averaged attention of the last ``queries`` tokens of ``hidden`` in ``layer``.
 
-    hidden: (b, s, d) input of the layer; returns (b, s) float32.
+    hidden: (b, s, d) input of the layer; returns (b, s) float32: softmax probabilities
+    (``space="prob"``) or pre-softmax logits (``space="logit"``, masked keys 0).
     """
+    if space not in ("prob", "logit"):
+        raise ValueError(f"space must be 'prob' or 'logit', got {space!r}")
     block = backbone.layers[layer]
     attn = block.self_attn
     b, s, _ = hidden.shape
@@ -193,7 +204,7 @@ def attention_of_last_tokens(backbone: Backbone, layer: int, hidden: torch.Tenso
     k = attn.k_proj(x).view(b, s, n_kv, hd).transpose(1, 2)  # (b, KV, s, hd)
     if rope:
         cos, sin = position_embeddings
-        apply = _rope_apply(backbone, layer)
+        apply = rope_apply(backbone, layer)
         q = apply(q, cos[..., -queries:, :], sin[..., -queries:, :])
         k = apply(k, cos, sin)
     groups = n_heads // n_kv
@@ -206,6 +217,8 @@ def attention_of_last_tokens(backbone: Backbone, layer: int, hidden: torch.Tenso
         allowed &= attention_mask_2d.bool()[:, None, :]
     if key_mask is not None:
         allowed &= key_mask.bool()[:, None, :]
+    if space == "logit":
+        return logits.masked_fill(~allowed[:, None, None], 0.0).mean(dim=(1, 2, 3))
     logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return probs.mean(dim=(1, 2, 3))  # (b, s)
@@ -289,6 +302,8 @@ class PruningSession:
             vidx = torch.where(vis, vis.long().cumsum(1) - 1, torch.full_like(input_ids, -1))
             state.seq = _SeqState(attention_mask_2d=mask2d.long(), visual_mask=vis, visual_index=vidx)
             if state.phase == "prefill":
+                cuda_sync(input_ids.device)
+                self._prefill_t0 = time.perf_counter()
                 self.prefill_inputs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
                 if input_ids is not None and "input_ids" not in kwargs:
                     self.prefill_inputs["input_ids"] = input_ids
@@ -313,6 +328,8 @@ class PruningSession:
             self._last_cache = pkv
         if state.phase == "prefill":
             self._restore_attn_configs()
+            cuda_sync(self.backbone.device)
+            self.trace.stage_times["prefill"] = time.perf_counter() - self._prefill_t0
             self.method.after_prefill(self)
         else:
             self._advance_kv_masks()
@@ -356,6 +373,7 @@ class PruningSession:
         if state.phase == "prefill" and len(self.trace.visual_tokens_per_layer) == idx:
             self.trace.visual_tokens_per_layer.append(int(seq.visual_mask[0].sum()))
 
+        t0 = time.perf_counter()
         extra = self.method.attention_mask(self, idx)
         if not changed and extra is None:
             return None
@@ -367,6 +385,8 @@ class PruningSession:
             new_kwargs["attention_mask"] = seq.mask
         if extra is not None:
             new_kwargs["attention_mask"] = self._custom_mask(idx, extra, seq, hidden)
+            if state.phase == "prefill":
+                self.trace.add_time("mask", time.perf_counter() - t0)
         return (hidden,) + tuple(args[1:]), new_kwargs
 
     def _run_stage(self, idx: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:

@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 import torch
 
+from sharp.engine import cuda_sync
 from sharp.methods import PruningMethod, Selection, budget, register_method
 from sharp.regd import ABSORB_MODES, CLUSTER_MODES, DEDUP_MODES, FILL_MODES, regd as run_regd
 from sharp.segm import frame_segments, segment_mask, token_segment_ids
@@ -73,37 +74,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         fp = h.hexdigest()[:16]
         _FINGERPRINTS[model] = fp
     return fp
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def last_token_logits(backbone, layer: int, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """Pre-softmax attention logits of the last token in ``layer`` (mean over heads): (b, s) float32.
-
-    q k^T * scaling with RoPE, from the layer's input, like the engine's ``last_token_attention``
-    but before the softmax (``posc_space="logit"``). No mask is needed: only visual keys, which all
-    precede the last token, are read.
-    """
-    from sharp.engine import _rope_apply  # the attention module's own RoPE (M-RoPE for Qwen2-VL)
-
-    block = backbone.layers[layer]
-    attn = block.self_attn
-    b, s, _ = hidden.shape
-    hd = attn.head_dim
-    n_heads, n_kv = attn.config.num_attention_heads, attn.config.num_key_value_heads
-    x = block.input_layernorm(hidden)
-    q = attn.q_proj(x[:, -1:]).view(b, 1, n_heads, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(b, s, n_kv, hd).transpose(1, 2)
-    cos, sin = position_embeddings
-    apply = _rope_apply(backbone, layer)
-    q = apply(q, cos[..., -1:, :], sin[..., -1:, :])
-    k = apply(k, cos, sin)
-    q = q.float().view(b, n_kv, n_heads // n_kv, 1, hd)
-    logits = torch.einsum("bkgnd,bksd->bkgns", q, k.float()) * attn.scaling
-    return logits.mean(dim=(1, 2, 3))
 
 
 @dataclass
@@ -153,7 +123,6 @@ class ShaRP(PruningMethod):
     _state: Optional[_PrefillState] = field(default=None, init=False, repr=False, compare=False)
     _backbone: Any = field(default=None, init=False, repr=False, compare=False)
     _matched: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    _t_start: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for key, valid in (("score_at", SCORE_AT), ("posc_space", POSC_SPACES), ("softmax_over", SOFTMAX_OVER),
@@ -221,23 +190,12 @@ class ShaRP(PruningMethod):
     def install(self, session) -> None:
         self._backbone = session.backbone
         self._state = None
-        session.add_hook(session.backbone.model, lambda m, a, k: self._on_model_call(session))
-
-    def _on_model_call(self, session) -> None:
-        # runs after the engine's own pre-hook, which has classified the call
-        if session.state.phase == "prefill":
-            _sync(session.backbone.device)
-            self._state = None
-            self._t_start = time.perf_counter()
-        return None
 
     def after_prefill(self, session) -> None:
-        _sync(session.backbone.device)
+        # Table 4's "LLM Fw.": the engine's prefill time minus ShaRP's own steps
         times = session.trace.stage_times
-        total = time.perf_counter() - self._t_start
-        times["prefill"] = total
         ours = sum(times.get(k, 0.0) for k in TIME_KEYS + ("probe",))
-        times["forward"] = max(0.0, total - ours)
+        times["forward"] = max(0.0, times["prefill"] - ours)
 
     def _prefill_state(self, session, hidden0: Optional[torch.Tensor] = None) -> _PrefillState:
         """Segments of the current prefill (computed once, from the visual tokens entering the LLM)."""
@@ -263,7 +221,7 @@ class ShaRP(PruningMethod):
         if not self.segm or layer_idx >= self.n_segm_layers or session.state.phase != "prefill":
             return None  # the PosC probe runs without SegM: a black video is one segment anyway
         device = session.backbone.device
-        _sync(device)
+        cuda_sync(device)
         t0 = time.perf_counter()
         st = self._prefill_state(session)
         seq = session.state.seq
@@ -279,20 +237,15 @@ class ShaRP(PruningMethod):
             mask = segment_mask(s, positions, ids, visual_sees_text=self.segm_sees_text, device=device)
             if unpruned:
                 st.mask = mask
-        _sync(device)
+        cuda_sync(device)
         session.trace.add_time("attn", time.perf_counter() - t0)
         return mask
 
     # -- scoring ---------------------------------------------------------------------------
     def _scores(self, ctx) -> torch.Tensor:
         """(b, s) float32 score of every position (only visual positions are read)."""
-        if self.posc_space == "prob":
-            return ctx.last_token_attention(layer=self.score_layer, softmax_over=self.softmax_over)
-        if self.score_layer == ctx.layer_idx:
-            hidden, pos = ctx.hidden_states, ctx.position_embeddings
-        else:
-            hidden, pos, _ = ctx.session.state.layer_inputs[self.score_layer]
-        return last_token_logits(ctx.backbone, self.score_layer, hidden, pos)
+        return ctx.last_token_attention(layer=self.score_layer, softmax_over=self.softmax_over,
+                                        space=self.posc_space)
 
     def _bias_keys(self, ctx) -> list[str]:
         session, layout = ctx.session, ctx.layout
@@ -342,7 +295,7 @@ class ShaRP(PruningMethod):
                     pass
         if len(found) < len(keys):
             device = ctx.hidden_states.device
-            _sync(device)
+            cuda_sync(device)
             t0 = time.perf_counter()
 
             def measure(pctx):
@@ -350,7 +303,7 @@ class ShaRP(PruningMethod):
                 return [scores[b, pctx.visual_positions(b)].float().cpu() for b in range(scores.shape[0])]
 
             probed = ctx.probe(ctx.backbone.black_inputs, measure)
-            _sync(device)
+            cuda_sync(device)
             ctx.session.trace.add_time("probe", time.perf_counter() - t0)
             for b, key in enumerate(keys):
                 if b in found:
@@ -388,7 +341,7 @@ class ShaRP(PruningMethod):
     def select(self, ctx) -> Selection:
         session, trace = ctx.session, ctx.session.trace
         device = ctx.hidden_states.device
-        _sync(device)
+        cuda_sync(device)
         t0 = time.perf_counter()
         probe0 = trace.stage_times.get("probe", 0.0)
         state = self._prefill_state(session, hidden0=ctx.hidden_states if ctx.layer_idx == 0 else None)
@@ -397,7 +350,7 @@ class ShaRP(PruningMethod):
         k = budget(n_vis, retention)
         calibrated, bias = self.calibrated_scores(ctx)
         topk = [torch.topk(calibrated[b], k).indices for b in range(calibrated.shape[0])]
-        _sync(device)
+        cuda_sync(device)
         t1 = time.perf_counter()
         trace.add_time("attn", t1 - t0 - (trace.stage_times.get("probe", 0.0) - probe0))  # probe: own key
         trace.sharp_retention = retention
