@@ -1,0 +1,121 @@
+"""Run the cells of a sweep (configs/sweep/<name>.yaml): locally one after another, or one SLURM job per
+cell through Hydra's submitit launcher. Finished cells are skipped."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from sharp.harness import cells as C
+from sharp.harness.config import REPO_ROOT, cell_from_cfg, cell_overrides, compose, list_sweeps, load_sweep
+from sharp.harness.resources import HarnessError
+
+RUN_PY = REPO_ROOT / "run.py"
+
+
+def _quote(args: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def plan(name: str, results_dir: str, limit: Optional[int] = None, only: Optional[list[int]] = None,
+         extra: Sequence[str] = ()) -> list[dict]:
+    """One entry per cell: index, Cell (composed with the extra overrides), status, run.py overrides."""
+    sweep = load_sweep(name)
+    rows = []
+    for i, _raw in enumerate(sweep.get("cells") or []):
+        if only is not None and i not in only:
+            continue
+        overrides = cell_overrides(sweep, i)
+        if limit is not None:
+            overrides = [o for o in overrides if not o.startswith("limit=")] + [f"limit={limit}"]
+        overrides += list(extra)
+        cfg_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+        cell = cell_from_cfg(compose(cfg_overrides))
+        state, _ = C.status(cell, results_dir)
+        rows.append({"index": i, "cell": cell, "status": state, "overrides": overrides + [f"results_dir={results_dir}"]})
+    return rows
+
+
+def local_command(row: dict, python: str = sys.executable, display: bool = False) -> list[str]:
+    return [python, "run.py" if display else str(RUN_PY), *row["overrides"]]
+
+
+def _label(status: str) -> str:
+    return {"missing": "todo"}.get(status, status)
+
+
+def slurm_command(name: str, rows: list[dict], results_dir: str, limit: Optional[int], extra: Sequence[str],
+                  launcher: str = "slurm", python: str = sys.executable) -> list[str]:
+    indices = ",".join(str(r["index"]) for r in rows)
+    cmd = [python, str(RUN_PY), "--multirun", f"hydra/launcher={launcher}", f"sweep={name}", f"cell={indices}",
+           f"results_dir={results_dir}"]
+    if limit is not None:
+        cmd.append(f"limit={limit}")
+    return cmd + list(extra)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="sweep.py", description="Run the cells of configs/sweep/<SWEEP>.yaml (finished cells are skipped).",
+        epilog="Extra arguments (key=value) are passed to run.py as Hydra overrides, e.g. "
+               "hydra.launcher.partition=gpu or backbone.overrides.attn_implementation=flash_attention_2.")
+    ap.add_argument("sweep", help="sweep name: " + ", ".join(list_sweeps()))
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every cell")
+    ap.add_argument("--dry-run", action="store_true", help="print one line per cell with the command, run nothing")
+    ap.add_argument("--slurm", action="store_true", help="submit one job per unfinished cell (Hydra submitit launcher)")
+    ap.add_argument("--launcher", default="slurm", help="Hydra launcher config for --slurm (default: slurm; "
+                    "submitit_local runs the jobs on this machine)")
+    ap.add_argument("--results-dir", default="results", help="results root (default: results)")
+    ap.add_argument("--limit", type=int, default=None, help="samples per task (smoke runs)")
+    ap.add_argument("--only", default=None, help="comma-separated cell indices")
+    args = ap.parse_intermixed_args(argv)
+
+    results_dir = str(Path(args.results_dir).expanduser().resolve())
+    only = [int(x) for x in args.only.split(",")] if args.only else None
+    try:
+        rows = plan(args.sweep, results_dir, args.limit, only, args.overrides)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    todo = [r for r in rows if r["status"] != "finished"]
+    sweep = load_sweep(args.sweep)
+
+    if args.slurm:
+        cmd = slurm_command(args.sweep, todo, results_dir, args.limit, args.overrides, args.launcher)
+        if args.dry_run:
+            for r in rows:
+                print(f"[{r['index']:2d}] {_label(r['status']):<9} {r['cell'].relpath()}")
+            print(f"# {len(rows)} cells, {len(rows) - len(todo)} finished; submit with:")
+            print(_quote(cmd) if todo else "# nothing to submit")
+            return 0
+        if not todo:
+            print(f"all {len(rows)} cells of {args.sweep} are finished")
+            return 0
+        print(f"submitting {len(todo)} cell(s): {_quote(cmd)}", flush=True)
+        return subprocess.call(cmd, cwd=str(REPO_ROOT))
+
+    if args.dry_run:
+        for r in rows:
+            print(f"[{r['index']:2d}] {_label(r['status']):<9} {_quote(local_command(r, 'python', display=True))}")
+        print(f"# {sweep.get('name', args.sweep)}: {len(rows)} cells, {len(rows) - len(todo)} finished, {len(todo)} to run")
+        return 0
+
+    failed = []
+    for r in rows:
+        if r["status"] == "finished":
+            print(f"[{r['index']:2d}] skip (finished) {r['cell'].relpath()}", flush=True)
+            continue
+        print(f"[{r['index']:2d}] run {_quote(local_command(r, 'python', display=True))}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(local_command(r), cwd=str(REPO_ROOT))
+        print(f"[{r['index']:2d}] exit {rc} after {time.time() - t0:.0f}s", flush=True)
+        if rc != 0:
+            failed.append(r["index"])
+    if failed:
+        print(f"{len(failed)} cell(s) failed: {failed} (rerun the sweep to retry them)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,122 @@
+"""run.py end to end on the tiny backbone + synthetic task: the default cell, a FastV cell killed midway
+and completed by a rerun, skipping finished cells, and setup errors without stack traces."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sharp.harness import cells as C
+from sharp.harness.config import REPO_ROOT, compose
+from sharp.harness.resources import HarnessError, MissingResourceError, explain
+from sharp.harness.runner import run_cell
+
+RUN = [sys.executable, str(REPO_ROOT / "run.py")]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`python run.py` with nothing but the results folder changed."""
+    out = tmp_path_factory.mktemp("results")
+    t0 = time.time()
+    proc = subprocess.run([*RUN, f"results_dir={out}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, env=_env())
+    return out, proc, time.time() - t0
+
+
+def test_default_run_finishes_offline_and_writes_its_cell(default_run):
+    out, proc, wall = default_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = out / "tiny_llava_onevision" / "vanilla" / "r1"
+    s = json.loads((d / C.SUMMARY).read_text())
+    assert s["status"] == "finished" and s["cell"]["method"] == "vanilla"
+    assert s["tokens"]["visual_after"] == s["tokens"]["visual_before"] > 0
+    assert s["requests"] == 20 and s["failed_requests"] == 0
+    assert 0 <= s["scores"]["sharp_synthetic_default"] <= 100
+    assert s["latency_ms"]["prefill_mean"] > 0 and s["tflops"]["prefill_mean"] > 0 and s["peak_memory_mb"] > 0
+    assert s["config"]["backbone"]["name"] == "tiny_llava_onevision" and "versions" in s and "git" in s
+    assert (d / C.RESULTS).is_file() and (d / "samples_sharp_synthetic_default.jsonl").is_file()
+    assert len((d / C.REQUESTS).read_text().splitlines()) == 20
+    assert not (d / C.RUN_MARKER).exists()
+    assert wall < 240
+
+
+def test_finished_cell_is_skipped_and_a_different_config_is_refused(default_run):
+    out, proc, _ = default_run
+    assert proc.returncode == 0
+    summary_path = out / "tiny_llava_onevision" / "vanilla" / "r1" / C.SUMMARY
+    before = summary_path.stat().st_mtime_ns
+    t0 = time.time()
+    s = run_cell(compose([f"results_dir={out}"]))
+    assert time.time() - t0 < 5 and s["status"] == "finished"
+    assert summary_path.stat().st_mtime_ns == before
+    with pytest.raises(HarnessError, match="another configuration"):
+        run_cell(compose([f"results_dir={out}", "limit=2"]))
+
+
+def test_fastv_run_killed_midway_then_completed(tmp_path):
+    args = [*RUN, "method=fastv", "retention=0.25", "limit=4", f"results_dir={tmp_path}"]
+    cell_dir = tmp_path / "tiny_llava_onevision" / "fastv" / "r0.25"
+    proc = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env(), start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (cell_dir / C.RUN_MARKER).exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert (cell_dir / C.RUN_MARKER).exists(), "the run never started its cell"
+        time.sleep(1.0)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (cell_dir / C.SUMMARY).exists()  # nothing counts as finished
+    assert C.status(C.Cell("tiny_llava_onevision", "fastv", 0.25, ["sharp_synthetic_default"],
+                           method_kwargs={"layer": 2}, limit=4), tmp_path)[0] == "partial"
+
+    done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = json.loads((cell_dir / C.SUMMARY).read_text())
+    import sharp
+
+    before, after = s["tokens"]["visual_before"], s["tokens"]["visual_after"]
+    assert after == sharp.methods.budget(int(before), 0.25)
+    assert s["tokens"]["retention_measured"] == pytest.approx(0.25, abs=0.01)
+    assert s["requests"] == 4 and s["cell"]["method_kwargs"] == {"layer": 2}
+    assert not (cell_dir / C.RUN_MARKER).exists()
+
+
+def test_missing_weights_and_data_offline_is_a_message_not_a_traceback(tmp_path):
+    proc = subprocess.run([*RUN, "backbone=llava_onevision_7b", "tasks=paper", f"results_dir={tmp_path}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env=_env(HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, HF_HOME=tmp_path / "hf"))
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert "Traceback" not in err and "Traceback" not in proc.stdout
+    for needle in ("llava-hf/llava-onevision-qwen2-7b-ov-hf", "OpenGVLab/MVBench", "longvideobench/LongVideoBench",
+                   "sy1998/MLVU_dev", "lmms-eval/Video-MME", "hf download", f"HF_HOME={tmp_path / 'hf'}",
+                   "hub/models--", "mvbench_video/"):
+        assert needle in err, needle
+    assert not any((tmp_path / "llava_onevision_7b").rglob("summary.json"))
+
+
+def test_download_errors_are_translated():
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    err = explain(LocalEntryNotFoundError("Cannot find the requested files in the disk cache"), "qwen2_vl_7b")
+    assert isinstance(err, MissingResourceError) and "Qwen/Qwen2-VL-7B-Instruct" in str(err)
+    assert explain(ValueError("a bug"), "qwen2_vl_7b") is None
+
+
+def test_unknown_method_fails_with_the_engine_error(tmp_path):
+    with pytest.raises(HarnessError, match="unknown pruning method 'nosuch'; valid methods: .*fastv"):
+        run_cell(compose(["method=fastv", "method.name=nosuch", f"results_dir={tmp_path}"]))
+    assert not any(Path(tmp_path).iterdir())
