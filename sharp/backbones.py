@@ -251,9 +251,14 @@ class Backbone:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def build_prompt(self, question: str, n_placeholders: int) -> str:
+        """The chat prompt of lmms-eval's built-in wrapper with the video's placeholder tokens."""
         if self.kind == "llava_onevision":
-            return _LLAVA_PROMPT.format(visual="<video>" * n_placeholders, question=question)
-        return _QWEN_PROMPT.format(visual="<|video_pad|>" * n_placeholders, question=question)
+            visual = "<video>" * n_placeholders
+            if "<image>" in question:  # the wrapper then lets the context place the visual token
+                return _LLAVA_PROMPT.replace("{visual}\n", "").format(question=question.replace("<image>", visual, 1))
+            return _LLAVA_PROMPT.format(visual=visual, question=question)
+        # the qwen2_vl wrapper strips "<image>" from contexts
+        return _QWEN_PROMPT.format(visual="<|video_pad|>" * n_placeholders, question=question.replace("<image>", ""))
 
     def pixels_to_inputs(self, frames: np.ndarray, questions: Union[str, Sequence[str]]) -> dict:
         """Model inputs from decoded frames (T, H, W, 3) uint8 and one question per sample."""

@@ -73,3 +73,14 @@ def test_random_weight_7b_configs_are_the_published_sizes():
     for name in ("llava_onevision_7b", "qwen2_vl_7b"):
         d = lm_dims(name)
         assert (d.num_layers, d.hidden, d.ffn, d.heads, d.kv_heads) == (28, 3584, 18944, 28, 4)
+
+
+def test_prompts_follow_lmms_eval_wrappers():
+    llava = sharp.load_backbone("tiny_llava_onevision")
+    head = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    assert llava.build_prompt("Q?", 2) == head + "<video><video>\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    # a context that already holds <image> places the video there (no second placeholder)
+    assert llava.build_prompt("A\n<image>\nQ?", 1) == head + "A\n<video>\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    qwen = sharp.load_backbone("tiny_qwen2_vl")
+    assert qwen.build_prompt("<image>Q?", 1) == (
+        head + "<|vision_start|><|video_pad|><|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n")
