@@ -71,6 +71,7 @@ class Trace:
     n_visual: int = 0
     stage_times: dict[str, float] = field(default_factory=dict)
     prefill_calls: int = 0
+    segments: list = field(default_factory=list)  # ShaRP/SegM: per sample [(first_frame, last_frame), ...]
 
     def add_time(self, key: str, seconds: float) -> None:
         self.stage_times[key] = self.stage_times.get(key, 0.0) + seconds

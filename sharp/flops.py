@@ -81,7 +81,7 @@ def token_schedule(backbone, method, retention: float, visual_tokens: int | None
     dims = lm_dims(backbone)
     n = visual_tokens if visual_tokens is not None else default_visual_tokens(backbone)
     m = method if isinstance(method, PruningMethod) else make_method(method, retention, **method_kwargs)
-    return m.token_schedule(n, dims.num_layers)
+    return m.token_schedule(n, dims.num_layers, backbone=backbone)
 
 
 def prefill_tflops(backbone, method="vanilla", retention: float = 1.0, visual_tokens: int | None = None,

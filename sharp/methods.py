@@ -136,10 +136,11 @@ class PruningMethod:
         """Called once the prefill forward has finished (e.g. to drop KV-cache entries)."""
 
     # -- FLOPs -----------------------------------------------------------------------------
-    def token_schedule(self, n_visual: int, num_layers: int) -> list[int]:
+    def token_schedule(self, n_visual: int, num_layers: int, backbone=None) -> list[int]:
         """Visual tokens processed by each decoder layer in prefill (for sharp.flops).
 
-        Default: one stage at ``stages()[0]`` keeping ``budget(n_visual, retention)``; multi-stage
+        ``backbone`` (a name or Backbone) is given for methods whose schedule depends on the model
+        sizes (e.g. FLOPs-matched retentions). Default: one stage at ``stages()[0]`` keeping ``budget(n_visual, retention)``; multi-stage
         methods override this.
         """
         stages = self.stages(num_layers)

@@ -182,8 +182,8 @@ class ShaRP(PruningMethod):
                 target_kwargs=self.match_kwargs, layer=self.layer)
         return self._matched[key]
 
-    def token_schedule(self, n_visual: int, num_layers: int) -> list[int]:
-        kept = budget(n_visual, self.effective_retention(n_visual))
+    def token_schedule(self, n_visual: int, num_layers: int, backbone=None) -> list[int]:
+        kept = budget(n_visual, self.effective_retention(n_visual, backbone))
         return [n_visual if layer < self.layer else kept for layer in range(num_layers)]
 
     # -- session hooks -----------------------------------------------------------------------

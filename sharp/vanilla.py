@@ -9,5 +9,5 @@ from sharp.methods import PruningMethod, register_method
 class Vanilla(PruningMethod):
     name = "vanilla"
 
-    def token_schedule(self, n_visual: int, num_layers: int) -> list[int]:
+    def token_schedule(self, n_visual: int, num_layers: int, backbone=None) -> list[int]:
         return [n_visual] * num_layers

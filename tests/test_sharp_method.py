@@ -71,6 +71,9 @@ def test_flops_matching_table1():
     tf_sharp = sharp.flops.prefill_tflops("llava_onevision_7b", m)
     tf_fastv = sharp.flops.prefill_tflops("llava_onevision_7b", "fastv", 0.25)
     assert abs(tf_sharp - tf_fastv) / tf_fastv < 1e-3
+    # sharp.flops hands the backbone to the schedule: no flops_backbone needed
+    assert sharp.flops.prefill_tflops("llava_onevision_7b", "sharp", 0.25, match_flops="fastv") == pytest.approx(
+        tf_fastv, rel=1e-3)
     with pytest.raises(ValueError):
         make_method("sharp", 0.25, match_flops="fastv").token_schedule(6272, 28)  # no dims known
 
