@@ -81,7 +81,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 gives stable timings on a shared machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     bb = sharp.load_backbone(args.backbone, attn_implementation=args.attn,
                              random_weights=True if args.random_weights else None,
