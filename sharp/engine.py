@@ -81,7 +81,6 @@ class Trace:
 class _SeqState:
     """The current (possibly pruned) prefill sequence as seen by the layers from some layer on."""
 
-    hidden_override: Optional[torch.Tensor] = None  # set for exactly the next layer
     attention_mask_2d: Optional[torch.Tensor] = None  # (b, s) long
     visual_mask: Optional[torch.Tensor] = None  # (b, s) bool
     visual_index: Optional[torch.Tensor] = None  # (b, s) long, original visual index or -1
@@ -354,8 +353,6 @@ class PruningSession:
         state = self.state
         seq = state.seq
         hidden = args[0] if args else kwargs["hidden_states"]
-        if seq.hidden_override is not None:
-            hidden, seq.hidden_override = seq.hidden_override, None
         if not seq.pruned:
             seq.position_embeddings = kwargs["position_embeddings"]
         changed = seq.pruned
