@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Accuracy of every registered pruning method against retention (and prefill TFLOPs).
+
+    python scripts/retention_curve.py --backbone toy_llava_onevision
+    python scripts/retention_curve.py --backbone toy_qwen2_vl --methods fastv sharp --n 100
+
+Evaluates vanilla (retention 1.0) and every method of ``sharp.methods.method_names()`` (names
+starting with ``_`` skipped; new methods are picked up automatically) at the given retentions on
+the synthetic test split, by greedy generation of the answer letter through ``sharp.prune``
+(``sharp.toy.evaluate``: the backbone's own frame sampling and preprocessing, the lmms-eval task's
+prompt and answer parser). Writes into ``results/retention_curve/<backbone>/`` (or ``--out``):
+
+* ``retention_curve.md``  accuracy table (methods x retentions), TFLOPs, per-question-type table;
+* ``retention_curve.csv`` one row per (method, retention);
+* ``retention_curve.json`` the same plus settings;
+* ``retention_curve.png`` accuracy vs retention and vs prefill TFLOPs
+  (``sharp.flops.prefill_tflops(backbone, method, retention, visual_tokens=n_visual)``).
+
+A method that raises is reported in the tables (``error``) and makes the exit status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import sharp  # noqa: E402
+from sharp import toy  # noqa: E402
+
+RETENTIONS = (0.5, 0.25, 0.1, 0.05)
+
+
+def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int, cache_dir=None,
+        data_seed: int = 0, log=print) -> tuple[list[dict], dict]:
+    from sharp.methods import budget
+    from sharp.synthetic import QTYPES, ensure_split
+
+    bb = sharp.load_backbone(backbone, device="cpu")
+    docs = ensure_split(split, n=n, seed=data_seed)
+    store = toy.cached_pixels(bb, docs, cache_dir)
+    rows = []
+    plan = [("vanilla", 1.0)] + [(m, r) for m in methods for r in retentions]
+    n_visual = None
+    for method, retention in plan:
+        t0 = time.time()
+        row = {"method": method, "retention": retention}
+        try:
+            res = toy.evaluate(bb, docs, method, retention, store=store, batch_size=batch_size)
+            n_visual = res.n_visual
+            row.update(accuracy=res.accuracy, kept_tokens=res.kept_tokens,
+                       budget=budget(res.n_visual, retention), n_visual=res.n_visual,
+                       tflops=sharp.flops.prefill_tflops(backbone, method, retention, visual_tokens=res.n_visual),
+                       **{f"acc_{q}": res.per_qtype.get(q, float("nan")) for q in QTYPES},
+                       seconds=round(time.time() - t0, 1), error="")
+        except Exception as err:  # noqa: BLE001 - report and go on with the other methods
+            row.update(error=f"{type(err).__name__}: {err}", seconds=round(time.time() - t0, 1))
+            traceback.print_exc()
+        rows.append(row)
+        if row["error"]:
+            log(f"{method:>14s} @ {retention:<5g} ERROR {row['error']}")
+        else:
+            log(f"{method:>14s} @ {retention:<5g} acc {row['accuracy']:5.1f}%  kept {row['kept_tokens']:.0f}/{n_visual}"
+                f"  {row['tflops'] * 1e6:.2f} MFLOPs-e6  ({row['seconds']:.0f} s)")
+    info = {"backbone": backbone, "split": split, "n": len(docs), "n_visual": n_visual, "batch_size": batch_size,
+            "methods": list(methods), "retentions": list(retentions), "data_seed": data_seed,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return rows, info
+
+
+def _fmt_acc(row) -> str:
+    return "error" if row.get("error") else f"{row['accuracy']:.1f}"
+
+
+def write_outputs(rows: list[dict], info: dict, out: Path) -> dict:
+    from sharp.synthetic import QTYPES
+
+    out.mkdir(parents=True, exist_ok=True)
+    fields = ["method", "retention", "accuracy", "kept_tokens", "budget", "n_visual", "tflops",
+              *[f"acc_{q}" for q in QTYPES], "seconds", "error"]
+    with open(out / "retention_curve.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in fields})
+    (out / "retention_curve.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+
+    rets = info["retentions"]
+    van = rows[0]
+    lines = [f"# Retention curve: {info['backbone']}", "",
+             f"Synthetic `{info['split']}` split, {info['n']} docs, {info['n_visual']} visual tokens per video; "
+             f"accuracy (%) of greedy generation through `sharp.prune`; chance = 25%. "
+             f"Vanilla (retention 1.0): **{_fmt_acc(van)}%**, {van.get('tflops', float('nan')) * 1e6:.3f} x 1e-6 TFLOPs.",
+             "", "| method | " + " | ".join(f"{r:g}" for r in rets) + " |",
+             "|---|" + "---:|" * len(rets)]
+    by = {(r["method"], r["retention"]): r for r in rows}
+    for m in info["methods"]:
+        lines.append(f"| {m} | " + " | ".join(_fmt_acc(by[m, r]) if (m, r) in by else "" for r in rets) + " |")
+    lines += ["", "Prefill TFLOPs (paper convention, x 1e-6) of the video tokens:", "",
+              "| method | 1.0 | " + " | ".join(f"{r:g}" for r in rets) + " |", "|---|---:|" + "---:|" * len(rets)]
+    for m in info["methods"]:
+        cells = [f"{by[m, r]['tflops'] * 1e6:.3f}" if (m, r) in by and not by[m, r].get("error") else ""
+                 for r in rets]
+        lines.append(f"| {m} | {van.get('tflops', float('nan')) * 1e6:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "Per question type (accuracy %, kept visual tokens):", "",
+              "| method | retention | kept | " + " | ".join(QTYPES) + " | all |",
+              "|---|---:|---:|" + "---:|" * (len(QTYPES) + 1)]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['method']} | {r['retention']:g} | | " + " | ".join("" for _ in QTYPES)
+                         + f" | error: {r['error'][:80]} |")
+            continue
+        lines.append(f"| {r['method']} | {r['retention']:g} | {r['kept_tokens']:.0f} | "
+                     + " | ".join(f"{r[f'acc_{q}']:.0f}" for q in QTYPES) + f" | {r['accuracy']:.1f} |")
+    (out / "retention_curve.md").write_text("\n".join(lines) + "\n")
+    plot(rows, info, out / "retention_curve.png")
+    return {"md": str(out / "retention_curve.md"), "csv": str(out / "retention_curve.csv"),
+            "png": str(out / "retention_curve.png")}
+
+
+def plot(rows: list[dict], info: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    van = rows[0]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    markers = "os^vD<>pXh*"
+    for i, m in enumerate(info["methods"]):
+        pts = sorted((r for r in rows if r["method"] == m and not r.get("error")), key=lambda r: r["retention"])
+        if not pts:
+            continue
+        if not van.get("error"):
+            pts = pts + [van]  # every curve ends at the unpruned model
+        kw = dict(marker=markers[i % len(markers)], label=m, linewidth=2 if m == "sharp" else 1.3)
+        axes[0].plot([r["retention"] for r in pts], [r["accuracy"] for r in pts], **kw)
+        axes[1].plot([r["tflops"] * 1e6 for r in pts], [r["accuracy"] for r in pts], **kw)
+    for ax in axes:
+        ax.axhline(25, color="gray", linestyle=":", linewidth=1, label="chance")
+        if not van.get("error"):
+            ax.axhline(van["accuracy"], color="black", linestyle="--", linewidth=1, label="vanilla")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    ticks = sorted(set(info["retentions"]) | {1.0})
+    axes[0].set_xticks(ticks)
+    axes[0].set_xticklabels([f"{t:g}" for t in ticks])
+    axes[0].set_xlabel("retention (kept share of visual tokens)")
+    axes[1].set_xlabel("prefill TFLOPs of the video tokens (x 1e-6, paper convention)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{info['backbone']}: synthetic {info['split']} split ({info['n']} docs, "
+                 f"{info['n_visual']} visual tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="toy_llava_onevision")
+    ap.add_argument("--methods", nargs="*", default=None, help="default: every registered method but vanilla")
+    ap.add_argument("--retentions", nargs="*", type=float, default=list(RETENTIONS))
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--n", type=int, default=None, help="docs of the split (default: the whole split)")
+    ap.add_argument("--batch-size", type=int, default=1, help="1 = what the lmms-eval harness runs")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default=None, help="default: results/retention_curve/<backbone>")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [m for m in sharp.method_names() if not m.startswith("_") and m != "vanilla"]
+    methods = names if args.methods is None else args.methods
+    unknown = [m for m in methods if m not in sharp.method_names()]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; registered: {', '.join(sharp.method_names())}")
+    from sharp.synthetic import DEFAULT_N
+
+    n = args.n or DEFAULT_N.get(args.split, 200)
+    out = Path(args.out) if args.out else REPO / "results" / "retention_curve" / args.backbone
+    t0 = time.time()
+    rows, info = run(args.backbone, methods, args.retentions, n, args.split, args.batch_size, args.cache_dir)
+    info["seconds"] = round(time.time() - t0, 1)
+    paths = write_outputs(rows, info, out)
+    print((out / "retention_curve.md").read_text())
+    print("wrote", ", ".join(paths.values()))
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
