@@ -41,11 +41,11 @@ RETENTIONS = (0.5, 0.25, 0.1, 0.05)
 
 
 def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int, cache_dir=None,
-        data_seed: int = 0, log=print) -> tuple[list[dict], dict]:
+        data_seed: int = 0, weights_dir=None, log=print) -> tuple[list[dict], dict]:
     from sharp.methods import budget
     from sharp.synthetic import QTYPES, ensure_split
 
-    bb = sharp.load_backbone(backbone, device="cpu")
+    bb = toy.load_toy(backbone, weights_dir) if weights_dir else sharp.load_backbone(backbone, device="cpu")
     docs = ensure_split(split, n=n, seed=data_seed)
     store = toy.cached_pixels(bb, docs, cache_dir)
     rows = []
@@ -59,7 +59,7 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
             n_visual = res.n_visual
             row.update(accuracy=res.accuracy, kept_tokens=res.kept_tokens,
                        budget=budget(res.n_visual, retention), n_visual=res.n_visual,
-                       tflops=sharp.flops.prefill_tflops(backbone, method, retention, visual_tokens=res.n_visual),
+                       tflops=sharp.flops.prefill_tflops(bb, method, retention, visual_tokens=res.n_visual),
                        **{f"acc_{q}": res.per_qtype.get(q, float("nan")) for q in QTYPES},
                        seconds=round(time.time() - t0, 1), error="")
         except Exception as err:  # noqa: BLE001 - report and go on with the other methods
@@ -70,7 +70,7 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
             log(f"{method:>14s} @ {retention:<5g} ERROR {row['error']}")
         else:
             log(f"{method:>14s} @ {retention:<5g} acc {row['accuracy']:5.1f}%  kept {row['kept_tokens']:.0f}/{n_visual}"
-                f"  {row['tflops'] * 1e6:.2f} MFLOPs-e6  ({row['seconds']:.0f} s)")
+                f"  {row['tflops'] * 1e6:.2f} MFLOPs  ({row['seconds']:.0f} s)")
     info = {"backbone": backbone, "split": split, "n": len(docs), "n_visual": n_visual, "batch_size": batch_size,
             "methods": list(methods), "retentions": list(retentions), "data_seed": data_seed,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -99,13 +99,13 @@ def write_outputs(rows: list[dict], info: dict, out: Path) -> dict:
     lines = [f"# Retention curve: {info['backbone']}", "",
              f"Synthetic `{info['split']}` split, {info['n']} docs, {info['n_visual']} visual tokens per video; "
              f"accuracy (%) of greedy generation through `sharp.prune`; chance = 25%. "
-             f"Vanilla (retention 1.0): **{_fmt_acc(van)}%**, {van.get('tflops', float('nan')) * 1e6:.3f} x 1e-6 TFLOPs.",
+             f"Vanilla (retention 1.0): **{_fmt_acc(van)}%**, {van.get('tflops', float('nan')) * 1e6:.3f} MFLOPs (TFLOPs x 1e6).",
              "", "| method | " + " | ".join(f"{r:g}" for r in rets) + " |",
              "|---|" + "---:|" * len(rets)]
     by = {(r["method"], r["retention"]): r for r in rows}
     for m in info["methods"]:
         lines.append(f"| {m} | " + " | ".join(_fmt_acc(by[m, r]) if (m, r) in by else "" for r in rets) + " |")
-    lines += ["", "Prefill TFLOPs (paper convention, x 1e-6) of the video tokens:", "",
+    lines += ["", "Prefill MFLOPs (= TFLOPs x 1e6, paper convention) of the video tokens:", "",
               "| method | 1.0 | " + " | ".join(f"{r:g}" for r in rets) + " |", "|---|---:|" + "---:|" * len(rets)]
     for m in info["methods"]:
         cells = [f"{by[m, r]['tflops'] * 1e6:.3f}" if (m, r) in by and not by[m, r].get("error") else ""
@@ -157,7 +157,7 @@ def plot(rows: list[dict], info: dict, path: Path) -> None:
     axes[0].set_xticks(ticks)
     axes[0].set_xticklabels([f"{t:g}" for t in ticks])
     axes[0].set_xlabel("retention (kept share of visual tokens)")
-    axes[1].set_xlabel("prefill TFLOPs of the video tokens (x 1e-6, paper convention)")
+    axes[1].set_xlabel("prefill MFLOPs of the video tokens (TFLOPs x 1e6, paper convention)")
     axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{info['backbone']}: synthetic {info['split']} split ({info['n']} docs, "
                  f"{info['n_visual']} visual tokens)")
@@ -176,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=1, help="1 = what the lmms-eval harness runs")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--weights-dir", default=None, help="toy weights from this folder (e.g. a retrained copy)")
     ap.add_argument("--out", default=None, help="default: results/retention_curve/<backbone>")
     args = ap.parse_args(argv)
 
@@ -191,7 +192,10 @@ def main(argv=None) -> int:
     n = args.n or DEFAULT_N.get(args.split, 200)
     out = Path(args.out) if args.out else REPO / "results" / "retention_curve" / args.backbone
     t0 = time.time()
-    rows, info = run(args.backbone, methods, args.retentions, n, args.split, args.batch_size, args.cache_dir)
+    rows, info = run(args.backbone, methods, args.retentions, n, args.split, args.batch_size, args.cache_dir,
+                     weights_dir=args.weights_dir)
+    if args.weights_dir:
+        info["weights_dir"] = str(args.weights_dir)
     info["seconds"] = round(time.time() - t0, 1)
     paths = write_outputs(rows, info, out)
     print((out / "retention_curve.md").read_text())

@@ -63,7 +63,8 @@ def _extra_backbones() -> dict[str, dict[str, Any]]:
             if meta.is_file():
                 info = json.loads(meta.read_text())
                 found[d.name] = dict(kind=info["kind"], hub=None, config=str(d / "config.json"),
-                                     dtype=torch.float32, weights=str(d), tokenizer=info.get("tokenizer", "byte"))
+                                     dtype=torch.float32, weights=str(d), tokenizer=info.get("tokenizer", "byte"),
+                                     words=info.get("words", ()))
     return found
 
 
@@ -86,8 +87,13 @@ class VisualLayout:
         return visual_index // self.tokens_per_frame
 
 
-def _byte_tokenizer(special_ids: dict[str, int]):
-    """A byte-level tokenizer (256 byte tokens + specials at given ids) that needs no download."""
+def _byte_tokenizer(special_ids: dict[str, int], words: Sequence[str] = ()):
+    """A byte-level tokenizer (256 byte tokens + specials at given ids) that needs no download.
+
+    With ``words`` (pre-tokenized pieces in ByteLevel's alphabet, e.g. ``"Ġcolour"``), each of them
+    is one token (ids after the last special), the text being split GPT-2 style into words first;
+    any other word is spelled in bytes. The trained toys use this: short prompts, one token per word.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -96,8 +102,11 @@ def _byte_tokenizer(special_ids: dict[str, int]):
     byte_chars = sorted(alphabet, key=lambda ch: _BYTE_ORDER.get(ch, 0))
     vocab = {ch: i for i, ch in enumerate(byte_chars)}
     vocab.update(special_ids)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    first = max(vocab.values()) + 1
+    for k, w in enumerate(w for w in words if w not in vocab):
+        vocab[w] = first + k
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=bool(words))
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     fast.add_special_tokens({"additional_special_tokens": list(special_ids)})
@@ -400,7 +409,10 @@ def load_backbone(name: str, *, attn_implementation: str = "sdpa", random_weight
             if unexpected or [m for m in missing if "lm_head" not in m]:
                 raise RuntimeError(f"weights of {name} do not match its config: missing={missing} unexpected={unexpected}")
         model = model.to(device=device, dtype=dtype).eval()
-        tokenizer = _byte_tokenizer(_special_ids(kind, config))
+        tokenizer = _byte_tokenizer(_special_ids(kind, config), spec.get("words", ()))
+        if len(tokenizer) > config.text_config.vocab_size:
+            raise ValueError(f"{name}: tokenizer has {len(tokenizer)} tokens, more than vocab_size "
+                             f"{config.text_config.vocab_size}")
     else:
         model, tokenizer = _load_pretrained(kind, hub, attn_implementation, dtype, device)
     video_kwargs = {**spec.get("video_kwargs", {}), **video_kwargs}

@@ -1,20 +1,23 @@
 """Toy video LLMs trained on the synthetic benchmark: shared helpers.
 
 The toy backbones ``toy_llava_onevision`` and ``toy_qwen2_vl`` are the two real HF architectures
-(``LlavaOnevisionForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration``) at toy size,
-trained by ``scripts/train_toy.py`` on the train split of :mod:`sharp.synthetic` and shipped in
-``sharp/weights/<name>/`` (``backbone.json``, ``config.json``, ``model.safetensors``,
-``metadata.json``), where :func:`sharp.load_backbone` finds them.
+(``LlavaOnevisionForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration``) at toy size
+(4 decoder layers, hidden 128, about 0.9 M parameters), trained by ``scripts/train_toy.py`` on the
+train split of :mod:`sharp.synthetic` and shipped in ``sharp/weights/<name>/`` (``backbone.json``
+with the word vocabulary, ``config.json``, ``model.safetensors``, ``metadata.json``), where
+:func:`sharp.load_backbone` finds them.
 
 This module holds what training, evaluation (``scripts/retention_curve.py``) and the tests share:
 
-* :func:`toy_config`: the architecture of each toy;
+* :func:`toy_config`: the architecture of each toy; :func:`toy_words`: its vocabulary (one token
+  per word of the chat template and the benchmark's prompts, bytes for anything else);
 * :func:`question_text` / :func:`answer_text`: prompt and target exactly as the lmms-eval task
   ``sharp_synthetic`` asks and scores them;
 * :class:`PixelStore` / :func:`cached_pixels`: the videos of a split decoded once, sampled and
   preprocessed by the backbone's own pipeline (``Backbone.prepare``: same frames, same pixels),
   stored losslessly as uint8 in a cache folder;
-* :func:`make_batch`, :func:`answer_loss`: teacher-forced batches, loss on the answer tokens only;
+* :func:`make_batch`: teacher-forced batches; :func:`visual_token_labels`: the training-only
+  per-token targets of the visual probe;
 * :func:`evaluate`: accuracy of greedy generation through ``sharp.prune`` for one method and
   retention, per question type, with the kept-token counts.
 """
@@ -40,8 +43,9 @@ CACHE_VERSION = 2  # bump when the stored pixel format changes
 # -- architectures ----------------------------------------------------------------------------
 
 _LLAVA_CONFIG = {
-    "_comment": ("Trained toy LLaVA-OneVision (scripts/train_toy.py): SigLIP 56 px / patch 7 -> 8x8 patches, "
-                 "2x2 pooled to 4x4 = 16 tokens per frame (512 for 32 frames); Qwen2 LM 4 layers, hidden 128."),
+    "_comment": ("Trained toy LLaVA-OneVision (scripts/train_toy.py): SigLIP 56 px / patch 14 -> 4x4 patches, "
+                 "2x2 pooled to 2x2 = 4 tokens per frame (128 for 32 frames); Qwen2 LM 4 layers, hidden 128; "
+                 "word-level tokenizer (backbone.json)."),
     "model_type": "llava_onevision",
     "image_token_index": 259,
     "video_token_index": 260,
@@ -53,11 +57,11 @@ _LLAVA_CONFIG = {
     "vision_config": {
         "model_type": "siglip_vision_model",
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "image_size": 56, "patch_size": 7, "vision_use_head": False,
+        "num_attention_heads": 2, "image_size": 56, "patch_size": 14, "vision_use_head": False,
     },
     "text_config": {
         "model_type": "qwen2",
-        "vocab_size": 272, "hidden_size": 128, "intermediate_size": 256,
+        "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-06,
         "tie_word_embeddings": False,
@@ -67,7 +71,7 @@ _LLAVA_CONFIG = {
 _QWEN_CONFIG = {
     "_comment": ("Trained toy Qwen2-VL (scripts/train_toy.py): patch 14, merge 2, temporal patch 2; the 96x96 "
                  "synthetic videos are resized to 84x84 -> 3x3 = 9 tokens per temporal patch (144 for 32 frames); "
-                 "Qwen2 LM 4 layers, hidden 128, head_dim 32, mrope_section [4, 6, 6]."),
+                 "Qwen2 LM 4 layers, hidden 128, head_dim 32, mrope_section [4, 6, 6]; word-level tokenizer (backbone.json)."),
     "model_type": "qwen2_vl",
     "image_token_id": 263,
     "video_token_id": 264,
@@ -79,7 +83,7 @@ _QWEN_CONFIG = {
         "num_heads": 2, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
     },
     "text_config": {
-        "vocab_size": 272, "hidden_size": 128, "intermediate_size": 256,
+        "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-06,
         "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
@@ -99,7 +103,24 @@ def toy_config(name: str) -> dict:
     return copy.deepcopy(_LLAVA_CONFIG if toy_kind(name) == "llava_onevision" else _QWEN_CONFIG)
 
 
-def build_untrained(name: str, config: Optional[dict] = None, seed: int = 0, num_frames: int = 32):
+def toy_words() -> list[str]:
+    """The toys' word vocabulary: every word piece (GPT-2 pre-tokenization, ByteLevel alphabet) of the
+    chat templates and of the synthetic benchmark's prompts; each is one token (others: bytes)."""
+    import re
+
+    from tokenizers import pre_tokenizers
+
+    from sharp.synthetic import generate_docs
+
+    texts = ["You are a helpful assistant.", "system\nuser\nassistant\n"]
+    texts += [question_text(d) for d in generate_docs("train", 200)]
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    words = {piece for t in texts for line in re.split(r"<[^>]+>", t) for piece, _ in split.pre_tokenize_str(line)}
+    return sorted(w for w in words if len(w) > 1)
+
+
+def build_untrained(name: str, config: Optional[dict] = None, seed: int = 0, num_frames: int = 32,
+                    words: Optional[Sequence[str]] = None):
     """A freshly initialised (seeded) toy :class:`~sharp.backbones.Backbone` for training."""
     import tempfile
 
@@ -113,8 +134,31 @@ def build_untrained(name: str, config: Optional[dict] = None, seed: int = 0, num
         cfg = _build_config(kind, path, "sdpa")
     torch.manual_seed(seed)
     model = _model_class(kind)(cfg).float()
-    return Backbone(name=name, kind=kind, model=model, tokenizer=_byte_tokenizer(_special_ids(kind, cfg)),
-                    num_frames=num_frames)
+    words = toy_words() if words is None else words
+    tokenizer = _byte_tokenizer(_special_ids(kind, cfg), words)
+    if len(tokenizer) > cfg.text_config.vocab_size:
+        raise ValueError(f"{len(tokenizer)} tokens do not fit vocab_size {cfg.text_config.vocab_size}")
+    return Backbone(name=name, kind=kind, model=model, tokenizer=tokenizer, num_frames=num_frames)
+
+
+def load_toy(name: str, weights_dir=None, device: str = "cpu", **kwargs):
+    """The shipped toy (``sharp.load_backbone(name)``), or the same architecture with the weights of
+    ``weights_dir/<name>/`` (or ``weights_dir`` itself) -- e.g. a retrained copy in a temp folder."""
+    import sharp
+
+    if weights_dir is None:
+        return sharp.load_backbone(name, device=device, **kwargs)
+    from safetensors.torch import load_file
+
+    d = Path(weights_dir)
+    d = d / name if (d / name / "model.safetensors").is_file() else d
+    words = json.loads((d / "backbone.json").read_text()).get("words", ())
+    bb = build_untrained(name, config=json.loads((d / "config.json").read_text()), words=words, **kwargs)
+    missing, unexpected = bb.model.load_state_dict(load_file(str(d / "model.safetensors")), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise RuntimeError(f"{d}: weights do not match config (missing={missing}, unexpected={unexpected})")
+    bb.model.to(device).eval()
+    return bb
 
 
 # -- prompts ----------------------------------------------------------------------------------
@@ -296,18 +340,6 @@ def make_batch(bb, docs: Sequence[dict], store: PixelStore, indices: Sequence[in
     return out
 
 
-def answer_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced cross-entropy on the answer tokens only; also returns (b,) first-token correctness."""
-    k = batch["n_answer_tokens"]
-    inputs = {key: v for key, v in batch.items() if key != "n_answer_tokens"}
-    extra = {"logits_to_keep": k + 1} if "LlavaOnevision" in type(model).__name__ else {}  # Qwen2-VL lacks it
-    logits = model(**inputs, use_cache=False, **extra).logits[:, -(k + 1):-1].float()  # (b, k, V)
-    targets = inputs["input_ids"][:, -k:]  # (b, k)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    correct = logits[:, 0].argmax(-1) == targets[:, 0]
-    return loss, correct
-
-
 # -- evaluation -------------------------------------------------------------------------------
 
 
@@ -373,7 +405,6 @@ def evaluate(bb, docs: Sequence[dict], method: str = "vanilla", retention: float
 # -- auxiliary training targets ---------------------------------------------------------------
 
 COLOR_IDS = {"red": 1, "green": 2, "blue": 3, "yellow": 4}  # 0: no object
-SHAPE_IDS = {"square": 1, "circle": 2, "triangle": 3, "cross": 4}
 
 
 def sampled_frames(bb, doc: dict) -> np.ndarray:
@@ -394,13 +425,13 @@ def sampled_frames(bb, doc: dict) -> np.ndarray:
 
 
 def visual_token_labels(bb, doc: dict, grid: tuple[int, int]) -> dict:
-    """Per visual token (layout order: frame, row, column): the colour / shape of the object covering
-    at least a quarter of its image cell (0 = none) and its frame index. Training-only targets."""
+    """Per visual token (layout order: frame, row, column): the colour of the object covering at least
+    a quarter of its image cell (``color``, 0 = none), its frame index (``frame``) and the same for
+    object tokens only (``oframe``: frame + 1, 0 = no object). Training-only targets."""
     frames = sampled_frames(bb, doc)  # (F, k)
     gh, gw = grid
     H, W = doc["height"], doc["width"]
     color = np.zeros((len(frames), gh, gw), np.int64)
-    shape = np.zeros((len(frames), gh, gw), np.int64)
     ys = np.arange(gh + 1) * H / gh
     xs = np.arange(gw + 1) * W / gw
     for e in doc["events"]:
@@ -411,10 +442,10 @@ def visual_token_labels(bb, doc: dict, grid: tuple[int, int]) -> dict:
         present = ((frames >= e["start"]) & (frames < e["end"])).any(axis=1)  # (F,)
         m = present[:, None, None] & cover[None]
         color[m] = COLOR_IDS[e["color"]]
-        shape[m] = SHAPE_IDS[e["shape"]]
     frame = np.repeat(np.arange(len(frames)), gh * gw)
-    return {"color": torch.from_numpy(color.reshape(-1)), "shape": torch.from_numpy(shape.reshape(-1)),
-            "frame": torch.from_numpy(frame)}
+    color = color.reshape(-1)
+    oframe = np.where(color > 0, frame + 1, 0)  # the frame of object tokens, 0 elsewhere
+    return {"color": torch.from_numpy(color), "frame": torch.from_numpy(frame), "oframe": torch.from_numpy(oframe)}
 
 
 def letter_accuracy(bb, docs: Sequence[dict], store: PixelStore, batch_size: int = 8) -> tuple[float, dict]:
@@ -434,31 +465,3 @@ def letter_accuracy(bb, docs: Sequence[dict], store: PixelStore, batch_size: int
                 per.setdefault(docs[i]["qtype"], []).append(ok)
     bb.model.train(was_training)
     return 100.0 * sum(right) / max(1, len(right)), {q: 100.0 * sum(v) / len(v) for q, v in per.items()}
-
-
-def question_labels(doc: dict, kinds: Sequence[str]) -> dict:
-    """What the question asks, from its text alone (training-only targets): the colour and shape
-    words it names (0 = none) and its kind ``qtype/subtype`` as an index into ``kinds``."""
-    import re
-
-    words = set(re.findall(r"[a-z]+", doc["question"].lower()))
-    color = next((i for name, i in COLOR_IDS.items() if name in words), 0)
-    shape = next((i for name, i in SHAPE_IDS.items() if name in words), 0)
-    return {"q_color": color, "q_shape": shape, "q_kind": list(kinds).index(question_kind(doc))}
-
-
-def question_kind(doc: dict) -> str:
-    return f"{doc['qtype']}/{doc.get('subtype', '')}"
-
-
-def target_labels(doc: dict) -> dict:
-    """What the answer is about, from the doc's events (training-only targets): quarter of the video
-    (0-3), colour and shape of the object the question is about (for ``order``: the object that
-    answers; otherwise the first ``target`` event) and how many times it appears (1-4)."""
-    events = sorted(doc["events"], key=lambda e: e["start"])
-    targets = [e for e in events if e["role"] == "target"]
-    e = targets[-1] if doc["qtype"] == "order" and doc.get("subtype") == "last" else targets[0]
-    same = [x for x in targets if (x["color"], x["shape"]) == (e["color"], e["shape"])]
-    quarter = min(3, e["start"] * 4 // int(doc["num_frames"]))
-    return {"t_quarter": quarter, "t_color": COLOR_IDS[e["color"]] - 1, "t_shape": SHAPE_IDS[e["shape"]] - 1,
-            "t_count": min(4, len(same)) - 1}

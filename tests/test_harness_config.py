@@ -15,14 +15,14 @@ PAPER = REPO_ROOT / "results" / "paper"
 
 def test_default_config_is_the_offline_cell():
     cfg = compose()
-    assert cfg.backbone.name == "tiny_llava_onevision"
+    assert cfg.backbone.name == "toy_llava_onevision"  # trained toy: scores mean something
     assert cfg.method.name == "vanilla"
     assert cfg.retention == 1.0
-    assert list(cfg.tasks.names) == ["sharp_synthetic_default"]
+    assert list(cfg.tasks.names) == ["sharp_synthetic"]  # the held-out test split
     include = cfg.tasks.include_path[0]
     assert Path(include).is_dir() and (Path(include) / "sharp_synthetic.yaml").is_file()
     cell = cell_from_cfg(cfg)
-    assert cell.relpath() == Path("tiny_llava_onevision/vanilla/r1")
+    assert cell.relpath() == Path("toy_llava_onevision/vanilla/r1")
 
 
 def test_method_override_takes_method_defaults_and_retention():
@@ -31,12 +31,13 @@ def test_method_override_takes_method_defaults_and_retention():
     cfg = compose(["method=fastv", "retention=0.1", "+method_kwargs.layer=3", "results_dir=/tmp/x"])
     cell = cell_from_cfg(cfg)
     assert cell.retention == 0.1 and cell.method_kwargs == {"layer": 3}
-    assert cell.dir(cfg.results_dir) == Path("/tmp/x/tiny_llava_onevision/fastv/r0.1")
+    assert cell.dir(cfg.results_dir) == Path("/tmp/x/toy_llava_onevision/fastv/r0.1")
 
 
 @pytest.mark.parametrize("group,names", [
-    ("backbone", {"llava_onevision_7b", "qwen2_vl_7b", "tiny_llava_onevision", "tiny_qwen2_vl"}),
-    ("tasks", {"paper", "synthetic"}),
+    ("backbone", {"llava_onevision_7b", "qwen2_vl_7b", "tiny_llava_onevision", "tiny_qwen2_vl",
+                  "toy_llava_onevision", "toy_qwen2_vl"}),
+    ("tasks", {"paper", "synthetic", "synthetic_test"}),
     ("method", {"vanilla", "fastv", "sharp", "pdrop", "feather", "framefusion", "visionzip", "holitom",
                 "sharpv", "visionzip_sharp", "holitom_sharp"}),
 ])

@@ -103,8 +103,26 @@ def test_events_hit_uniformly_sampled_frames():
             assert sum(e["role"] == "target" for e in d["events"]) == "ABCD".index(d["answer"]) + 1
         if d["qtype"] == "order":
             first, last = sorted(d["events"], key=lambda e: e["start"])
+            assert first["color"] != last["color"]
             e = first if d["subtype"] == "first" else last
-            assert d["answer_text"] == f"the {e['color']} {e['shape']}"
+            assert d["answer_text"] == e["color"]
+        if d["subtype"] == "color":
+            assert [e["color"] for e in d["events"]] == [d["answer_text"]]
+        if d["qtype"] == "temporal":
+            target, distractor = d["events"]
+            assert target["color"] != distractor["color"] and target["shape"] != distractor["shape"]
+            assert f"the {target['color']} {target['shape']}" in d["question"]
+
+
+def test_options_in_fixed_order_per_type():
+    """The answer letter follows from the content: options are listed in one fixed order per type."""
+    by_type = collections.defaultdict(set)
+    for d in generate_docs("test", 100):
+        by_type[d["qtype"], d["subtype"]].add(tuple(d["options"]))
+    assert all(len(v) == 1 for v in by_type.values()), by_type
+    assert by_type["count", "count"] == {("1", "2", "3", "4")}
+    assert by_type["temporal", "quarter"] == {bench.QUARTER_OPTIONS}
+    assert by_type["order", "first"] == {tuple(bench.COLORS)}
 
 
 # ----------------------------------------------------------------------------- files and cache

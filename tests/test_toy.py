@@ -1,0 +1,121 @@
+"""The shipped toy video LLMs (sharp/weights/toy_*): they load, answer the synthetic benchmark well
+unpruned, and pruning runs on them with the right token budgets. Trains nothing; CPU, < 60 s."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sharp
+from sharp import toy
+from sharp.methods import budget
+
+NAMES = list(toy.TOY_BACKBONES)
+N_DOCS = 40  # the first 40 test docs: every question type 8 times
+VANILLA_FLOOR = 90.0  # the shipped toys score >= 95% on the whole test split (metadata.json)
+_CACHE: dict = {}
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    from sharp.synthetic import ensure_split
+
+    return ensure_split("test", n=N_DOCS)
+
+
+def loaded(name, docs, tmp_path_factory):
+    if name not in _CACHE:
+        bb = sharp.load_backbone(name, device="cpu")
+        store = toy.cached_pixels(bb, docs, tmp_path_factory.mktemp(f"toycache_{name}"))
+        _CACHE[name] = (bb, store)
+    return _CACHE[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_files(name):
+    d = toy.WEIGHTS_DIR / name
+    assert json.loads((d / "backbone.json").read_text())["kind"] == toy.TOY_BACKBONES[name]
+    assert json.loads((d / "config.json").read_text()) == toy.toy_config(name)
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["test_accuracy"] >= 95.0, meta["test_accuracy"]
+    assert (d / "model.safetensors").stat().st_size < 8 * 2**20  # a few MB
+    assert name in sharp.backbone_names()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_word_tokenizer_round_trip(name, docs, tmp_path_factory):
+    """One token per prompt word (the toys' vocabulary), exact decoding, and byte fallback."""
+    bb, _ = loaded(name, docs, tmp_path_factory)
+    meta = json.loads((toy.WEIGHTS_DIR / name / "backbone.json").read_text())
+    assert meta["words"] == toy.toy_words()  # the vocabulary is a function of the benchmark
+    text = toy.question_text(docs[0])
+    ids = bb.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert bb.tokenizer.decode(ids) == text
+    assert len(ids) < len(text.split()) * 2 + 12  # words, not bytes
+    odd = "Zyxw quux? 42"
+    assert bb.tokenizer.decode(bb.tokenizer(odd, add_special_tokens=False)["input_ids"]) == odd
+    assert max(ids) < bb.text_config.vocab_size
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pixel_cache_matches_prepare(name, docs, tmp_path_factory):
+    """Cached preprocessing is bit-identical to Backbone.prepare (what the harness feeds)."""
+    bb, store = loaded(name, docs, tmp_path_factory)
+    for i in (0, 4):
+        ref = bb.prepare(docs[i]["video"], toy.question_text(docs[i]))
+        got = toy.make_batch(bb, docs, store, [i])
+        assert ref.keys() == got.keys()
+        for k in ref:
+            assert torch.equal(ref[k], got[k]), k
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vanilla_accuracy_floor(name, docs, tmp_path_factory):
+    bb, store = loaded(name, docs, tmp_path_factory)
+    res = toy.evaluate(bb, docs, "vanilla", 1.0, store=store, batch_size=4)
+    assert res.accuracy >= VANILLA_FLOOR, (res.accuracy, res.per_qtype, res.preds, res.answers)
+    assert res.kept_counts == [res.n_visual] * len(docs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fastv_budget_and_degradation(name, docs, tmp_path_factory):
+    bb, store = loaded(name, docs, tmp_path_factory)
+    res = toy.evaluate(bb, docs, "fastv", 0.25, store=store, batch_size=4)
+    assert res.kept_counts == [budget(res.n_visual, 0.25)] * len(docs)
+    low = toy.evaluate(bb, docs, "fastv", 0.05, store=store, batch_size=4)
+    assert low.kept_counts == [budget(low.n_visual, 0.05)] * len(docs)
+    vanilla = toy.evaluate(bb, docs, "vanilla", 1.0, store=store, batch_size=4)
+    assert low.accuracy <= vanilla.accuracy  # keeping 5% of the tokens cannot help
+
+
+def test_training_is_deterministic(tmp_path):
+    """scripts/train_toy.py run twice with the same settings writes bit-identical weights (a short run:
+    the shipped toys come from the same code with more steps; see their metadata.json)."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    from sharp.harness.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("train_toy", REPO_ROOT / "scripts" / "train_toy.py")
+    train_toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_toy)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for run in ("a", "b"):
+            out = tmp_path / run
+            assert train_toy.main(["--backbone", "toy_llava_onevision", "--steps", "4", "--batch-size", "4",
+                                   "--train-n", "16", "--test-n", "4", "--train-eval-n", "4", "--threads", "1",
+                                   "--log-every", "2", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+            outs.append(out / "toy_llava_onevision")
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (load_file(str(o / "model.safetensors")) for o in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((o / "metadata.json").read_text()) for o in outs)
+    assert [h["loss"] for h in ma["history"]] == [h["loss"] for h in mb["history"]]
+    assert ma["history"][0]["loss"] > 0 and ma["steps"] == 4
+    init = toy.build_untrained("toy_llava_onevision")  # and training did change the weights
+    assert not torch.equal(init.model.state_dict()["lm_head.weight"], a["lm_head.weight"])
