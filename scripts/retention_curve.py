@@ -45,7 +45,7 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
     from sharp.methods import budget
     from sharp.synthetic import QTYPES, ensure_split
 
-    bb = toy.load_toy(backbone, weights_dir) if weights_dir else sharp.load_backbone(backbone, device="cpu")
+    bb = sharp.load_backbone(backbone, device="cpu", weights_dir=weights_dir)
     docs = ensure_split(split, n=n, seed=data_seed)
     store = toy.cached_pixels(bb, docs, cache_dir)
     rows = []

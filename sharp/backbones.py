@@ -56,16 +56,17 @@ def backbone_names() -> list[str]:
 def _extra_backbones() -> dict[str, dict[str, Any]]:
     """Backbones with shipped trained weights (sharp/weights/<name>/), e.g. the toy models."""
     root = Path(__file__).parent / "weights"
-    found = {}
-    if root.is_dir():
-        for d in sorted(root.iterdir()):
-            meta = d / "backbone.json"
-            if meta.is_file():
-                info = json.loads(meta.read_text())
-                found[d.name] = dict(kind=info["kind"], hub=None, config=str(d / "config.json"),
-                                     dtype=torch.float32, weights=str(d), tokenizer=info.get("tokenizer", "byte"),
-                                     words=info.get("words", ()))
-    return found
+    if not root.is_dir():
+        return {}
+    return {d.name: _weights_spec(d) for d in sorted(root.iterdir()) if (d / "backbone.json").is_file()}
+
+
+def _weights_spec(d: Path) -> dict[str, Any]:
+    """The spec of a trained-weights folder: backbone.json (kind, word vocabulary), config.json and
+    model.safetensors (float32)."""
+    info = json.loads((d / "backbone.json").read_text())
+    return dict(kind=info["kind"], hub=None, config=str(d / "config.json"), dtype=torch.float32,
+                weights=str(d), words=info.get("words", ()))
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,15 @@ class Backbone:
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def n_placeholders(self, pixel_values_videos: torch.Tensor, video_grid_thw: Optional[torch.Tensor] = None) -> int:
+        """Video placeholder tokens of one sample's pixels: LLaVA-OV (T, 3, S, S) -> T x pooled side^2
+        + 1 image_newline; Qwen2-VL: video_grid_thw (1, 3) -> t*h*w / merge^2."""
+        vc = self.config.vision_config
+        if self.kind == "llava_onevision":
+            side = ((vc.image_size // vc.patch_size) + 1) // 2  # 2x2 bilinear pooling, ceil
+            return pixel_values_videos.shape[0] * side * side + 1
+        return int(video_grid_thw[0].prod()) // (vc.spatial_merge_size ** 2)
+
     def build_prompt(self, question: str, n_placeholders: int) -> str:
         """The chat prompt of lmms-eval's built-in wrapper with the video's placeholder tokens."""
         if self.kind == "llava_onevision":
@@ -278,9 +288,7 @@ class Backbone:
             size = self.config.vision_config.image_size
             pixels = V.siglip_preprocess(frames, image_size=size)  # (T, 3, size, size)
             pv = pixels.unsqueeze(0).expand(len(questions), *pixels.shape).contiguous()
-            side = ((size // self.config.vision_config.patch_size) + 1) // 2
-            n_placeholders = frames.shape[0] * side * side + 1
-            out = self._tokenize([self.build_prompt(q, n_placeholders) for q in questions])
+            out = self._tokenize([self.build_prompt(q, self.n_placeholders(pixels)) for q in questions])
             out["pixel_values_videos"] = pv
         else:
             vc = self.config.vision_config
@@ -288,8 +296,7 @@ class Backbone:
                                            temporal_patch_size=vc.temporal_patch_size,
                                            **{k: v for k, v in self.video_kwargs.items()
                                               if k in ("min_pixels", "max_pixels")})
-            n_placeholders = int(thw[0].prod()) // (vc.spatial_merge_size ** 2)
-            out = self._tokenize([self.build_prompt(q, n_placeholders) for q in questions])
+            out = self._tokenize([self.build_prompt(q, self.n_placeholders(pv, thw)) for q in questions])
             out["pixel_values_videos"] = pv.repeat(len(questions), 1)
             out["video_grid_thw"] = thw.repeat(len(questions), 1)
         return self._to_model(out)
@@ -372,7 +379,8 @@ def _model_class(kind: str):
 
 def load_backbone(name: str, *, attn_implementation: str = "sdpa", random_weights: Optional[bool] = None,
                   dtype: Optional[torch.dtype] = None, device: Optional[str] = None, seed: int = 0,
-                  num_frames: int = 32, checkpoint: Optional[str] = None, **video_kwargs) -> Backbone:
+                  num_frames: int = 32, checkpoint: Optional[str] = None,
+                  weights_dir: Optional[Union[str, os.PathLike]] = None, **video_kwargs) -> Backbone:
     """Load a backbone by name.
 
     name: llava_onevision_7b | qwen2_vl_7b (HF checkpoints; ``random_weights=True`` builds the same
@@ -380,10 +388,22 @@ def load_backbone(name: str, *, attn_implementation: str = "sdpa", random_weight
         tiny_llava_onevision | tiny_qwen2_vl (toy size, seeded random weights, fast on CPU) |
         toy_* (trained toy weights shipped in ``sharp/weights``).
     attn_implementation: sdpa (default) | eager | flash_attention_2.
+    weights_dir: for a trained-weights backbone (toy_*), load another copy of it from this folder
+        (``backbone.json``, ``config.json``, ``model.safetensors``; or its ``<name>/`` subfolder),
+        e.g. one retrained by ``scripts/train_toy.py --out-dir``.
     """
     specs = {**_BACKBONES, **_extra_backbones()}
     if name not in specs:
         raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(sorted(specs))}")
+    if weights_dir is not None:
+        if not specs[name].get("weights"):
+            raise ValueError(f"weights_dir is for trained-weights backbones ({', '.join(sorted(_extra_backbones()))}), "
+                             f"not {name!r}")
+        d = Path(weights_dir)
+        d = d / name if (d / name / "backbone.json").is_file() else d
+        if not (d / "backbone.json").is_file():
+            raise FileNotFoundError(f"{d}: no backbone.json (expected backbone.json, config.json, model.safetensors)")
+        specs[name] = _weights_spec(d)
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"unknown attn_implementation {attn_implementation!r}; valid: {', '.join(ATTN_IMPLEMENTATIONS)}")
     spec = specs[name]

@@ -141,26 +141,6 @@ def build_untrained(name: str, config: Optional[dict] = None, seed: int = 0, num
     return Backbone(name=name, kind=kind, model=model, tokenizer=tokenizer, num_frames=num_frames)
 
 
-def load_toy(name: str, weights_dir=None, device: str = "cpu", **kwargs):
-    """The shipped toy (``sharp.load_backbone(name)``), or the same architecture with the weights of
-    ``weights_dir/<name>/`` (or ``weights_dir`` itself) -- e.g. a retrained copy in a temp folder."""
-    import sharp
-
-    if weights_dir is None:
-        return sharp.load_backbone(name, device=device, **kwargs)
-    from safetensors.torch import load_file
-
-    d = Path(weights_dir)
-    d = d / name if (d / name / "model.safetensors").is_file() else d
-    words = json.loads((d / "backbone.json").read_text()).get("words", ())
-    bb = build_untrained(name, config=json.loads((d / "config.json").read_text()), words=words, **kwargs)
-    missing, unexpected = bb.model.load_state_dict(load_file(str(d / "model.safetensors")), strict=False)
-    if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise RuntimeError(f"{d}: weights do not match config (missing={missing}, unexpected={unexpected})")
-    bb.model.to(device).eval()
-    return bb
-
-
 # -- prompts ----------------------------------------------------------------------------------
 
 
@@ -174,13 +154,6 @@ def question_text(doc: dict) -> str:
 def answer_text(doc: dict) -> str:
     """What the toy is trained to answer: the option letter (then ``<|im_end|>``)."""
     return doc["answer"]
-
-
-def extract_letter(text: str, options=None) -> str:
-    """The task's own answer parser (``sharp/synthetic/lmms_task/utils.py``)."""
-    from sharp.synthetic.lmms_task.utils import extract_letter as _extract
-
-    return _extract(text, options)
 
 
 # -- cached preprocessing ---------------------------------------------------------------------
@@ -306,15 +279,6 @@ def cached_pixels(bb, docs: Sequence[dict], cache_dir=None, verbose: bool = Fals
 # -- batches ----------------------------------------------------------------------------------
 
 
-def _n_placeholders(bb, px: dict) -> int:
-    if bb.kind == "llava_onevision":
-        vc = bb.config.vision_config
-        side = ((vc.image_size // vc.patch_size) + 1) // 2
-        return px["pixel_values_videos"].shape[0] * side * side + 1
-    merge = bb.config.vision_config.spatial_merge_size
-    return int(px["video_grid_thw"][0].prod()) // (merge * merge)
-
-
 def make_batch(bb, docs: Sequence[dict], store: PixelStore, indices: Sequence[int],
                with_answer: bool = False) -> dict:
     """Model inputs for docs ``indices`` (left-padded); with ``with_answer`` the prompt ends with the
@@ -322,7 +286,7 @@ def make_batch(bb, docs: Sequence[dict], store: PixelStore, indices: Sequence[in
     pxs = [store.pixels(i) for i in indices]
     texts = []
     for i, px in zip(indices, pxs):
-        prompt = bb.build_prompt(question_text(docs[i]), _n_placeholders(bb, px))
+        prompt = bb.build_prompt(question_text(docs[i]), bb.n_placeholders(**px))
         texts.append(prompt + (answer_text(docs[i]) + ANSWER_END if with_answer else ""))
     out = bb._tokenize(texts)
     if bb.kind == "llava_onevision":
@@ -357,11 +321,6 @@ class EvalResult:
     answers: list
     seconds: float
 
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d.pop("kept_counts")
-        return d
-
 
 def evaluate(bb, docs: Sequence[dict], method: str = "vanilla", retention: float = 1.0,
              store: Optional[PixelStore] = None, batch_size: int = 1, max_new_tokens: int = 4,
@@ -372,6 +331,7 @@ def evaluate(bb, docs: Sequence[dict], method: str = "vanilla", retention: float
     runs (larger batches are left-padded: faster, equal up to float rounding).
     """
     import sharp
+    from sharp.synthetic.lmms_task.utils import extract_letter  # the task's own answer parser
 
     store = store if store is not None else cached_pixels(bb, docs, cache_dir)
     t0 = time.time()

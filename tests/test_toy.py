@@ -119,3 +119,10 @@ def test_training_is_deterministic(tmp_path):
     assert ma["history"][0]["loss"] > 0 and ma["steps"] == 4
     init = toy.build_untrained("toy_llava_onevision")  # and training did change the weights
     assert not torch.equal(init.model.state_dict()["lm_head.weight"], a["lm_head.weight"])
+    # a retrained copy loads by name from its folder (scripts/retention_curve.py --weights-dir)
+    bb = sharp.load_backbone("toy_llava_onevision", device="cpu", weights_dir=tmp_path / "a")
+    assert all(torch.equal(v, a[k]) for k, v in bb.model.state_dict().items())
+    with pytest.raises(ValueError, match="weights_dir is for trained-weights backbones"):
+        sharp.load_backbone("tiny_llava_onevision", weights_dir=tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="no backbone.json"):
+        sharp.load_backbone("toy_llava_onevision", weights_dir=tmp_path / "nothing")
