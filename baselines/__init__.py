@@ -1,0 +1,2 @@
+"""Comparison methods, one module each; importing this package registers them."""
+from baselines import fastv  # noqa: F401

@@ -6,14 +6,12 @@ round(retention x N_vis). Kept tokens keep their original positions.
 """
 from dataclasses import dataclass
 
-import torch
-
-from sharp.methods import PruningMethod, Selection, budget, register_method
+from sharp.methods import ScorerMethod, register_method
 
 
 @register_method
 @dataclass
-class FastV(PruningMethod):
+class FastV(ScorerMethod):
     name = "fastv"
     layer: int = 2  # K: the first layer that sees the pruned sequence
 
@@ -25,11 +23,5 @@ class FastV(PruningMethod):
     def score_layers(self, num_layers: int) -> list[int]:
         return [self.layer - 1]
 
-    def select(self, ctx) -> Selection:
-        scores = ctx.last_token_attention(layer=self.layer - 1)  # (b, s): last row of layer K-1's map
-        keep = []
-        for b in range(scores.shape[0]):
-            pos = ctx.visual_positions(b)
-            k = budget(ctx.layout.n_visual, self.retention)
-            keep.append(torch.topk(scores[b, pos], k).indices)
-        return Selection(keep_visual=keep)
+    def score(self, ctx):
+        return ctx.gather_visual(ctx.last_token_attention(layer=self.layer - 1))  # last row of layer K-1's map

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from sharp import toy  # noqa: E402
+from sharp import paths, toy  # noqa: E402
 
 # Shipped settings per toy (what sharp/weights/<name>/metadata.json records).
 DEFAULTS = {
@@ -79,11 +79,10 @@ class TokenProbe(torch.nn.Module):
                 + F.cross_entropy(self.frame(h).flatten(0, 1), frame.flatten()))
 
 
-def train_one(name: str, args) -> dict:
+def _load_data(name: str, d: dict, args):
+    """The train/test docs, the untrained toy and their cached pixels."""
     from sharp.synthetic import ensure_split
 
-    d = {**DEFAULTS[name], **{k: v for k, v in vars(args).items() if k in DEFAULTS[name] and v is not None}}
-    t_start = time.time()
     print(f"[{name}] data: train {d['train_n']} docs, test {args.test_n} docs", flush=True)
     train_docs = ensure_split("train", n=d["train_n"], seed=args.data_seed)
     test_docs = ensure_split("test", n=args.test_n, seed=args.data_seed)
@@ -92,19 +91,55 @@ def train_one(name: str, args) -> dict:
     bb = toy.build_untrained(name, config=config, seed=args.seed, words=words)
     train_px = toy.cached_pixels(bb, train_docs, args.cache_dir, verbose=True)
     test_px = toy.cached_pixels(bb, test_docs, args.cache_dir, verbose=True)
-    t_data = time.time() - t_start
-    n_params = sum(p.numel() for p in bb.model.parameters())
-    print(f"[{name}] {n_params / 1e6:.2f} M parameters; data ready in {t_data:.0f} s", flush=True)
+    return bb, config, words, (train_docs, train_px), (test_docs, test_px)
 
+
+def _make_probe(bb, d: dict, args, train_docs, layout):
+    """The visual-token probe (seeded) and its per-doc labels; (None, None) without the aux loss."""
+    if d["aux_weight"] <= 0:
+        return None, None
+    labels = [toy.visual_token_labels(bb, doc, layout.grid) for doc in train_docs]
+    torch.manual_seed(args.seed + 1)
+    return TokenProbe(bb.text_config.hidden_size, layout.frames), labels
+
+
+def _train_step(bb, batch: dict, probe, labels, idx, layout, aux_weight: float, aux_layer: int):
+    """Loss of one teacher-forced batch and its log record."""
+    k = batch.pop("n_answer_tokens")
+    out = bb.model(**batch, use_cache=False, output_hidden_states=probe is not None)
+    logits = out.logits[:, -(k + 1):-1].float()  # (b, k, vocab): predictions of the answer tokens
+    target = batch["input_ids"][:, -k:]  # (b, k)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+    rec = {"answer": loss.item(), "correct": (logits[:, 0].argmax(-1) == target[:, 0]).float().mean().item()}
+    if probe is not None:
+        vis = bb.visual_mask(batch["input_ids"], layout)  # (b, s)
+        h = out.hidden_states[aux_layer][vis].view(len(idx), layout.n_visual, -1)
+        aux = probe.loss(h, torch.stack([labels[i]["color"] for i in idx]),
+                         torch.stack([labels[i]["oframe"] for i in idx]))
+        loss = loss + aux_weight * aux
+        rec["aux"] = aux.item()
+    return loss, rec
+
+
+def _log(name: str, step: int, run: list, t0: float) -> dict:
+    """Print and return the mean of the records since the last log."""
+    mean = {key: float(np.mean([r[key] for r in run])) for key in run[0]}
+    print(f"[{name}] step {step:5d}  answer loss {mean['answer']:.4f}  teacher-forced acc "
+          f"{100 * mean['correct']:5.1f}%" + (f"  probe {mean['aux']:.3f}" if "aux" in mean else "")
+          + f"  {time.time() - t0:.0f} s", flush=True)
+    return {"step": step, "loss": round(mean["answer"], 4), "teacher_forced_acc": round(100 * mean["correct"], 1),
+            **({"aux": round(mean["aux"], 4)} if "aux" in mean else {}), "seconds": round(time.time() - t0, 1)}
+
+
+def _train(name: str, bb, d: dict, args, train, test) -> tuple[list, float]:
+    """AdamW with teacher forcing (+ the probe loss); returns the loss history and the seconds."""
+    (train_docs, train_px), (test_docs, test_px) = train, test
     model = bb.model
     model.train()
     params = list(model.parameters())
     layout = bb.layout(toy.make_batch(bb, train_docs, train_px, [0]))
-    probe = None
-    if d["aux_weight"] > 0:
-        labels = [toy.visual_token_labels(bb, doc, layout.grid) for doc in train_docs]
-        torch.manual_seed(args.seed + 1)
-        probe = TokenProbe(bb.text_config.hidden_size, layout.frames)
+    probe, labels = _make_probe(bb, d, args, train_docs, layout)
+    if probe is not None:
         params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=d["lr"], weight_decay=args.weight_decay, betas=(0.9, 0.98))
     steps, bs = d["steps"], d["batch_size"]
@@ -117,58 +152,54 @@ def train_one(name: str, args) -> dict:
             g["lr"] = lr_at(step, steps, d["lr"], d["warmup"], d["schedule"])
         idx = order[step * bs:(step + 1) * bs].tolist()
         batch = toy.make_batch(bb, train_docs, train_px, idx, with_answer=True)
-        k = batch.pop("n_answer_tokens")
-        out = model(**batch, use_cache=False, output_hidden_states=probe is not None)
-        logits = out.logits[:, -(k + 1):-1].float()  # (b, k, vocab): predictions of the answer tokens
-        target = batch["input_ids"][:, -k:]  # (b, k)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-        rec = {"answer": loss.item(), "correct": (logits[:, 0].argmax(-1) == target[:, 0]).float().mean().item()}
-        if probe is not None:
-            vis = bb.visual_mask(batch["input_ids"], layout)  # (b, s)
-            h = out.hidden_states[d["aux_layer"]][vis].view(len(idx), layout.n_visual, -1)
-            aux = probe.loss(h, torch.stack([labels[i]["color"] for i in idx]),
-                             torch.stack([labels[i]["oframe"] for i in idx]))
-            loss = loss + d["aux_weight"] * aux
-            rec["aux"] = aux.item()
+        loss, rec = _train_step(bb, batch, probe, labels, idx, layout, d["aux_weight"], d["aux_layer"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         run.append(rec)
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            mean = {key: float(np.mean([r[key] for r in run])) for key in run[0]}
-            hist.append({"step": step + 1, "loss": round(mean["answer"], 4),
-                         "teacher_forced_acc": round(100 * mean["correct"], 1),
-                         **({"aux": round(mean["aux"], 4)} if "aux" in mean else {}),
-                         "seconds": round(time.time() - t0, 1)})
-            print(f"[{name}] step {step + 1:5d}  answer loss {mean['answer']:.4f}  teacher-forced acc "
-                  f"{100 * mean['correct']:5.1f}%" + (f"  probe {mean['aux']:.3f}" if "aux" in mean else "")
-                  + f"  {time.time() - t0:.0f} s", flush=True)
+            hist.append(_log(name, step + 1, run, t0))
             run = []
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
             acc, per = toy.letter_accuracy(bb, test_docs, test_px, args.eval_batch)
             print(f"[{name}]   test {acc:.1f}%  {_fmt(per)}  (argmax over the letters)", flush=True)
     t_train = time.time() - t0
     model.eval()
+    return hist, t_train
 
-    print(f"[{name}] evaluating (greedy generation through sharp.prune, vanilla)", flush=True)
-    te = toy.evaluate(bb, test_docs, store=test_px, batch_size=args.eval_batch)
-    tr_n = min(args.train_eval_n, len(train_docs))
-    tr = toy.evaluate(bb, train_docs[:tr_n], store=toy.PixelStore(bb.kind, train_px.u8[:tr_n], train_px.thw[:tr_n],
-                                                                 train_px.mean, train_px.std),
-                      batch_size=args.eval_batch)
-    print(f"[{name}] train[:{tr_n}] {tr.accuracy:.1f}%  {_fmt(tr.per_qtype)}", flush=True)
-    print(f"[{name}] test  {te.accuracy:.1f}%  {_fmt(te.per_qtype)}", flush=True)
 
-    out_dir = Path(args.out_dir) / name
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _save(out_dir: Path, bb, config: dict, words, meta: dict) -> None:
+    """model.safetensors (float32), config.json, backbone.json (family, words), metadata.json."""
     from safetensors.torch import save_file
 
-    state = {key: v.detach().to(torch.float32).contiguous() for key, v in model.state_dict().items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {key: v.detach().to(torch.float32).contiguous() for key, v in bb.model.state_dict().items()}
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "backbone.json").write_text(json.dumps({"kind": bb.kind, "tokenizer": "words", "words": words},
                                                       indent=1) + "\n")
+    (out_dir / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def train_one(name: str, args) -> dict:
+    d = {**DEFAULTS[name], **{k: v for k, v in vars(args).items() if k in DEFAULTS[name] and v is not None}}
+    t_start = time.time()
+    bb, config, words, train, test = _load_data(name, d, args)
+    (train_docs, train_px), (test_docs, test_px) = train, test
+    t_data = time.time() - t_start
+    n_params = sum(p.numel() for p in bb.model.parameters())
+    print(f"[{name}] {n_params / 1e6:.2f} M parameters; data ready in {t_data:.0f} s", flush=True)
+
+    hist, t_train = _train(name, bb, d, args, train, test)
+
+    print(f"[{name}] evaluating (greedy generation through sharp.prune, vanilla)", flush=True)
+    te = toy.evaluate(bb, test_docs, store=test_px, batch_size=args.eval_batch)
+    tr_n = min(args.train_eval_n, len(train_docs))
+    tr = toy.evaluate(bb, train_docs[:tr_n], store=train_px.first(tr_n), batch_size=args.eval_batch)
+    print(f"[{name}] train[:{tr_n}] {tr.accuracy:.1f}%  {_fmt(tr.per_qtype)}", flush=True)
+    print(f"[{name}] test  {te.accuracy:.1f}%  {_fmt(te.per_qtype)}", flush=True)
+
     import transformers
 
     meta = {
@@ -185,7 +216,8 @@ def train_one(name: str, args) -> dict:
         "python": platform.python_version(), "machine": platform.machine(),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     }
-    (out_dir / "metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
+    out_dir = Path(args.out_dir) / name
+    _save(out_dir, bb, config, words, meta)
     size = os.path.getsize(out_dir / "model.safetensors") / 2**20
     print(f"[{name}] saved {out_dir} ({size:.1f} MiB); training {t_train:.0f} s", flush=True)
     return meta
@@ -214,7 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="model init and data order")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic splits")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the shipped toys: 1; fix it for bit-reproducibility)")
-    ap.add_argument("--cache-dir", default=None, help="preprocessed-video cache (default $SHARP_CACHE/toy)")
+    ap.add_argument("--cache-dir", default=str(paths.cache_dir("toy")), help="preprocessed-video cache (default $SHARP_CACHE/toy)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=0, help="score the test split every N steps (0: never)")
     ap.add_argument("--eval-batch", type=int, default=16)

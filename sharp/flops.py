@@ -34,14 +34,9 @@ _DEFAULT_VISUAL_TOKENS = {"llava_onevision_7b": 6272, "qwen2_vl_7b": 2880}
 def lm_dims(backbone) -> LMDims:
     """Language-model sizes from a Backbone object or a backbone name (no model is built)."""
     if isinstance(backbone, str):
-        from sharp.backbones import _BACKBONES, _CONFIG_DIR, _extra_backbones
+        from sharp.backbones import backbone_config_path
 
-        specs = {**_BACKBONES, **_extra_backbones()}
-        if backbone not in specs:
-            raise ValueError(f"unknown backbone {backbone!r}; valid backbones: {', '.join(sorted(specs))}")
-        path = Path(specs[backbone]["config"])
-        path = path if path.is_absolute() else _CONFIG_DIR / path
-        tc = json.loads(path.read_text())["text_config"]
+        tc = json.loads(backbone_config_path(backbone).read_text())["text_config"]
         return LMDims(tc["num_hidden_layers"], tc["hidden_size"], tc["intermediate_size"],
                       tc["num_attention_heads"], tc["num_key_value_heads"])
     tc = backbone.text_config

@@ -13,16 +13,21 @@ def generate_with_logits(bb, inputs, max_new_tokens=5):
 
 
 @contextlib.contextmanager
-def layer_masks(bb, allowed_by_layer):
-    """Replace each listed decoder layer's mask by an eager additive mask from a bool (b, 1, q, k)."""
+def layer_masks(bb, allowed_by_layer, positions_by_layer=None):
+    """Replace each listed decoder layer's mask by an eager additive mask from a bool (b, 1, q, k) and,
+    for layers in ``positions_by_layer`` ((b, s) long 1-D positions), its RoPE angles."""
     handles = []
+    positions_by_layer = positions_by_layer or {}
 
     def make(idx):
         def hook(module, args, kwargs):
             allowed = allowed_by_layer[idx]
             dtype = args[0].dtype
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-            return args, dict(kwargs, attention_mask=mask)
+            new = dict(kwargs, attention_mask=mask)
+            if idx in positions_by_layer:
+                new["position_embeddings"] = bb.language_model.rotary_emb(args[0], positions_by_layer[idx])
+            return args, new
 
         return hook
 
@@ -35,12 +40,14 @@ def layer_masks(bb, allowed_by_layer):
             h.remove()
 
 
-def masked_reference_logits(bb, inputs, sequences, key_allowed, query_from=None):
+def masked_reference_logits(bb, inputs, sequences, key_allowed, query_from=None, compact=False):
     """Logits of a no-cache forward over ``sequences`` (prompt + generated) of the UNPRUNED model.
 
     key_allowed: {layer: (b, s_total) bool} keys visible in that layer (all layers not listed see
     every key); query_from: {layer: first query row the restriction applies to} (default 0).
-    The model must use eager attention. Returns (b, s_total, vocab).
+    compact: the listed layers number their visible tokens 0, 1, 2, ... (PyramidDrop's compacted
+    positions: position = number of visible real tokens before it). The model must use eager
+    attention. Returns (b, s_total, vocab).
     """
     b, s = sequences.shape
     prompt_mask = inputs["attention_mask"]
@@ -63,7 +70,12 @@ def masked_reference_logits(bb, inputs, sequences, key_allowed, query_from=None)
     if bb.kind == "llava_onevision":  # generate's positions for left padding
         pos = mask2d.long().cumsum(-1) - 1
         kwargs["position_ids"] = pos.masked_fill(mask2d == 0, 1)
-    with torch.no_grad(), layer_masks(bb, allowed):
+    positions = {}
+    if compact:
+        for layer, keys in key_allowed.items():
+            visible = keys.bool() & mask2d.bool()
+            positions[layer] = (visible.long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad(), layer_masks(bb, allowed, positions):
         return bb.model(**kwargs, use_cache=False).logits
 
 
@@ -78,3 +90,113 @@ def kept_key_mask(bb, inputs, sequences, kept_visual):
         keep[i, pos] = False
         keep[i, pos[kept_visual[i]]] = True
     return keep
+
+
+class Recorder:
+    """Wraps every (flattened) method of ``method`` to record, in the real prefill, what the engine
+    applied: each stage's kept tokens and merged rows, and each layer's custom mask, all addressed by
+    position in the UNPRUNED prompt (``ctx.seq.origin``), so a no-cache reference can replay them."""
+
+    def __init__(self, method):
+        from sharp.engine import ComposedMethod
+
+        self.method = method
+        self.leaves = method.flat_children() if isinstance(method, ComposedMethod) else [method]
+        self.merges = []  # (layer, sample, origin positions (n,), rows (n, d))
+        self.masks = {}  # layer -> list of (origin (b, s), allowed (b, 1, s, s))
+        for m in self.leaves:
+            self._wrap(m)
+
+    def _wrap(self, m):
+        select, attention_mask = m.select, m.attention_mask
+
+        def recording_select(ctx):
+            sel = select(ctx)
+            if sel.hidden_states is not None:
+                for b in range(ctx.batch_size):
+                    pos = ctx.visual_positions(b)
+                    if sel.keep_visual is not None:
+                        pos = pos[torch.as_tensor(sel.keep_visual[b]).long()]
+                    self.merges.append((ctx.layer_idx, b, ctx.seq.origin[b, pos].clone(),
+                                        sel.hidden_states[b, pos].detach().clone()))
+            return sel
+
+        def recording_mask(ctx):
+            mask = attention_mask(ctx)
+            if mask is not None and ctx.phase == "prefill":
+                self.masks.setdefault(ctx.layer_idx, []).append((ctx.seq.origin.clone(), mask.clone()))
+            return mask
+
+        object.__setattr__(m, "select", recording_select)
+        object.__setattr__(m, "attention_mask", recording_mask)
+
+
+def trace_key_masks(bb, inputs, sequences, trace):
+    """{layer: (b, s_total) bool} keys each decoder layer keeps, from the trace's applied stages."""
+    out = {}
+    for layer in range(bb.num_layers):
+        applied = [i for i, k in enumerate(trace.stage_layers) if k <= layer]
+        if applied:
+            out[layer] = kept_key_mask(bb, inputs, sequences, trace.kept[applied[-1]])
+    return out
+
+
+def replay_reference_logits(bb, inputs, sequences, trace, recorder, compact_layers=()):
+    """No-cache logits of the unpruned model over prompt + generated tokens in which every layer sees
+    only the keys the engine kept for it, the merged rows the methods produced at their stages, and
+    the methods' custom masks on the prompt rows. ``compact_layers``: layers with compacted positions."""
+    b, s = sequences.shape
+    p = inputs["input_ids"].shape[1]
+    keys = trace_key_masks(bb, inputs, sequences, trace)
+    prompt_mask = inputs["attention_mask"]
+    mask2d = torch.cat([prompt_mask, prompt_mask.new_ones(b, s - p)], dim=1)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()[None, None]
+    eye = torch.eye(s, dtype=torch.bool)[None, None]
+    allowed, positions = {}, {}
+    for layer in range(bb.num_layers):
+        a = causal & mask2d.bool()[:, None, None, :]
+        if layer in keys:
+            a = a & keys[layer][:, None, None, :]
+            if layer in compact_layers:
+                visible = keys[layer] & mask2d.bool()
+                positions[layer] = (visible.long().cumsum(-1) - 1).clamp_min(0)
+        for origin, mask in recorder.masks.get(layer, []):
+            a = a & _spread(mask, origin, s)
+        allowed[layer] = a | eye
+    merged = {}
+    for layer, i, origin, rows in recorder.merges:
+        merged.setdefault(layer, []).append((i, origin, rows))
+    kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    kwargs.update(input_ids=sequences, attention_mask=mask2d)
+    if bb.kind == "llava_onevision":  # generate's positions for left padding
+        pos = mask2d.long().cumsum(-1) - 1
+        kwargs["position_ids"] = pos.masked_fill(mask2d == 0, 1)
+
+    def inject(layer):
+        def hook(module, args, kw):
+            h = args[0].clone()
+            for i, origin, rows in merged[layer]:
+                h[i, origin] = rows.to(h.dtype)
+            return (h,) + tuple(args[1:]), kw
+        return hook
+
+    handles = [bb.layers[k].register_forward_pre_hook(inject(k), with_kwargs=True) for k in merged]
+    try:
+        with torch.no_grad(), layer_masks(bb, allowed, positions):
+            return bb.model(**kwargs, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _spread(mask, origin, s):
+    """A (b, 1, q, k) restriction over a pruned prompt -> (b, 1, s, s) over the full sequence (rows
+    and keys the mask does not cover stay allowed)."""
+    b = mask.shape[0]
+    out = torch.ones(b, 1, s, s, dtype=torch.bool)
+    for i in range(b):
+        o = origin[i]
+        real = o >= 0
+        idx = o[real]
+        out[i, 0, idx[:, None], idx[None, :]] = mask[i, 0][real][:, real].bool()
+    return out

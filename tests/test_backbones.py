@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sharp
-from sharp.video import VideoError, write_video
+from sharp.backbones.video import VideoError, write_video
 
 
 @pytest.fixture(scope="module", params=["tiny_llava_onevision", "tiny_qwen2_vl"])
@@ -26,10 +26,8 @@ def test_layout_matches_placeholders(bb):
     vis = bb.visual_mask(inputs["input_ids"], layout)
     assert int(vis.sum()) == layout.n_visual == layout.frames * layout.tokens_per_frame
     assert layout.grid[0] * layout.grid[1] == layout.tokens_per_frame
-    if bb.kind == "llava_onevision":
-        assert layout.frames == 8 and layout.tokens_per_frame == 16  # 56px / patch 7 -> 8x8 -> pooled 4x4
-    else:
-        assert layout.frames == 4  # temporal patches of 2 frames
+    # LLaVA-OV: 56px / patch 7 -> 8x8 -> pooled 4x4; Qwen2-VL: 4 temporal patches of 2 frames, 112px -> 4x4
+    assert (layout.frames, layout.tokens_per_frame) == {"tiny_llava_onevision": (8, 16), "tiny_qwen2_vl": (4, 16)}[bb.name]
 
 
 def test_mp4_through_prepare_and_generate(bb, tmp_path):
@@ -63,9 +61,11 @@ def test_too_few_frames_for_llava(tmp_path):
 
 
 def test_byte_tokenizer_roundtrip(bb):
-    ids = bb.tokenizer("héllo <video> wörld", add_special_tokens=False)["input_ids"]
-    assert bb.video_token_id in ids if bb.kind == "llava_onevision" else True
-    assert bb.tokenizer.decode(ids) == "héllo <video> wörld"
+    placeholder = {"tiny_llava_onevision": "<video>", "tiny_qwen2_vl": "<|video_pad|>"}[bb.name]
+    text = f"héllo {placeholder} wörld"
+    ids = bb.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert bb.video_token_id in ids
+    assert bb.tokenizer.decode(ids) == text
 
 
 def test_random_weight_7b_configs_are_the_published_sizes():
@@ -84,3 +84,39 @@ def test_prompts_follow_lmms_eval_wrappers():
     qwen = sharp.load_backbone("tiny_qwen2_vl")
     assert qwen.build_prompt("<image>Q?", 1) == (
         head + "<|vision_start|><|video_pad|><|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_family_classes_and_registry():
+    from sharp.backbones import (FAMILIES, Backbone, LlavaOneVisionBackbone, Qwen2VLBackbone, backbone_family,
+                                 family_class)
+
+    assert FAMILIES["llava_onevision"] is LlavaOneVisionBackbone and FAMILIES["qwen2_vl"] is Qwen2VLBackbone
+    expected = {"llava_onevision_7b": "llava_onevision", "tiny_llava_onevision": "llava_onevision",
+                "mid_llava_onevision": "llava_onevision", "toy_llava_onevision": "llava_onevision",
+                "qwen2_vl_7b": "qwen2_vl", "tiny_qwen2_vl": "qwen2_vl", "mid_qwen2_vl": "qwen2_vl",
+                "toy_qwen2_vl": "qwen2_vl"}
+    assert {n: backbone_family(n) for n in sharp.backbone_names()} == expected
+    with pytest.raises(ValueError, match="unknown backbone 'nope'"):
+        backbone_family("nope")
+    with pytest.raises(ValueError, match="unknown backbone family"):
+        family_class("nope")
+    for name, cls in (("tiny_llava_onevision", LlavaOneVisionBackbone), ("tiny_qwen2_vl", Qwen2VLBackbone)):
+        bb = sharp.load_backbone(name)
+        assert type(bb) is cls and bb.kind == bb.family == cls.family == backbone_family(name)
+        assert isinstance(bb.model, cls.model_class()) and isinstance(bb.config, cls.config_class())
+    with pytest.raises(TypeError):
+        Backbone(name="x", model=None, tokenizer=None)  # abstract: families implement the details
+
+
+def test_register_family_rejects_duplicates():
+    from sharp.backbones import LlavaOneVisionBackbone, register_family
+
+    class Other(LlavaOneVisionBackbone):
+        pass  # inherits family "llava_onevision"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_family(Other)
+    Other.family = ""
+    with pytest.raises(ValueError, match="set the class attribute"):
+        register_family(Other)
+

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import sharp
-import sharp.engine as engine
+import sharp.engine.sequence as sequence
+import sharp.engine.session as engine_session
 from sharp.methods import PruningMethod, Selection, budget, register_method
 
 from engine_reference import generate_with_logits, kept_key_mask, masked_reference_logits
@@ -74,14 +75,14 @@ def test_position_mistake_is_caught(name, monkeypatch):
     """Re-compacting positions (a classic bug) must break the reference comparison."""
     bb = backbone(name, "eager")
     inputs = bb.synthetic_inputs(frames=8, seed=2)
-    real = engine._gather_seq
+    real = sequence.gather_seq
 
     def compacted(x, index, seq_dim):
         if seq_dim == -2:  # cos/sin: take the first s' positions instead of the kept ones
             return real(x, torch.arange(index.shape[1]).expand_as(index), seq_dim)
         return real(x, index, seq_dim)
 
-    monkeypatch.setattr(engine, "_gather_seq", compacted)
+    monkeypatch.setattr(sequence, "gather_seq", compacted)
     with sharp.prune(bb, "fastv", 0.25) as trace:
         seq, logits = generate_with_logits(bb, inputs, max_new_tokens=4)
     keys = kept_key_mask(bb, inputs, seq, trace.kept[0])
@@ -234,10 +235,10 @@ class _BlockVisual(PruningMethod):
 
     name = "_test_block_visual"
 
-    def attention_mask(self, session, layer_idx):
-        if layer_idx != 0 or session.state.phase != "prefill":
+    def attention_mask(self, ctx):
+        if ctx.layer_idx != 0 or ctx.phase != "prefill":
             return None
-        vis = session.state.seq.visual_mask  # (b, s)
+        vis = ctx.visual_mask  # (b, s)
         s = vis.shape[1]
         cross = vis[:, :, None] & vis[:, None, :] & ~torch.eye(s, dtype=torch.bool)[None]
         return ~cross[:, None]
@@ -356,7 +357,7 @@ class _DropKV(PruningMethod):
     layer: int = 2
 
     def after_prefill(self, session):
-        vis = session.backbone.visual_mask(session.prefill_inputs["input_ids"], session.state.layout)
+        vis = session.backbone.visual_mask(session.prefill_inputs["input_ids"], session.layout)
         keep = [(~vis[b]).nonzero().squeeze(1) for b in range(vis.shape[0])]
         session.drop_kv(self.layer, keep)
 
@@ -415,3 +416,150 @@ def test_hooks_removed_after_exception():
             raise RuntimeError("boom")
     assert not bb.model._forward_pre_hooks and not any(layer._forward_pre_hooks for layer in bb.layers)
     assert torch.equal(prefill_logits(bb, inputs), ref)
+
+
+# -- compacted positions (PyramidDrop's official re-numbering) -----------------------------------
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("spec", [("fastv", {"layer": 2}),
+                                  ("fastv+fastv", {"fastv@1": {"layer": 1, "retention": 0.5, "positions": "compact"},
+                                                   "fastv@2": {"layer": 3, "positions": "compact"}})])
+def test_compact_positions_decode_like_reference(batch, spec):
+    from engine_reference import Recorder, replay_reference_logits
+
+    bb = backbone("tiny_llava_onevision", "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=21, batch_size=batch)
+    name, kwargs = spec
+    if name == "fastv":
+        kwargs = dict(kwargs, positions="compact")
+    method = sharp.make_method(name, 0.25, **kwargs)
+    recorder = Recorder(method)
+    with sharp.prune(bb, method) as trace:
+        seq, logits = generate_with_logits(bb, inputs, max_new_tokens=4)
+    first = trace.stage_layers[0]
+    ref = replay_reference_logits(bb, inputs, seq, trace, recorder, compact_layers=range(first, bb.num_layers))
+    p = inputs["input_ids"].shape[1]
+    torch.testing.assert_close(logits, ref[:, p - 1: seq.shape[1] - 1], atol=2e-4, rtol=1e-4)
+    # and the reference tells the two position readings apart
+    original = replay_reference_logits(bb, inputs, seq, trace, recorder)
+    assert not torch.allclose(original[:, p - 1: seq.shape[1] - 1], ref[:, p - 1: seq.shape[1] - 1], atol=1e-3)
+
+
+def test_compact_positions_refused_on_mrope():
+    bb = backbone("tiny_qwen2_vl")
+    with pytest.raises(ValueError, match="compact.*M-RoPE"):
+        with sharp.prune(bb, "fastv", 0.25, positions="compact"):
+            pass
+    with pytest.raises(ValueError, match="positions must be one of"):
+        sharp.make_method("fastv", 0.25, positions="shifted")
+
+
+# -- free no-op stages ---------------------------------------------------------------------------
+@register_method
+@dataclass
+class _EveryLayer(PruningMethod):
+    """Test method: a stage at every layer that only acts at ``act_at`` (FrameFusion's pattern)."""
+
+    name = "_test_every_layer"
+    act_at: int = 2
+
+    def stages(self, n):
+        return list(range(n))
+
+    def select(self, ctx):
+        if ctx.layer_idx != self.act_at:
+            return Selection.unchanged()
+        return Selection.top_k(ctx.gather_visual(ctx.hidden_states[..., 0].float()), ctx.budget(self.retention))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_unchanged_stages_cost_nothing(name, monkeypatch):
+    bb = backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=22)
+    masks = []
+    real = engine_session.create_causal_mask
+    monkeypatch.setattr(engine_session, "create_causal_mask", lambda **kw: masks.append(1) or real(**kw))
+    with sharp.prune(bb, "_test_every_layer", 0.25) as trace, torch.no_grad():
+        bb.model(**inputs)
+    n = bb.layout(inputs).n_visual
+    assert trace.stage_layers == [2] and len(masks) == 1  # one gather + one mask, at the acting layer
+    assert trace.visual_tokens_per_layer == [n, n] + [budget(n, 0.25)] * (bb.num_layers - 2)
+    masks.clear()
+    with sharp.prune(bb, "_test_every_layer", 0.25, act_at=99) as trace, torch.no_grad():
+        out = bb.model(**inputs).logits
+    with torch.no_grad():
+        ref = bb.model(**inputs).logits
+    assert trace.kept == [] and masks == [] and torch.equal(out, ref)
+
+
+# -- vision-tower access for pre-LLM methods -----------------------------------------------------
+@register_method
+@dataclass
+class _VisionTopK(PruningMethod):
+    """Test method: before the LLM keep the visual tokens the feature layer's patches attend to most."""
+
+    name = "_test_vision_topk"
+
+    def vision_layers(self):
+        return ["feature"]
+
+    def stages(self, n):
+        return [0]
+
+    def select(self, ctx):
+        maps = ctx.vision()
+        scores = torch.stack([maps.attention[b, ctx.visual_tokens(b).index] for b in range(ctx.batch_size)])
+        return Selection.top_k(scores, ctx.budget(self.retention))
+
+
+def captured_vision_call(bb, inputs, layer):
+    """The (args, kwargs, output) of one vision layer in a plain forward, captured by the test."""
+    captured = {}
+    module = bb.vision_layers[layer]
+    h1 = module.register_forward_pre_hook(lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True)
+    h2 = module.register_forward_hook(lambda m, a, k, o: captured.update(output=o), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            bb.model(**inputs)
+    finally:
+        h1.remove()
+        h2.remove()
+    return captured
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pre_llm_stage_reads_the_vision_tower(name, batch):
+    bb = backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=23, batch_size=batch)
+    with sharp.prune(bb, "_test_vision_topk", 0.25) as trace:
+        seq, logits = generate_with_logits(bb, inputs, max_new_tokens=3)
+    layer = bb.resolve_vision_layer("feature")
+    maps = bb.vision_maps(layer, captured_vision_call(bb, inputs, layer), batch)
+    k = budget(bb.layout(inputs).n_visual, 0.25)
+    for b in range(batch):
+        assert torch.equal(trace.kept[0][b], torch.topk(maps.attention[b], k).indices.sort().values)
+    keys = kept_key_mask(bb, inputs, seq, trace.kept[0])
+    ref = masked_reference_logits(bb, inputs, seq, {layer: keys for layer in range(bb.num_layers)})
+    p = inputs["input_ids"].shape[1]
+    torch.testing.assert_close(logits, ref[:, p - 1: seq.shape[1] - 1], atol=2e-4, rtol=1e-4)
+
+
+def test_vision_layers_are_hooked_only_when_asked():
+    bb = backbone("tiny_llava_onevision")
+    hooked = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in bb.vision_layers)  # noqa: E731
+    with sharp.prune(bb, "fastv", 0.25):
+        assert hooked() == 0
+    with sharp.prune(bb, "_test_vision_topk", 0.25):
+        assert hooked() == 2
+    assert hooked() == 0
+
+    @dataclass
+    class Unasked(_VisionTopK):
+        name = "_test_vision_unasked"
+
+        def vision_layers(self):
+            return []
+
+    with sharp.prune(bb, Unasked(retention=0.25)), torch.no_grad():
+        with pytest.raises(RuntimeError, match="not requested"):
+            bb.model(**bb.synthetic_inputs(frames=4))

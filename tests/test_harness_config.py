@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import sharp
+from sharp.harness import catalog
 from sharp.harness import cells as C
 from sharp.harness.config import (CONFIG_DIR, REPO_ROOT, cell_from_cfg, cell_overrides, compose, list_sweeps,
                                   load_sweep, method_kwargs)
@@ -39,34 +41,122 @@ def test_method_override_takes_method_defaults_and_retention():
                   "toy_llava_onevision", "toy_qwen2_vl"}),
     ("tasks", {"paper", "synthetic", "synthetic_test"}),
     ("method", {"vanilla", "fastv", "sharp", "pdrop", "feather", "framefusion", "visionzip", "holitom",
-                "sharpv", "visionzip_sharp", "holitom_sharp"}),
+                "sharpv", "visionzip_sharp", "holitom_sharp", "compose"}),
 ])
 def test_groups_have_the_issue_options(group, names):
     have = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
     assert names <= have
 
 
+def test_every_registered_method_has_a_config():
+    """The registry is the source of truth: `python run.py method=<name>` works for every registered
+    method (a composition of them through method=compose)."""
+    have = {p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")}
+    missing = sorted(set(catalog.registered_methods()) - have)
+    assert not missing, f"registered methods without configs/method/<name>.yaml: {missing}"
+
+
+def test_backbone_configs_name_registered_backbones_of_their_family():
+    import sharp
+
+    registered = set(sharp.backbone_names())
+    for path in sorted((CONFIG_DIR / "backbone").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        assert raw["name"] == path.stem and raw["name"] in registered, path.name
+        assert raw["family"] == catalog.backbone_family(raw["name"]), path.name
+        assert catalog.check_backbone(raw["name"], raw["family"]) == raw["family"]
+    with pytest.raises(HarnessError, match="not a registered backbone; registered backbones: .*toy_qwen2_vl"):
+        catalog.check_backbone("nosuch_7b")
+    with pytest.raises(HarnessError, match="config says family 'qwen2_vl'"):
+        catalog.check_backbone("toy_llava_onevision", "qwen2_vl")
+
+
+def test_method_configs_agree_with_the_registry():
+    """A config naming an unregistered method must be marked planned (`implemented: false` + `planned:`),
+    and a config marked planned must not name a registered method (remove the mark when it lands)."""
+    assert catalog.config_problems() == []
+    for path in sorted((CONFIG_DIR / "method").glob("*.yaml")):
+        if path.stem == "compose":
+            continue
+        cfg = compose([f"method={path.stem}"])
+        assert cfg.method.name == path.stem and 0 < cfg.retention <= 1
+        if catalog.is_implemented(path.stem):
+            sharp.make_method(path.stem, cfg.retention, **method_kwargs(cfg))  # its kwargs are valid
+        else:
+            assert catalog.method_status(path.stem) == ("planned", cfg.method.planned)
+
+
+def test_config_problems_catches_both_directions(tmp_path):
+    (tmp_path / "fastv.yaml").write_text("name: fastv\nimplemented: false\nplanned: baselines/fastv.py\n")
+    (tmp_path / "nosuch.yaml").write_text("name: nosuch\ndefault_retention: 0.5\n")
+    (tmp_path / "later.yaml").write_text("name: later\nimplemented: false\nplanned: baselines/later.py\n")
+    (tmp_path / "nonote.yaml").write_text("name: nonote\nimplemented: false\n")
+    (tmp_path / "compose.yaml").write_text("name: ???\n")
+    problems = catalog.config_problems(tmp_path, registered=["fastv", "vanilla"])
+    assert len(problems) == 3, problems
+    assert any("fastv.yaml: 'fastv' is registered now; remove `implemented: false`" in p for p in problems)
+    assert any("nosuch.yaml: 'nosuch' is not a registered method" in p for p in problems)
+    assert any("nonote.yaml: marked `implemented: false` without a `planned:` note" in p for p in problems)
+
+
+def test_planned_methods_are_reported_not_run():
+    planned = catalog.planned_methods()
+    for name in ("pdrop", "feather", "framefusion", "visionzip", "holitom", "sharpv", "visionzip_sharp",
+                 "holitom_sharp"):
+        if name in catalog.registered_methods():
+            continue
+        assert name in planned and planned[name]
+        with pytest.raises(HarnessError) as err:
+            catalog.check_method(name)
+        msg = str(err.value)
+        assert "\n" not in msg and f"method {name!r} is not implemented yet [planned: {planned[name]}]" in msg
+        assert "implemented methods: " + ", ".join(catalog.registered_methods()) in msg
+    assert catalog.method_status("fastv+sharp") == ("implemented", None)
+    if "pdrop" in planned:
+        assert catalog.method_status("fastv+pdrop")[0] == "planned"
+    assert catalog.method_status("nosuch") == ("unknown", None)
+    catalog.check_method("nosuch")  # unknown names are left to make_method's error
+
+
+def test_compose_config_gives_nested_per_child_kwargs():
+    cfg = compose(["method=compose", "method.name=fastv+sharp", "+method_kwargs.sharp.layer=2",
+                   "+method_kwargs.fastv.retention=0.5"])
+    cell = cell_from_cfg(cfg)
+    assert cell.method == "fastv+sharp" and cell.retention == 1.0
+    assert cell.method_kwargs == {"sharp": {"layer": 2}, "fastv": {"retention": 0.5}}
+    assert cell.relpath() == Path("toy_llava_onevision/fastv+sharp/r1")
+    assert catalog.method_children(cell.method) == ["fastv", "sharp"]
+    sharp.make_method(cell.method, cell.retention, **cell.method_kwargs)
+    # a combination's config kwargs are per-child dicts; +method_kwargs.<child>.<kwarg> merges into them
+    cfg = compose(["method=compose", "method.name=fastv+sharp", "retention=0.25",
+                   "+method.kwargs.sharp={retention: 0.124, lam: 0.6}", "+method_kwargs.sharp.lam=0.5"])
+    assert method_kwargs(cfg) == {"sharp": {"retention": 0.124, "lam": 0.5}}
+    # a repeated child: `name@i` keys (Hydra keys cannot hold '@': give the dict whole)
+    cfg = compose(["method=compose", "method.name=fastv+fastv", "++method_kwargs={fastv@2: {layer: 3}}"])
+    assert method_kwargs(cfg) == {"fastv@2": {"layer": 3}}
+
+
+def test_compose_without_a_name_is_a_clear_error():
+    with pytest.raises(HarnessError, match=r"method=compose needs method.name=<method>\+<method>"):
+        cell_from_cfg(compose(["method=compose"]))
+
+
+def test_sweep_cells_with_composed_methods():
+    sweep = {"name": "x", "backbone": "toy_llava_onevision", "tasks": "synthetic_test",
+             "cells": [{"method": "fastv+sharp", "retention": 0.25,
+                        "method_kwargs": {"sharp": {"retention": 0.1, "lam": 0.5}, "fastv": {"layer": 3}}}]}
+    ov = cell_overrides(sweep, 0)
+    assert "method=compose" in ov and "method.name='fastv+sharp'" in ov
+    assert "+method_kwargs.sharp.retention=0.1" in ov and "+method_kwargs.fastv.layer=3" in ov
+    cell = cell_from_cfg(compose(ov))
+    assert cell.method == "fastv+sharp" and cell.relpath() == Path("toy_llava_onevision/fastv+sharp/r0.25")
+    assert cell.method_kwargs == {"sharp": {"retention": 0.1, "lam": 0.5}, "fastv": {"layer": 3}}
+
+
 def test_paper_tasks_are_the_four_benchmarks():
     cfg = compose(["tasks=paper", "backbone=llava_onevision_7b"])
     assert list(cfg.tasks.names) == ["mvbench", "longvideobench_val_v", "mlvu_dev", "videomme"]
     assert cfg.backbone.hub_id == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
-
-
-def test_every_method_file_composes_and_registered_ones_validate():
-    """Each method yaml: name == file, retention in (0, 1]; a registered method accepts its kwargs,
-    an unregistered one fails with the engine's 'unknown pruning method' error."""
-    from sharp.methods import make_method, method_names
-
-    registered = set(method_names())
-    for path in sorted((CONFIG_DIR / "method").glob("*.yaml")):
-        cfg = compose([f"method={path.stem}"])
-        assert cfg.method.name == path.stem
-        assert 0 < cfg.retention <= 1
-        if path.stem in registered:
-            make_method(path.stem, cfg.retention, **method_kwargs(cfg))
-        else:
-            with pytest.raises(ValueError, match="unknown pruning method"):
-                make_method(path.stem, cfg.retention, **method_kwargs(cfg))
 
 
 def _paper_rows(name):
@@ -144,3 +234,6 @@ def test_retention_folder_names():
     assert C.format_retention(0.2820) == "0.282"
     assert C.format_retention(0.015) == "0.015"
     assert C.method_dirname("sharp", "posc+segm") == "sharp-posc+segm"
+    assert C.method_dirname("fastv+sharp") == "fastv+sharp" and C.method_dirname("fastv+fastv@2") == "fastv+fastv@2"
+    assert C.method_dirname("a/b c", "x/../y") == "a_b_c-x_.._y"
+    assert C.safe_name("..") == "__" and C.safe_name("") == "_"

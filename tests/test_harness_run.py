@@ -121,3 +121,48 @@ def test_unknown_method_fails_with_the_engine_error(tmp_path):
     with pytest.raises(HarnessError, match="unknown pruning method 'nosuch'; valid methods: .*fastv"):
         run_cell(compose(["method=fastv", "method.name=nosuch", f"results_dir={tmp_path}"]))
     assert not any(Path(tmp_path).iterdir())
+
+
+def test_planned_method_is_one_line_and_exit_2(tmp_path):
+    from sharp.harness import catalog
+
+    planned = [m for m in catalog.planned_methods() if not catalog.is_implemented(m)]
+    if not planned:
+        pytest.skip("every planned method is registered")
+    proc = subprocess.run([*RUN, f"method={planned[0]}", f"results_dir={tmp_path}"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: method {planned[0]!r} is not implemented yet [planned: ")
+    assert "implemented methods: " + ", ".join(catalog.registered_methods()) in lines[0]
+    assert not any(Path(tmp_path).iterdir())
+    with pytest.raises(HarnessError, match="method=compose needs method.name="):
+        run_cell(compose(["method=compose", f"results_dir={tmp_path}"]))
+    with pytest.raises(HarnessError, match="not a child|keyed by its children"):
+        run_cell(compose(["method=compose", "method.name=fastv+sharp", "+method_kwargs.visionzip.layer=2",
+                          f"results_dir={tmp_path}"]))
+    assert not any(Path(tmp_path).iterdir())
+
+
+def test_composed_method_end_to_end(tmp_path):
+    """`method=compose method.name=fastv+sharp` with per-child kwargs, 4 docs of the default split."""
+    import sharp
+
+    proc = subprocess.run([*RUN, "method=compose", "method.name=fastv+sharp", "retention=0.25",
+                           "+method_kwargs.fastv.layer=3", "+method_kwargs.sharp.retention=0.1", "limit=4",
+                           f"results_dir={tmp_path}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cell_dir = tmp_path / "toy_llava_onevision" / "fastv+sharp" / "r0.25"
+    s = json.loads((cell_dir / C.SUMMARY).read_text())
+    assert s["cell"]["method"] == "fastv+sharp"
+    assert s["cell"]["method_kwargs"] == {"fastv": {"layer": 3}, "sharp": {"retention": 0.1}}
+    assert s["model"]["lmms_eval_model"] == "sharp_llava_onevision"
+    assert s["model"]["model_args"]["method"] == "fastv+sharp" and s["model"]["model_args"]["sharp"] == {"retention": 0.1}
+    assert "method=fastv+sharp,retention=0.25," in s["model"]["model_args_string"]
+    assert "fastv.layer=3,sharp.retention=0.1" in s["model"]["model_args_string"]
+    before, after = s["tokens"]["visual_before"], s["tokens"]["visual_after"]
+    assert after == sharp.methods.budget(int(before), 0.1)  # sharp (layer 1) at 10%, then fastv's 25% keeps them
+    assert s["requests"] == 4 and s["failed_requests"] == 0

@@ -9,6 +9,7 @@ import torch
 import sharp
 from lmms_eval.api.instance import GenerationResult, Instance
 
+from sharp.harness import catalog
 from sharp.lmms import models as W
 from sharp.lmms.manifest import model_ids
 
@@ -110,10 +111,22 @@ def test_entry_point_resolves_our_classes():
     assert get_model("llava_onevision").__module__.startswith("lmms_eval")  # built-ins untouched
 
 
-def test_model_ids_cover_both_families_and_all_methods():
-    ids = set(model_ids())
-    for m in ("vanilla", "fastv", "sharp", "pdrop", "feather", "framefusion", "visionzip", "holitom", "sharpv"):
-        assert f"llava_onevision_{m}" in ids and f"qwen2_vl_{m}" in ids
+def test_model_ids_come_from_the_method_registry():
+    ids = model_ids()
+    registered = catalog.registered_methods()
+    assert ids == ["sharp_llava_onevision", "sharp_qwen2_vl"] + [
+        f"{family}_{m}" for family in ("llava_onevision", "qwen2_vl") for m in registered if m.isidentifier()]
+    assert {"llava_onevision_vanilla", "qwen2_vl_fastv", "llava_onevision_sharp"} <= set(ids)
+    for m in catalog.planned_methods():  # planned methods get an id when they are registered
+        assert (f"llava_onevision_{m}" in ids) == (m in registered)
+
+
+def test_known_backbones_come_from_the_backbone_registry():
+    for family in ("llava_onevision", "qwen2_vl"):
+        names = W.known_backbones(family)
+        assert names[0] == catalog.DEFAULT_BACKBONES[family]
+        assert sorted(names) == sorted(n for n in sharp.backbone_names() if catalog.backbone_family(n) == family)
+    assert {"tiny_qwen2_vl", "toy_qwen2_vl", "qwen2_vl_7b"} <= set(W.known_backbones("qwen2_vl"))
 
 
 def test_requests_keep_order_and_gen_kwargs_apply(stub):
@@ -156,6 +169,12 @@ def test_max_new_tokens_default_and_sampling(stub):
     (W.SharpQwen2VL, {"batch_size": 4}, "batch_size=4 is not supported; accepted values: 1"),
     (W.SharpQwen2VL, {"batch_size": "auto"}, "batch_size='auto'"),
     (W.method_class(W.SharpQwen2VL, "fastv"), {"method": "vanilla"}, "method='vanilla' conflicts with the model id"),
+    (W.SharpLlavaOneVision, {"method": "fastv+sharp", "retention": 0.25, "visionzip.layer": 2},
+     "visionzip.layer: 'visionzip' is not a child of method 'fastv+sharp'; its children: fastv, sharp"),
+    (W.SharpLlavaOneVision, {"method": "fastv", "retention": 0.25, "sharp.layer": 2},
+     "sharp.layer: dotted keys set a child's kwarg of a composed method"),
+    (W.SharpLlavaOneVision, {"method": "fastv+sharp", "retention": 0.25, "layer": 2}, "fastv, sharp"),
+    (W.SharpLlavaOneVision, {"method": "fastv+nosuch", "retention": 0.25}, "unknown pruning method 'nosuch'"),
 ])
 def test_bad_model_args_name_the_argument_and_accepted_values(stub, cls, args, needle):
     with pytest.raises(W.ModelArgsError) as err:
@@ -164,14 +183,18 @@ def test_bad_model_args_name_the_argument_and_accepted_values(stub, cls, args, n
     assert "bb" not in stub  # rejected before loading anything
 
 
-def test_unregistered_method_id_fails_with_the_engine_error(stub):
-    missing = [m for m in ("pdrop", "feather", "framefusion", "visionzip", "holitom", "sharpv")
-               if m not in sharp.methods.method_names()]
+def test_planned_method_fails_naming_the_implemented_ones(stub):
+    missing = [m for m in catalog.planned_methods() if m not in catalog.registered_methods()]
     if not missing:
         pytest.skip("every planned method is registered")
-    cls = W.method_class(W.SharpLlavaOneVision, missing[0])
-    with pytest.raises(W.ModelArgsError, match=f"unknown pruning method '{missing[0]}'"):
-        cls(retention=0.25)
+    for cls, args in ((W.method_class(W.SharpLlavaOneVision, missing[0]), {}),
+                      (W.SharpQwen2VL, {"method": missing[0]})):
+        with pytest.raises(W.ModelArgsError) as err:
+            cls(retention=0.25, **args)
+        msg = str(err.value)
+        assert f"method {missing[0]!r} is not implemented yet [planned: " in msg and "\n" not in msg
+        assert "implemented methods: " + ", ".join(catalog.registered_methods()) in msg
+    assert "bb" not in stub
 
 
 def test_model_args_string_parsing(stub):
@@ -180,6 +203,31 @@ def test_model_args_string_parsing(stub):
         {"batch_size": "1", "device": None})
     assert (lm.method, lm.retention, lm.method_kwargs) == ("fastv", 0.25, {"layer": 3})
     assert stub["kwargs"] == {"attn_implementation": "eager", "num_frames": 8}
+
+
+def test_model_args_dotted_keys_become_per_child_dicts(stub):
+    lm = W.SharpLlavaOneVision.create_from_arg_string(
+        "backbone=tiny_llava_onevision,method=fastv+sharp,retention=0.25,sharp.layer=2,fastv.retention=0.5,"
+        "sharp.lam=0.5", {"batch_size": "1", "device": None})
+    assert lm.method == "fastv+sharp" and lm.retention == 0.25
+    assert lm.method_kwargs == {"sharp": {"layer": 2, "lam": 0.5}, "fastv": {"retention": 0.5}}
+    lm.task_dict, reqs = _requests(stub["video"], {"max_new_tokens": 4}, n=1)
+    lm.generate_until(reqs)
+    assert stub["prune"][-1] == ("fastv+sharp", 0.25, {"sharp": {"layer": 2, "lam": 0.5}, "fastv": {"retention": 0.5}})
+    # what the harness records is the same string back
+    from lmms_eval.utils import simple_parse_args_string
+
+    from sharp.lmms.args import format_model_args, nest_child_kwargs
+
+    kwargs = {"backbone": "tiny_llava_onevision", "method": "fastv+sharp", "retention": 0.25, **lm.method_kwargs}
+    text = format_model_args(kwargs)
+    assert text == ("backbone=tiny_llava_onevision,method=fastv+sharp,retention=0.25,sharp.layer=2,sharp.lam=0.5,"
+                    "fastv.retention=0.5")
+    assert nest_child_kwargs("fastv+sharp", simple_parse_args_string(text)) == kwargs
+    # repeated children are keyed name@i
+    assert nest_child_kwargs("fastv+fastv", {"fastv@2.layer": 3}) == {"fastv@2": {"layer": 3}}
+    with pytest.raises(W.ModelArgsError, match="its children: fastv@1, fastv@2"):
+        nest_child_kwargs("fastv+fastv", {"fastv.layer": 3})
 
 
 def test_missing_video_is_a_clear_error(stub, tmp_path):

@@ -7,7 +7,8 @@ import torch
 
 import sharp
 from sharp.methods import budget, make_method
-from sharp.sharp_method import clear_bias_memory, matched_retention
+from sharp.methods.posc import clear_bias_memory
+from sharp.methods.sharp import matched_retention
 
 BACKBONES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
 _BB: dict = {}
@@ -87,7 +88,7 @@ def test_all_off_keeps_fastvs_tokens(name):
         prefill(bb, inputs)
     with sharp.prune(bb, "sharp", 0.25, **OFF) as st:
         prefill(bb, inputs)
-    for f, s, t in zip(ft.kept[0], st.kept[0], st.visual_after_topk):
+    for f, s, t in zip(ft.kept[0], st.kept[0], st.method("sharp").after_topk):
         assert torch.equal(f.sort().values, s.sort().values)
         assert torch.equal(s.sort().values, t)
     # the "stage" reading scores with layer 1's own map: FastV's choice at K = 2
@@ -142,7 +143,7 @@ def test_segm_isolates_segments(name):
     out0, tr0 = _layer0_outputs(bb, base, segm=True)
     out1, tr1 = _layer0_outputs(bb, perturbed, segm=True)
     half = layout.frames // 2
-    assert tr0.segments == tr1.segments == [[(0, half - 1), (half, layout.frames - 1)]]
+    assert tr0.method("sharp").segments == tr1.method("sharp").segments == [[(0, half - 1), (half, layout.frames - 1)]]
     # with SegM, scene B's visual tokens cannot see scene A: bit-for-bit the same outputs
     torch.testing.assert_close(out1[scene_b], out0[scene_b], rtol=0, atol=1e-6)
     # ... while the text after the video sees every frame
@@ -170,7 +171,7 @@ def test_segm_and_the_score_readings(name, cache_dir):
         for segm in (True, False):
             with sharp.prune(bb, "sharp", 0.25, score_at=at, segm=segm, regd=False, cache_dir=cache_dir) as t:
                 prefill(bb, inputs)
-            scores[at, segm] = t.visual_scores
+            scores[at, segm] = t.method("sharp").scores
     assert torch.equal(scores["previous", True], scores["previous", False])
     assert not torch.equal(scores["stage", True], scores["stage", False])
 
@@ -184,10 +185,10 @@ def test_posc_lambda_zero_equals_no_posc(name, cache_dir):
         prefill(bb, inputs)
     with sharp.prune(bb, "sharp", 0.25, posc=False, cache_dir=cache_dir) as b:
         prefill(bb, inputs)
-    assert "probe" not in a.stage_times and a.visual_bias is None
-    assert torch.equal(a.visual_scores, b.visual_scores)
+    assert "probe" not in a.stage_times and a.method("sharp").bias is None
+    assert torch.equal(a.method("sharp").scores, b.method("sharp").scores)
     assert all(torch.equal(x, y) for x, y in zip(a.kept[0], b.kept[0]))
-    assert all(torch.equal(x, y) for x, y in zip(a.visual_after_topk, b.visual_after_topk))
+    assert all(torch.equal(x, y) for x, y in zip(a.method("sharp").after_topk, b.method("sharp").after_topk))
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -198,8 +199,8 @@ def test_posc_black_video_calibrates_to_zero(name, space, cache_dir):
     with sharp.prune(bb, "sharp", 0.25, lam=1.0, posc_space=space, segm=False, regd=False,
                      cache_dir=cache_dir) as trace:
         prefill(bb, black)
-    assert trace.visual_bias.abs().max() > 0
-    assert torch.equal(trace.visual_scores, torch.zeros_like(trace.visual_scores))
+    assert trace.method("sharp").bias.abs().max() > 0
+    assert torch.equal(trace.method("sharp").scores, torch.zeros_like(trace.method("sharp").scores))
 
 
 def test_posc_bias_is_cached_per_layout(cache_dir, monkeypatch):
@@ -219,11 +220,11 @@ def test_posc_bias_is_cached_per_layout(cache_dir, monkeypatch):
         prefill(bb, first)
         prefill(bb, other_pixels)  # same layout: cached in memory
     assert len(probes) == 1 and "probe" not in t1.stage_times
-    bias = t1.visual_bias
+    bias = t1.method("sharp").bias
     clear_bias_memory()
     with sharp.prune(bb, "sharp", 0.25, **kw) as t2:  # a new process would read the disk cache
         prefill(bb, first)
-    assert len(probes) == 1 and torch.equal(t2.visual_bias, bias)
+    assert len(probes) == 1 and torch.equal(t2.method("sharp").bias, bias)
     with sharp.prune(bb, "sharp", 0.25, **kw) as t3:  # another layout: one more probe
         prefill(bb, bb.synthetic_inputs(frames=4, seed=6))
     assert len(probes) == 2 and "probe" in t3.stage_times
@@ -250,10 +251,10 @@ def test_sharp_generates_with_exact_budget(name, cache_dir):
     k = budget(n_vis, 0.3)
     assert [len(x) for x in trace.kept[0]] == [k, k]
     assert trace.visual_tokens_per_layer == [n_vis] + [k] * (bb.num_layers - 1)
-    assert len(trace.segments) == 2 and all(s[0][0] == 0 for s in trace.segments)
-    for after, kept in zip(trace.visual_after_regd, trace.kept[0]):
+    assert len(trace.method("sharp").segments) == 2 and all(s[0][0] == 0 for s in trace.method("sharp").segments)
+    for after, kept in zip(trace.method("sharp").after_regd, trace.kept[0]):
         assert torch.equal(after, kept.sort().values.cpu())
-    assert all(len(t) == k for t in trace.visual_after_topk)
+    assert all(len(t) == k for t in trace.method("sharp").after_topk)
     for key in ("attn", "probe", "filter", "dedup", "fill", "forward", "prefill"):
         assert key in trace.stage_times, key
 
@@ -267,8 +268,8 @@ def test_regd_changes_the_selection_and_keeps_budget(name, cache_dir):
     with sharp.prune(bb, "sharp", 0.5, **kw) as trace:
         prefill(bb, inputs)
     k = budget(n_vis, 0.5)
-    assert len(trace.visual_after_regd[0]) == len(trace.visual_after_topk[0]) == k
-    assert not torch.equal(trace.visual_after_regd[0], trace.visual_after_topk[0])
+    assert len(trace.method("sharp").after_regd[0]) == len(trace.method("sharp").after_topk[0]) == k
+    assert not torch.equal(trace.method("sharp").after_regd[0], trace.method("sharp").after_topk[0])
     assert trace.stage_times["dedup"] > 0 and trace.stage_times["fill"] > 0
     # absorb="drop" selects the same tokens (merging only changes hidden states)
     with sharp.prune(bb, "sharp", 0.5, absorb="drop", **kw) as dropped:
@@ -286,5 +287,5 @@ def test_match_flops_in_a_session(cache_dir):
     with sharp.prune(bb, "sharp", 0.25, match_flops="fastv", cache_dir=cache_dir) as trace:
         prefill(bb, inputs)
     expected = matched_retention(bb, "fastv", 0.25, n_visual=n_vis)
-    assert trace.sharp_retention == expected > 0.25
+    assert trace.method("sharp").retention == expected > 0.25
     assert len(trace.kept[0][0]) == budget(n_vis, expected)

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sharp.regd as regd_mod
+import sharp.methods.regd as regd_mod
 from sharp.methods import budget
-from sharp.regd import regd, sequential_pivots
+from sharp.methods.regd import regd, sequential_pivots
 
 
 def deg(*angles):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sharp.segm import frame_means, frame_segments, segment_mask, segments_from_boundaries, token_segment_ids
+from sharp.methods.segm import frame_means, frame_segments, segment_mask, segments_from_boundaries, token_segment_ids
 
 
 def _frames(*means_per_frame, tokens_per_frame=2):

@@ -186,8 +186,10 @@ def test_ensure_split_idempotent_and_repairs(tmp_path):
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):
+    from sharp.paths import cache_dir
+
     monkeypatch.setenv("SHARP_CACHE", str(tmp_path))
-    assert bench.default_cache_dir() == tmp_path / "synthetic"
+    assert bench.default_cache_dir() == tmp_path / "synthetic" == cache_dir("synthetic")  # the one cache root
     docs = ensure_split("test", n=1)
     assert Path(docs[0]["video"]).is_relative_to(tmp_path.resolve() / "synthetic")
     monkeypatch.delenv("SHARP_CACHE")

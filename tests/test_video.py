@@ -1,4 +1,4 @@
-"""Tests for sharp.video: mp4 round trip, lmms-eval frame sampling, and preprocessing parity
+"""Tests for sharp.backbones.video: mp4 round trip, lmms-eval frame sampling, and preprocessing parity
 with the transformers (slow, torchvision-free) image processors."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sharp.video import (
+from sharp.backbones.video import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     VideoError,

@@ -1,6 +1,7 @@
 """A result cell: what identifies it, where it lives, whether it is finished.
 
-Layout: ``<results_dir>/<backbone>/<method>[-<variant>]/r<retention>/`` holding
+Layout: ``<results_dir>/<backbone>/<method>[-<variant>]/r<retention>/`` (composed methods:
+``fastv+sharp``; see :func:`method_dirname`) holding
 
 - ``results.json``        lmms-eval's results (``simple_evaluate``'s dict without the samples)
 - ``samples_<task>.jsonl`` per-sample logs (lmms-eval's format)
@@ -31,11 +32,19 @@ def format_retention(retention: float) -> str:
     return text or "0"
 
 
+def safe_name(text: str) -> str:
+    """A folder name that is safe on every common filesystem and in a shell word: letters, digits and
+    ``+-_.@`` stay ("fastv+sharp", "fastv@2"), anything else becomes ``_``; never "", "." or ".."."""
+    safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "+-_.@" else "_" for ch in str(text))
+    return safe if safe.strip(".") else safe.replace(".", "_") or "_"
+
+
 def method_dirname(method: str, variant: Optional[str] = None) -> str:
+    """``<method>`` or ``<method>-<variant>``; composed names keep their '+' (``fastv+sharp``)."""
+    name = safe_name(method)
     if variant:
-        safe = "".join(ch if ch.isalnum() or ch in "+-_." else "_" for ch in str(variant))
-        return f"{method}-{safe}"
-    return method
+        return f"{name}-{safe_name(variant)}"
+    return name
 
 
 @dataclass

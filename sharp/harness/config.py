@@ -62,6 +62,17 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """{"sharp": {"lam": 0.5}} -> [("sharp.lam", 0.5)] (dotted Hydra keys; an empty dict stays a value)."""
+    out = []
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 def cell_overrides(sweep: dict, index: int) -> list[str]:
     """Hydra overrides of cell ``index`` of a sweep (backbone, method, retention, tasks, ...)."""
     cells = sweep.get("cells") or []
@@ -69,15 +80,19 @@ def cell_overrides(sweep: dict, index: int) -> list[str]:
         raise HarnessError(f"cell={index} is out of range for sweep {sweep.get('name')!r}; "
                            f"accepted values: 0..{len(cells) - 1}")
     c = cells[int(index)]
+    method = str(c["method"])
+    # a method with its own config file (its defaults), else the generic composition config
+    method_ov = ([f"method={method}"] if (CONFIG_DIR / "method" / f"{method}.yaml").is_file()
+                 else ["method=compose", f"method.name={_override_value(method)}"])
     ov = [
         f"backbone={c.get('backbone', sweep.get('backbone'))}",
-        f"method={c['method']}",
+        *method_ov,
         f"retention={_override_value(float(c.get('retention', 1.0)))}",
         f"tasks={c.get('tasks', sweep.get('tasks'))}",
     ]
     if c.get("variant"):
         ov.append(f"variant={_override_value(str(c['variant']))}")
-    for key, value in (c.get("method_kwargs") or {}).items():
+    for key, value in _flatten(c.get("method_kwargs") or {}):
         ov.append(f"+method_kwargs.{key}={_override_value(value)}")
     limit = c.get("limit", sweep.get("limit"))
     if limit is not None:
@@ -117,23 +132,54 @@ def to_plain(node: Any) -> Any:
     return node
 
 
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``extra`` on top of ``base``; dicts merge key by key (a composed method's per-child kwargs)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def method_kwargs(cfg: DictConfig) -> dict:
-    merged = dict(to_plain(cfg.method.get("kwargs")) or {})
-    merged.update(to_plain(cfg.get("method_kwargs")) or {})
-    return merged
+    """``method.kwargs`` with the run's ``method_kwargs`` merged in (``+method_kwargs.sharp.lam=0.5``
+    changes one kwarg of the child ``sharp`` and keeps the others)."""
+    return deep_merge(dict(to_plain(cfg.method.get("kwargs")) or {}), dict(to_plain(cfg.get("method_kwargs")) or {}))
+
+
+def method_name(cfg: DictConfig) -> str:
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        name = cfg.method.name
+    except MissingMandatoryValue:
+        raise HarnessError("method=compose needs method.name=<method>+<method>, e.g. method=compose "
+                           "method.name=fastv+sharp (registered methods joined by '+')") from None
+    if name in (None, ""):
+        raise HarnessError("method.name is empty; accepted values: a registered method or several joined by '+'")
+    return str(name)
 
 
 def cell_from_cfg(cfg: DictConfig) -> Cell:
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
     limit = cfg.get("limit")
     if isinstance(limit, float) and limit.is_integer() and limit >= 1:
         limit = int(limit)
+    name = method_name(cfg)
     try:
-        retention = float(cfg.retention)
+        raw_retention = cfg.retention
+    except (MissingMandatoryValue, InterpolationResolutionError):
+        raise HarnessError(f"method {name!r} has no default retention; pass retention=<a number in (0, 1]>") from None
+    try:
+        retention = float(raw_retention)
     except (TypeError, ValueError):
-        raise HarnessError(f"retention={cfg.retention!r}: accepted values: a number in (0, 1]") from None
+        raise HarnessError(f"retention={raw_retention!r}: accepted values: a number in (0, 1]") from None
     return Cell(
         backbone=str(cfg.backbone.name),
-        method=str(cfg.method.name),
+        method=name,
         retention=retention,
         tasks=[str(t) for t in cfg.tasks.names],
         variant=(str(cfg.variant) if cfg.get("variant") not in (None, "") else None),

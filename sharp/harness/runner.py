@@ -12,10 +12,12 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from sharp.harness import cells as C
+from sharp.harness.catalog import backbone_family, check_backbone, check_method, lmms_method_ids
 from sharp.harness.config import REPO_ROOT, cell_from_cfg, include_paths, resolve_sweep_cell, results_root, to_plain
 from sharp.harness.io import atomic_write_json, atomic_write_jsonl
 from sharp.harness.resources import HarnessError, explain, preflight
 from sharp.harness.summary import build_summary
+from sharp.lmms.args import format_model_args
 
 log = logging.getLogger("sharp.harness")
 
@@ -36,6 +38,14 @@ def ensure_registered(model_id: str) -> None:
         log.warning("lmms-eval has no entry point for %s (run `pip install -e .` to register the models "
                     "for lmms-eval's CLI); registering at runtime", model_id)
         register()
+
+
+def validate_cell(cfg: DictConfig, cell: C.Cell) -> None:
+    """Before anything is written: the backbone is registered (and its config agrees on the family),
+    the method is implemented (not only planned) and accepts its kwargs."""
+    check_backbone(cell.backbone, cfg.backbone.get("family"))
+    check_method(cell.method)
+    validate_method(cell)
 
 
 def validate_method(cell: C.Cell) -> None:
@@ -73,6 +83,7 @@ def run_cell(cfg: DictConfig) -> dict:
     """Evaluate the cell described by ``cfg``; return its summary (or the finished one, skipped)."""
     cfg = resolve_sweep_cell(cfg)
     cell = cell_from_cfg(cfg)
+    validate_cell(cfg, cell)
     root = results_root(cfg)
     out_dir = cell.dir(root)
     state, summary = C.status(cell, root)
@@ -83,7 +94,6 @@ def run_cell(cfg: DictConfig) -> dict:
         diff = "\n  ".join(C.key_diff(summary.get("cell", {}), cell.key()))
         raise HarnessError(f"{out_dir} holds a finished cell with another configuration:\n  {diff}\n"
                            "Pass overwrite=true to replace it, or results_dir=... to write elsewhere.")
-    validate_method(cell)
     hub_id = cfg.backbone.get("hub_id")
     missing = preflight(cell.backbone, cell.tasks, hub_id=hub_id)
     for m in missing:
@@ -122,7 +132,8 @@ def run_cell(cfg: DictConfig) -> dict:
         cell_key=cell.key(), config=OmegaConf.to_container(cfg, resolve=True), results=results, samples=samples,
         requests=requests, repo=str(REPO_ROOT), files=files, started=started, finished=_now(),
         wall_s=time.time() - t0,
-        extra={"model": {"lmms_eval_model": _model_id(cfg), "model_args": _model_kwargs(cfg, cell)}},
+        extra={"model": {"lmms_eval_model": _model_id(cfg, cell), "model_args": _model_kwargs(cfg, cell),
+                         "model_args_string": format_model_args(_model_kwargs(cfg, cell))}},
     )
     atomic_write_json(out_dir / C.SUMMARY, summary)  # last: marks the cell finished
     try:
@@ -133,13 +144,21 @@ def run_cell(cfg: DictConfig) -> dict:
     return summary
 
 
-def _model_id(cfg: DictConfig) -> str:
-    return f"{cfg.backbone.family}_{cfg.method.name}"
+def _generic(cell: C.Cell) -> bool:
+    """Composed names (``fastv+sharp``) have no per-method id: the generic id gets ``method=``."""
+    return cell.method not in lmms_method_ids()
+
+
+def _model_id(cfg: DictConfig, cell: C.Cell) -> str:
+    from sharp.lmms.manifest import FAMILIES
+
+    family = backbone_family(cell.backbone)
+    return FAMILIES[family][0] if _generic(cell) else f"{family}_{cell.method}"
 
 
 def _model_kwargs(cfg: DictConfig, cell: C.Cell) -> dict:
-    kwargs = {"backbone": cell.backbone, "retention": cell.retention, "batch_size": cfg.get("batch_size", 1),
-              **cell.method_kwargs}
+    kwargs = {"backbone": cell.backbone, **({"method": cell.method} if _generic(cell) else {}),
+              "retention": cell.retention, "batch_size": cfg.get("batch_size", 1), **cell.method_kwargs}
     kwargs.update(cell.backbone_overrides)
     if cfg.get("device"):
         kwargs["device"] = str(cfg.device)
@@ -154,7 +173,7 @@ def _evaluate(cfg: DictConfig, cell: C.Cell) -> tuple[dict, list[dict]]:
 
     from sharp.lmms.models import SharpVideoLMM
 
-    model_id = _model_id(cfg)
+    model_id = _model_id(cfg, cell)
     ensure_registered(model_id)
     cls = models.get_model(model_id)
     lm: SharpVideoLMM = cls(**_model_kwargs(cfg, cell))

@@ -1,5 +1,7 @@
 """Run the cells of a sweep (configs/sweep/<name>.yaml): locally one after another, or one SLURM job per
-cell through Hydra's submitit launcher. Finished cells are skipped."""
+cell through Hydra's submitit launcher. Finished cells are skipped, and so are cells whose method is
+not implemented yet (its config is marked planned; see :mod:`sharp.harness.catalog`): the dry run
+marks them "not implemented" and the summary line counts them."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sharp.harness import cells as C
+from sharp.harness.catalog import NOT_IMPLEMENTED, method_status
 from sharp.harness.config import REPO_ROOT, cell_from_cfg, cell_overrides, compose, list_sweeps, load_sweep
 from sharp.harness.resources import HarnessError
 
@@ -36,8 +39,18 @@ def plan(name: str, results_dir: str, limit: Optional[int] = None, only: Optiona
         cfg_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
         cell = cell_from_cfg(compose(cfg_overrides))
         state, _ = C.status(cell, results_dir)
-        rows.append({"index": i, "cell": cell, "status": state, "overrides": overrides + [f"results_dir={results_dir}"]})
+        note = None
+        if state != "finished":  # a finished cell's results count, whoever produced them
+            method_state, note = method_status(cell.method)
+            if method_state == "planned":
+                state = NOT_IMPLEMENTED
+        rows.append({"index": i, "cell": cell, "status": state, "note": note,
+                     "overrides": overrides + [f"results_dir={results_dir}"]})
     return rows
+
+
+def runnable(row: dict) -> bool:
+    return row["status"] not in ("finished", NOT_IMPLEMENTED)
 
 
 def local_command(row: dict, python: str = sys.executable, display: bool = False) -> list[str]:
@@ -46,6 +59,23 @@ def local_command(row: dict, python: str = sys.executable, display: bool = False
 
 def _label(status: str) -> str:
     return {"missing": "todo"}.get(status, status)
+
+
+def _line(row: dict, what: str) -> str:
+    """``[ i] <status>  <what>``; a not-implemented cell shows its folder and why, never a command."""
+    if row["status"] == NOT_IMPLEMENTED:
+        return f"[{row['index']:2d}] {NOT_IMPLEMENTED}  {row['cell'].relpath()}  # planned: {row.get('note')}"
+    return f"[{row['index']:2d}] {_label(row['status']):<9} {what}"
+
+
+def _counts(rows: list[dict]) -> str:
+    done = sum(r["status"] == "finished" for r in rows)
+    todo = sum(runnable(r) for r in rows)
+    text = f"{len(rows)} cells, {done} finished, {todo} to run"
+    skipped = len(rows) - done - todo
+    if skipped:
+        text += f", {skipped} {NOT_IMPLEMENTED} (method planned, skipped)"
+    return text
 
 
 def slurm_command(name: str, rows: list[dict], results_dir: str, limit: Optional[int], extra: Sequence[str],
@@ -81,27 +111,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    todo = [r for r in rows if r["status"] != "finished"]
+    todo = [r for r in rows if runnable(r)]
+    planned = [r for r in rows if r["status"] == NOT_IMPLEMENTED]
     sweep = load_sweep(args.sweep)
+    name = sweep.get("name", args.sweep)
 
     if args.slurm:
         cmd = slurm_command(args.sweep, todo, results_dir, args.limit, args.overrides, args.launcher)
         if args.dry_run:
             for r in rows:
-                print(f"[{r['index']:2d}] {_label(r['status']):<9} {r['cell'].relpath()}")
-            print(f"# {len(rows)} cells, {len(rows) - len(todo)} finished; submit with:")
+                print(_line(r, str(r["cell"].relpath())))
+            print(f"# {name}: {_counts(rows)}; submit with:")
             print(_quote(cmd) if todo else "# nothing to submit")
             return 0
         if not todo:
-            print(f"all {len(rows)} cells of {args.sweep} are finished")
+            print(f"{name}: nothing to submit ({_counts(rows)})")
             return 0
         print(f"submitting {len(todo)} cell(s): {_quote(cmd)}", flush=True)
+        if planned:
+            print(f"skipped {len(planned)} {NOT_IMPLEMENTED} cell(s): {[r['index'] for r in planned]}", flush=True)
         return subprocess.call(cmd, cwd=str(REPO_ROOT))
 
     if args.dry_run:
         for r in rows:
-            print(f"[{r['index']:2d}] {_label(r['status']):<9} {_quote(local_command(r, 'python', display=True))}")
-        print(f"# {sweep.get('name', args.sweep)}: {len(rows)} cells, {len(rows) - len(todo)} finished, {len(todo)} to run")
+            print(_line(r, _quote(local_command(r, "python", display=True))))
+        print(f"# {name}: {_counts(rows)}")
         return 0
 
     failed = []
@@ -109,12 +143,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if r["status"] == "finished":
             print(f"[{r['index']:2d}] skip (finished) {r['cell'].relpath()}", flush=True)
             continue
+        if r["status"] == NOT_IMPLEMENTED:
+            print(f"[{r['index']:2d}] skip ({NOT_IMPLEMENTED}) {r['cell'].relpath()}  # planned: {r['note']}", flush=True)
+            continue
         print(f"[{r['index']:2d}] run {_quote(local_command(r, 'python', display=True))}", flush=True)
         t0 = time.time()
         rc = subprocess.call(local_command(r), cwd=str(REPO_ROOT))
         print(f"[{r['index']:2d}] exit {rc} after {time.time() - t0:.0f}s", flush=True)
         if rc != 0:
             failed.append(r["index"])
+    ran = len(todo)
+    print(f"# {name}: {len(rows)} cells: {ran - len(failed)} ran, {len(failed)} failed, "
+          f"{sum(r['status'] == 'finished' for r in rows)} skipped (finished), "
+          f"{len(planned)} skipped ({NOT_IMPLEMENTED})", flush=True)
     if failed:
         print(f"{len(failed)} cell(s) failed: {failed} (rerun the sweep to retry them)", file=sys.stderr)
         return 1

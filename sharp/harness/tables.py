@@ -2,7 +2,8 @@
 
 The rows of table N are the cells of ``configs/sweep/tableN.yaml`` (in the paper's order); the paper's
 numbers are ``results/paper/*.csv``. Every row is kept: a cell without results shows ``—`` and its
-status (``missing``, ``partial``, or ``differs: ...`` for a finished cell run with another config).
+status (``missing``, ``partial``, ``differs: ...`` for a finished cell run with another config, or
+``not implemented`` when its method is only planned, see :mod:`sharp.harness.catalog`).
 Outputs: Markdown (``ours / paper (diff)`` per metric) and CSV (``col``, ``col_paper``, ``col_diff``).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sharp.harness import cells as C
+from sharp.harness.catalog import NOT_IMPLEMENTED, method_status
 from sharp.harness.config import REPO_ROOT, cell_from_cfg, cell_overrides, compose, load_sweep
 from sharp.harness.resources import HarnessError
 
@@ -88,6 +90,8 @@ def find_paper_row(paper: list[dict], filters: dict) -> Optional[dict]:
 
 def _status_of(cell: C.Cell, results_dir: str | Path) -> tuple[str, Optional[dict]]:
     state, summary = C.status(cell, results_dir)
+    if state != "finished" and method_status(cell.method)[0] == "planned":
+        return NOT_IMPLEMENTED, None  # results of a finished cell count, whoever produced them
     if state == "mismatch":
         diff = [d.split(":")[0] for d in C.key_diff(summary.get("cell", {}), cell.key())]
         state = "differs: " + ",".join(diff)
@@ -229,7 +233,9 @@ def to_markdown(table: int, sweep: dict, rows: list[Row], results_dir: str | Pat
         cells.append(r.status)
         lines.append("| " + " | ".join(cells) + " |")
     done = sum(r.status == "finished" for r in rows)
-    lines += ["", f"{done}/{len(rows)} cells finished."]
+    planned = sum(r.status == NOT_IMPLEMENTED for r in rows)
+    lines += ["", f"{done}/{len(rows)} cells finished" + (f", {planned} {NOT_IMPLEMENTED} (method planned: "
+                                                          "configs/method/<method>.yaml)." if planned else ".")]
     if table == 4:
         lines.append("Stage columns sum the method's trace.stage_times keys listed in configs/sweep/table4.yaml "
                      "(stage_columns); LLM forward = the method's `forward` stage when it records one (ShaRP), else prefill total - stages.")

@@ -2,16 +2,18 @@
 
 lmms-eval 0.7.3 resolves ``--model NAME`` through ``MODEL_REGISTRY_V2``, which reads the entry
 point group ``lmms_eval.models`` when ``lmms_eval.models`` is imported (``pyproject.toml`` points it at
-:func:`manifests`). This module must stay import-light: it runs inside lmms-eval's import.
+:func:`manifests`). This module must stay import-light: it runs inside lmms-eval's import (the
+method registry is read when :func:`manifests` is called).
 
 Ids:
 - ``sharp_llava_onevision`` / ``sharp_qwen2_vl``: one generic id per backbone family; method,
   retention and method kwargs come from ``--model_args``.
-- ``llava_onevision_<method>`` / ``qwen2_vl_<method>``: one id per family x method, the method fixed.
+- ``llava_onevision_<method>`` / ``qwen2_vl_<method>``: one id per family x registered method, the
+  method fixed. Composed methods use the generic ids: ``method=fastv+sharp,sharp.layer=2``.
 """
 from __future__ import annotations
 
-import sys
+import logging
 
 # Family -> (generic id, class name in sharp.lmms.models)
 FAMILIES = {
@@ -19,20 +21,14 @@ FAMILIES = {
     "qwen2_vl": ("sharp_qwen2_vl", "SharpQwen2VL"),
 }
 
-# Every method the project ships or plans; an id whose method is not registered (yet) resolves to
-# a class whose construction fails with the engine's "unknown pruning method" error.
-METHODS = (
-    "vanilla", "fastv", "pdrop", "feather", "framefusion", "sharp",
-    "visionzip", "holitom", "sharpv", "visionzip_sharp", "holitom_sharp",
-)
-
 
 def method_ids() -> list[str]:
-    names = list(METHODS)
-    registry = getattr(sys.modules.get("sharp.methods"), "_REGISTRY", None)  # only if already imported
-    if registry:
-        names += [m for m in sorted(registry) if m not in names and m.isidentifier()]
-    return names
+    """Methods with their own id: the registered ones whose name is an identifier (``sharp.methods``,
+    the one source of truth). Planned methods (configs marked ``implemented: false``) get no id;
+    composed names (``fastv+sharp``) go through the generic ids' ``method=`` argument."""
+    from sharp.harness.catalog import lmms_method_ids
+
+    return lmms_method_ids()
 
 
 def model_ids() -> list[str]:
@@ -45,10 +41,17 @@ def manifests():
     """Entry-point payload: a list of ``ModelManifest`` (one per id)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    out = []
-    for family, (generic, cls) in FAMILIES.items():
-        out.append(ModelManifest(model_id=generic, simple_class_path=f"sharp.lmms.models.{cls}"))
-        for method in method_ids():
+    out = [ModelManifest(model_id=generic, simple_class_path=f"sharp.lmms.models.{cls}")
+           for generic, cls in FAMILIES.values()]
+    try:
+        methods = method_ids()
+    except Exception as err:  # noqa: BLE001 - a broken method module must not hide the generic ids
+        logging.getLogger(__name__).warning("sharp: per-method lmms-eval ids unavailable (%s: %s); the generic "
+                                            "ids %s take method=...", type(err).__name__, err,
+                                            ", ".join(g for g, _ in FAMILIES.values()))
+        methods = []
+    for family, (_generic, cls) in FAMILIES.items():
+        for method in methods:
             out.append(ModelManifest(model_id=f"{family}_{method}",
                                      simple_class_path=f"sharp.lmms.models.{cls}__{method}"))
     return out

@@ -25,23 +25,15 @@ from tqdm import tqdm
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
-from sharp.harness.resources import HarnessError, MissingResourceError, explain
+from sharp.harness.resources import HarnessError, MissingResourceError, explain  # noqa: F401
+from sharp.lmms.args import ModelArgsError, nest_child_kwargs
 
-# Backbones the engine knows (kept in sync with sharp.backbones; also asked at runtime).
-_KNOWN_BACKBONES = {
-    "llava_onevision": ("llava_onevision_7b", "tiny_llava_onevision", "toy_llava_onevision"),
-    "qwen2_vl": ("qwen2_vl_7b", "tiny_qwen2_vl", "toy_qwen2_vl"),
-}
 # Arguments that go to sharp.load_backbone when given (``pretrained``, lmms-eval's name, = ``checkpoint``).
 _BACKBONE_ARGS = ("pretrained", "checkpoint", "dtype", "attn_implementation", "num_frames", "random_weights",
                   "max_pixels", "min_pixels")
 # Generation kwargs (from the task yaml or --gen_kwargs) that are passed on to generate().
 _PASSED_GEN_KWARGS = ("num_beams", "top_p", "top_k", "repetition_penalty", "length_penalty", "min_new_tokens")
 _SAMPLING_ONLY = ("top_p", "top_k")
-
-
-class ModelArgsError(HarnessError, ValueError):
-    """A bad ``--model_args`` value; the message names the argument and the accepted values."""
 
 
 def _coerce(value: Any) -> Any:
@@ -57,18 +49,10 @@ def _coerce(value: Any) -> Any:
 
 
 def known_backbones(family: str) -> list[str]:
-    names = list(_KNOWN_BACKBONES[family])
-    try:  # the engine may expose its registry
-        import sharp.backbones as backbones
+    """The registered backbones of ``family`` (sharp.backbones), the family's default first."""
+    from sharp.harness.catalog import family_backbones
 
-        for attr in ("backbone_names", "names"):
-            fn = getattr(backbones, attr, None)
-            if callable(fn):
-                names += [n for n in fn() if n not in names and family in n]
-                break
-    except Exception:  # noqa: BLE001 - engine not importable: keep the static list
-        pass
-    return names
+    return family_backbones(family)
 
 
 class _Timer:
@@ -184,6 +168,15 @@ class SharpVideoLMM(lmms):
                                      f"values: {self.fixed_method!r} (or use {self.family_generic_id()} for any method)")
             method = self.fixed_method
         method = method or "vanilla"
+        if not isinstance(method, str):
+            raise ModelArgsError(f"{self.model_id}: method={method!r}; accepted values: a registered method "
+                                 "or several joined by '+' (e.g. fastv+sharp)")
+        kwargs = nest_child_kwargs(method, kwargs, who=self.model_id)
+        from sharp.harness.catalog import method_status, not_implemented_message
+
+        if method_status(method)[0] == "planned":
+            raise ModelArgsError(f"{self.model_id}: " + not_implemented_message(
+                method, compose_hint="or several joined by '+', e.g. method=fastv+sharp"))
         try:
             retention = M.check_retention(retention)
         except ValueError as err:

@@ -110,11 +110,11 @@ _MANIFEST = "manifest.json"
 
 
 def default_cache_dir() -> Path:
-    """``$SHARP_CACHE/synthetic`` if ``SHARP_CACHE`` is set, else ``~/.cache/sharp/synthetic``."""
-    root = os.environ.get("SHARP_CACHE")
-    if root:
-        return Path(root).expanduser() / "synthetic"
-    return Path("~/.cache/sharp/synthetic").expanduser()
+    """``synthetic/`` of the project's cache root (:func:`sharp.paths.cache_root`: ``$SHARP_CACHE``,
+    else ``~/.cache/sharp``)."""
+    from sharp.paths import cache_dir
+
+    return cache_dir("synthetic")
 
 
 def split_dir(split: str, n: int, seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:

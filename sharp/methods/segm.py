@@ -26,6 +26,7 @@ __all__ = [
     "frame_segments",
     "segments_from_boundaries",
     "token_segment_ids",
+    "token_segments",
     "segment_mask",
 ]
 
@@ -75,6 +76,39 @@ def frame_segments(
         sim = F.cosine_similarity(means[:-1], means[1:], dim=-1, eps=1e-8)
         starts[1:] = sim < tau_seg
     return segments_from_boundaries(starts, frames)
+
+
+def token_segments(
+    visual_hidden: torch.Tensor, frame: torch.Tensor, tau_seg: float = 0.9
+) -> tuple[list[Segment], torch.Tensor]:
+    """Eq. 3 over the visual tokens a sample still has: ``(segments, segment id of each token)``.
+
+    Args:
+        visual_hidden: ``(n, d)`` current visual tokens in sequence order.
+        frame: ``(n,)`` non-decreasing frame of each token. Frames without tokens (an earlier stage
+            removed them all) take no part: boundaries are tested between consecutive frames that
+            still have tokens, and a segment's (first, last) frames are frames that have tokens.
+
+    With every frame complete this is exactly :func:`frame_segments` (same float32 means).
+    """
+    frames, counts = torch.unique_consecutive(frame, return_counts=True)
+    n, d = visual_hidden.shape
+    m = frames.numel()
+    if bool((counts == counts[0]).all()):  # equal counts: the reshape-mean of frame_means
+        means = visual_hidden.float().reshape(m, n // m, d).mean(dim=1)
+    else:
+        inverse = torch.repeat_interleave(torch.arange(m, device=frame.device), counts)
+        means = torch.zeros(m, d, device=visual_hidden.device).index_add_(0, inverse, visual_hidden.float())
+        means = means / counts.to(means.device, torch.float32)[:, None]
+    starts = torch.zeros(m, dtype=torch.bool, device=means.device)
+    starts[0] = True
+    if m > 1:
+        starts[1:] = F.cosine_similarity(means[:-1], means[1:], dim=-1, eps=1e-8) < tau_seg
+    first = starts.nonzero().squeeze(1)  # indices into `frames`
+    last = torch.cat([first[1:] - 1, first.new_tensor([m - 1])])
+    segments = list(zip(frames[first].tolist(), frames[last].tolist()))
+    seg_of_frame = starts.long().cumsum(0) - 1  # (m,)
+    return segments, torch.repeat_interleave(seg_of_frame, counts.to(seg_of_frame.device))
 
 
 def token_segment_ids(

@@ -168,119 +168,33 @@ def regd(
 
     Returns: :class:`RegDResult`; ``keep`` has exactly ``len(registers)`` tokens.
     """
-    _check("absorb", absorb, ABSORB_MODES)
-    _check("dedup", dedup, DEDUP_MODES)
-    _check("cluster", cluster, CLUSTER_MODES)
-    _check("fill", fill, FILL_MODES)
-    n, d = hidden.shape
+    for name, value, valid in (("absorb", absorb, ABSORB_MODES), ("dedup", dedup, DEDUP_MODES),
+                               ("cluster", cluster, CLUSTER_MODES), ("fill", fill, FILL_MODES)):
+        _check(name, value, valid)
+    segment_ids, registers = _checked_inputs(hidden, scores, registers, segment_ids)
+    n = hidden.shape[0]
     device = hidden.device
-    if scores.shape != (n,) or segment_ids.shape != (n,):
-        raise ValueError(f"scores {tuple(scores.shape)} and segment_ids {tuple(segment_ids.shape)} must be ({n},)")
-    segment_ids = segment_ids.to(device=device, dtype=torch.long)
-    if n > 1 and bool((segment_ids[1:] < segment_ids[:-1]).any()):
-        raise ValueError("segment_ids must be non-decreasing (segments are contiguous in sequence order)")
-    registers = torch.unique(registers.to(device=device, dtype=torch.long))  # sorted
-    k = registers.numel()
-    if k == 0 or k > n or int(registers[0]) < 0 or int(registers[-1]) >= n:
-        raise ValueError(f"registers must be 1..{n} distinct indices in [0, {n})")
-    times: dict[str, float] = {}
-    ar = torch.arange(n, device=device)
-    x = F.normalize(hidden.float(), dim=-1, eps=1e-12)
+    x = F.normalize(hidden.float(), dim=-1, eps=1e-12)  # (n, d) unit rows: dot = cosine
     is_reg = torch.zeros(n, dtype=torch.bool, device=device)
     is_reg[registers] = True
-    absorber = torch.full((n,), -1, dtype=torch.long, device=device)
+    absorber = torch.full((n,), -1, dtype=torch.long, device=device)  # token -> the token it went into
+    times: dict[str, float] = {}
 
-    # ---- (1) pre-filtering -----------------------------------------------------------------
     _sync(device)
     t0 = time.perf_counter()
-    nonreg = ar[~is_reg]
-    reg_runs = dict(zip(*_runs_by_value(segment_ids[registers])))
-    non_runs = dict(zip(*_runs_by_value(segment_ids[nonreg])))
-    for s, (ns, nl) in non_runs.items():
-        if s not in reg_runs:
-            continue
-        rs, rl = reg_runs[s]
-        non_s, reg_s = nonreg[ns : ns + nl], registers[rs : rs + rl]
-        best, arg = (x[non_s] @ x[reg_s].T).max(dim=1)  # first maximum on ties
-        hit = best > tau_filter
-        absorber[non_s[hit]] = reg_s[arg[hit]]
-    filtered = nonreg[absorber[nonreg] >= 0]
+    filtered = _prefilter(x, registers, is_reg, segment_ids, tau_filter, absorber)
     _sync(device)
     t1 = time.perf_counter()
-    times["filter"] = t1 - t0
-
-    # ---- (2) deduplication -----------------------------------------------------------------
-    owner_r = sequential_pivots(x[registers], tau_merge, segment_ids[registers], dedup)
-    local = torch.arange(k, device=device)
-    dup = owner_r != local
-    absorber[registers[dup]] = registers[owner_r[dup]]
-    kept_reg = registers[~dup]
-    deduplicated = registers[dup]
+    kept_reg, deduplicated = _deduplicate(x, registers, segment_ids, tau_merge, dedup, absorber)
     _sync(device)
     t2 = time.perf_counter()
-    times["dedup"] = t2 - t1
-
-    # ---- (3) post-filling ------------------------------------------------------------------
-    need = k - kept_reg.numel()
-    rest = ar[(~is_reg) & (absorber < 0)]  # H'_nreg, sequence order
-    if need == 0:  # nothing to refill: clustering would be wasted work
-        rest = rest[:0]
-    owner_c = sequential_pivots(x[rest], tau_cluster, segment_ids[rest], "pivot" if cluster == "first" else "adjacent")
-    is_centre = owner_c == torch.arange(rest.numel(), device=device)
-    sizes = torch.bincount(owner_c, minlength=rest.numel())[is_centre]
-    centres = rest[is_centre]
-    members = rest[~is_centre]
-    n_seg = int(segment_ids[-1]) + 1
-    # mean over H'_reg of cos(c, h) = c . mean(h / |h|), per segment (0 where H'_reg is empty)
-    reg_seg = segment_ids[kept_reg]
-    mu = torch.zeros(n_seg, d, device=device).index_add_(0, reg_seg, x[kept_reg])
-    cnt = torch.bincount(reg_seg, minlength=n_seg).clamp_min(1).unsqueeze(1)
-    mu = mu / cnt
-    c_seg = segment_ids[centres]
-    div = 1.0 - (x[centres] * mu[c_seg]).sum(-1) + beta * sizes.float()
-    # centres by Div (descending, ties: earlier token first)
-    by_div = torch.sort(div, descending=True, stable=True).indices
-    if fill == "segment":
-        quota = torch.bincount(segment_ids[registers], minlength=n_seg) - torch.bincount(reg_seg, minlength=n_seg)
-        order = by_div[torch.sort(c_seg[by_div], stable=True).indices]  # by segment, then Div
-        seg_sorted = c_seg[order]
-        first_of_seg = torch.searchsorted(seg_sorted, seg_sorted, right=False)
-        rank = torch.arange(order.numel(), device=device) - first_of_seg
-        chosen = order[rank < quota[seg_sorted]]
-        chosen = chosen[torch.sort(div[chosen], descending=True, stable=True).indices]
-        taken = torch.zeros(centres.numel(), dtype=torch.bool, device=device)
-        taken[chosen] = True
-        tier_centres = torch.cat([chosen, by_div[~taken[by_div]]])
-    else:
-        tier_centres = by_div
-    candidates = [centres[tier_centres]]
-    fill_from_centres = min(need, centres.numel())
-    if need > centres.numel():  # not enough centres: calibrated score decides the rest
-        absorbed = ar[absorber >= 0]
-        for group in (members, absorbed):
-            candidates.append(group[torch.sort(scores[group].float(), descending=True, stable=True).indices])
-    filled = torch.cat(candidates)[:need]
-    used_centres = filled[:fill_from_centres]
-    fallback = filled[fill_from_centres:]
+    filled, used_centres, fallback = _postfill(x, scores, registers, kept_reg, is_reg, segment_ids, absorber,
+                                               tau_cluster, beta, cluster, fill)
     keep = torch.sort(torch.cat([kept_reg, filled])).values
-
-    # ---- ownership and merged hidden states -------------------------------------------------
-    kept = torch.zeros(n, dtype=torch.bool, device=device)
-    kept[keep] = True
-    owner = torch.where(kept, ar, absorber)
-    for _ in range(2):  # chains: pre-filtered -> register -> pivot (a pivot is always kept)
-        step = owner >= 0
-        owner = torch.where(step & ~kept[owner.clamp_min(0)], absorber[owner.clamp_min(0)], owner)
-    kept_hidden = None
-    if absorb == "mean":
-        merged_in = (owner >= 0) & ~kept  # absorbed tokens, each ending in a kept token
-        if bool(merged_in.any()):
-            slot = torch.searchsorted(keep, owner[merged_in])  # row of its owner in `keep`
-            acc = hidden[keep].float().index_add_(0, slot, hidden[merged_in].float())
-            count = torch.bincount(slot, minlength=keep.numel()).add_(1).unsqueeze(1)
-            kept_hidden = (acc / count).to(hidden.dtype)
+    owner = _final_owners(keep, absorber)
+    kept_hidden = _merged_hidden(hidden, keep, owner) if absorb == "mean" else None
     _sync(device)
-    times["fill"] = time.perf_counter() - t2
+    times.update(filter=t1 - t0, dedup=t2 - t1, fill=time.perf_counter() - t2)
     return RegDResult(
         keep=keep,
         kept_hidden=kept_hidden,
@@ -292,6 +206,132 @@ def regd(
         fallback=torch.sort(fallback).values,
         times=times,
     )
+
+
+def _checked_inputs(hidden, scores, registers, segment_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment_ids as long, sorted unique registers), or a ValueError naming what is wrong."""
+    n = hidden.shape[0]
+    device = hidden.device
+    if scores.shape != (n,) or segment_ids.shape != (n,):
+        raise ValueError(f"scores {tuple(scores.shape)} and segment_ids {tuple(segment_ids.shape)} must be ({n},)")
+    segment_ids = segment_ids.to(device=device, dtype=torch.long)
+    if n > 1 and bool((segment_ids[1:] < segment_ids[:-1]).any()):
+        raise ValueError("segment_ids must be non-decreasing (segments are contiguous in sequence order)")
+    registers = torch.unique(registers.to(device=device, dtype=torch.long))  # sorted
+    k = registers.numel()
+    if k == 0 or k > n or int(registers[0]) < 0 or int(registers[-1]) >= n:
+        raise ValueError(f"registers must be 1..{n} distinct indices in [0, {n})")
+    return segment_ids, registers
+
+
+def _prefilter(x, registers, is_reg, segment_ids, tau_filter, absorber) -> torch.Tensor:
+    """Step (1): per segment, a non-register token whose max cosine to the segment's registers is
+    ``> tau_filter`` is absorbed into the most similar one (first maximum on ties). Writes
+    ``absorber``; returns the absorbed (filtered) tokens."""
+    nonreg = torch.arange(x.shape[0], device=x.device)[~is_reg]
+    reg_runs = dict(zip(*_runs_by_value(segment_ids[registers])))
+    non_runs = dict(zip(*_runs_by_value(segment_ids[nonreg])))
+    for s, (ns, nl) in non_runs.items():
+        if s not in reg_runs:
+            continue
+        rs, rl = reg_runs[s]
+        non_s, reg_s = nonreg[ns : ns + nl], registers[rs : rs + rl]
+        best, arg = (x[non_s] @ x[reg_s].T).max(dim=1)  # first maximum on ties
+        hit = best > tau_filter
+        absorber[non_s[hit]] = reg_s[arg[hit]]
+    return nonreg[absorber[nonreg] >= 0]
+
+
+def _deduplicate(x, registers, segment_ids, tau_merge, dedup, absorber) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step (2): the sequential pivot pass over each segment's registers. Writes ``absorber``;
+    returns (H'_reg: surviving registers, deduplicated registers)."""
+    owner_r = sequential_pivots(x[registers], tau_merge, segment_ids[registers], dedup)
+    dup = owner_r != torch.arange(registers.numel(), device=x.device)
+    absorber[registers[dup]] = registers[owner_r[dup]]
+    return registers[~dup], registers[dup]
+
+
+def _postfill(x, scores, registers, kept_reg, is_reg, segment_ids, absorber, tau_cluster, beta, cluster, fill):
+    """Step (3): refill what deduplication removed from the clusters of H'_nreg, ranked by Eq. 6.
+
+    Returns (filled tokens in fill order, the centres among them, the fallback tokens)."""
+    device = x.device
+    n = x.shape[0]
+    ar = torch.arange(n, device=device)
+    need = registers.numel() - kept_reg.numel()
+    rest = ar[(~is_reg) & (absorber < 0)]  # H'_nreg, sequence order
+    if need == 0:  # nothing to refill: clustering would be wasted work
+        rest = rest[:0]
+    owner_c = sequential_pivots(x[rest], tau_cluster, segment_ids[rest], "pivot" if cluster == "first" else "adjacent")
+    is_centre = owner_c == torch.arange(rest.numel(), device=device)
+    sizes = torch.bincount(owner_c, minlength=rest.numel())[is_centre]
+    centres, members = rest[is_centre], rest[~is_centre]
+    div = _diversity(x, centres, sizes, kept_reg, segment_ids, beta)
+    tier = _centre_order(div, segment_ids[centres], segment_ids, registers, kept_reg, fill)
+    candidates = [centres[tier]]
+    from_centres = min(need, centres.numel())
+    if need > centres.numel():  # not enough centres: calibrated score decides the rest
+        absorbed = ar[absorber >= 0]
+        for group in (members, absorbed):
+            candidates.append(group[torch.sort(scores[group].float(), descending=True, stable=True).indices])
+    filled = torch.cat(candidates)[:need]
+    return filled, filled[:from_centres], filled[from_centres:]
+
+
+def _diversity(x, centres, sizes, kept_reg, segment_ids, beta) -> torch.Tensor:
+    """Eq. 6: Div_k = 1 - mean_{h in H'_reg of the segment} cos(c_k, h) + beta |C_k| (similarity
+    term 0 for a segment without surviving registers), via the mean of the unit register rows."""
+    n_seg = int(segment_ids[-1]) + 1
+    reg_seg = segment_ids[kept_reg]
+    mu = torch.zeros(n_seg, x.shape[1], device=x.device).index_add_(0, reg_seg, x[kept_reg])
+    mu = mu / torch.bincount(reg_seg, minlength=n_seg).clamp_min(1).unsqueeze(1)
+    return 1.0 - (x[centres] * mu[segment_ids[centres]]).sum(-1) + beta * sizes.float()
+
+
+def _centre_order(div, c_seg, segment_ids, registers, kept_reg, fill) -> torch.Tensor:
+    """Order in which centres refill: by Div (descending, ties: earlier first); with
+    ``fill="segment"`` each segment's own quota (registers it lost) comes first."""
+    by_div = torch.sort(div, descending=True, stable=True).indices
+    if fill != "segment":
+        return by_div
+    n_seg = int(segment_ids[-1]) + 1
+    quota = (torch.bincount(segment_ids[registers], minlength=n_seg)
+             - torch.bincount(segment_ids[kept_reg], minlength=n_seg))
+    order = by_div[torch.sort(c_seg[by_div], stable=True).indices]  # by segment, then Div
+    seg_sorted = c_seg[order]
+    rank = torch.arange(order.numel(), device=div.device) - torch.searchsorted(seg_sorted, seg_sorted, right=False)
+    chosen = order[rank < quota[seg_sorted]]
+    chosen = chosen[torch.sort(div[chosen], descending=True, stable=True).indices]
+    taken = torch.zeros(div.numel(), dtype=torch.bool, device=div.device)
+    taken[chosen] = True
+    return torch.cat([chosen, by_div[~taken[by_div]]])
+
+
+def _final_owners(keep, absorber) -> torch.Tensor:
+    """(n,) kept token each token ends in (itself if kept, -1 if dropped unmerged), following the
+    chains pre-filtered -> register -> pivot (a pivot is always kept)."""
+    n = absorber.numel()
+    kept = torch.zeros(n, dtype=torch.bool, device=absorber.device)
+    kept[keep] = True
+    owner = torch.where(kept, torch.arange(n, device=absorber.device), absorber)
+    for _ in range(2):
+        step = owner >= 0
+        owner = torch.where(step & ~kept[owner.clamp_min(0)], absorber[owner.clamp_min(0)], owner)
+    return owner
+
+
+def _merged_hidden(hidden, keep, owner) -> Optional[torch.Tensor]:
+    """absorb="mean": each kept row becomes the plain mean of itself and every row it absorbed
+    (None when nothing was absorbed)."""
+    kept = torch.zeros(owner.numel(), dtype=torch.bool, device=owner.device)
+    kept[keep] = True
+    merged_in = (owner >= 0) & ~kept
+    if not bool(merged_in.any()):
+        return None
+    slot = torch.searchsorted(keep, owner[merged_in])  # row of its owner in `keep`
+    acc = hidden[keep].float().index_add_(0, slot, hidden[merged_in].float())
+    count = torch.bincount(slot, minlength=keep.numel()).add_(1).unsqueeze(1)
+    return (acc / count).to(hidden.dtype)
 
 
 def _runs_by_value(seg: torch.Tensor) -> tuple[list[int], list[tuple[int, int]]]:

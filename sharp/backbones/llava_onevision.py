@@ -1,0 +1,160 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): SigLIP per frame, 2x2 bilinear pooling.
+
+A video of T frames becomes T x ceil(side/2)^2 LLM tokens (7B: 27x27 patches -> 14x14 = 196 per
+frame) followed by one ``image_newline`` token, which the engine treats as text.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from sharp.backbones import video as V
+from sharp.backbones.base import CHATML_SYSTEM, Backbone, VisualLayout, register_family
+
+# lmms-eval's llava_onevision wrapper: LLaVA-NeXT conv template "qwen_1_5" (ChatML), "<image>\n" +
+# context as the user turn (the video's placeholders replace "<image>").
+_PROMPT = CHATML_SYSTEM + "<|im_start|>user\n{visual}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@register_family
+class LlavaOneVisionBackbone(Backbone):
+    family = "llava_onevision"
+
+    # -- HF classes ------------------------------------------------------------------------
+    @classmethod
+    def config_class(cls) -> type:
+        from transformers import LlavaOnevisionConfig
+
+        return LlavaOnevisionConfig
+
+    @classmethod
+    def model_class(cls) -> type:
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        return LlavaOnevisionForConditionalGeneration
+
+    @classmethod
+    def config_special_ids(cls, config) -> dict[str, int]:
+        return {"<image>": config.image_token_index, "<video>": config.video_token_index}
+
+    @property
+    def video_token_id(self) -> int:
+        return self.config.video_token_index
+
+    def frame_size(self) -> int:
+        return self.config.vision_config.image_size
+
+    # -- layout ----------------------------------------------------------------------------
+    def _patch_side(self) -> int:
+        vc = self.config.vision_config
+        return vc.image_size // vc.patch_size
+
+    def _pooled_side(self) -> int:
+        return math.ceil(self._patch_side() / 2)  # 2x2 bilinear pooling, ceil as in HF apply_pooling
+
+    def _video_layout(self, inputs: dict) -> tuple[VisualLayout, int]:
+        pv = inputs.get("pixel_values_videos")
+        if pv is None:
+            raise ValueError(
+                "inputs contain no visual tokens: pixel_values_videos is missing (pruning needs a video; "
+                "images and text-only prompts are not supported)")
+        frames, side = pv.shape[1], self._pooled_side()
+        layout = VisualLayout(frames * side * side, frames, side * side, (side, side))
+        return layout, layout.n_visual + 1  # + one image_newline per video
+
+    def visual_mask(self, input_ids: torch.Tensor, layout: VisualLayout) -> torch.Tensor:
+        """(b, s) bool: the layout's visual tokens; the trailing image_newline counts as text."""
+        is_video = input_ids == self.video_token_id
+        rank = is_video.long().cumsum(dim=1)  # the last placeholder of each sample is the image_newline
+        return is_video & (rank <= layout.n_visual)
+
+    # -- prompts ---------------------------------------------------------------------------
+    def n_placeholders(self, pixel_values_videos: torch.Tensor, video_grid_thw: Optional[torch.Tensor] = None) -> int:
+        """(T, 3, S, S) -> T x pooled side^2 + 1 image_newline."""
+        return pixel_values_videos.shape[0] * self._pooled_side() ** 2 + 1
+
+    def build_prompt(self, question: str, n_placeholders: int) -> str:
+        visual = "<video>" * n_placeholders
+        if "<image>" in question:  # the wrapper then lets the context place the visual token
+            return _PROMPT.replace("{visual}\n", "").format(question=question.replace("<image>", visual, 1))
+        return _PROMPT.format(visual=visual, question=question)
+
+    # -- pixels ----------------------------------------------------------------------------
+    def sample_frames(self, video: Union[str, os.PathLike, np.ndarray]) -> np.ndarray:
+        return V.load_frames_uniform(video, self.num_frames)
+
+    def visual_frame_indices(self, total_frames: int, fps: float) -> np.ndarray:
+        return V.uniform_frame_indices(total_frames, self.num_frames)[:, None]
+
+    def video_pixels(self, frames: np.ndarray) -> dict:
+        """``{"pixel_values_videos": (T, 3, S, S)}``: SigLIP preprocessing at the tower's image size."""
+        return {"pixel_values_videos": V.siglip_preprocess(frames, image_size=self.config.vision_config.image_size)}
+
+    def collate_pixels(self, samples: Sequence[dict]) -> dict:
+        return {"pixel_values_videos": torch.stack([s["pixel_values_videos"] for s in samples])}  # (b, T, 3, S, S)
+
+    def synthetic_frame_size(self) -> tuple[int, int]:
+        return self.frame_size(), self.frame_size()
+
+    def _black_pixels(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        pv = pixel_values_videos
+        black = V.siglip_preprocess(np.zeros((1, 8, 8, 3), np.uint8), image_size=pv.shape[-1])[0]  # (3, H, W)
+        return black.to(pv).view(1, 1, *black.shape).expand_as(pv).contiguous()
+
+    def vision_settings(self) -> dict:
+        vc = self.config.vision_config
+        return {"image_size": vc.image_size, "patch_size": vc.patch_size}
+
+    def pixel_mean_std(self, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        # (T, 3, S, S): per channel
+        mean = np.asarray(V.SIGLIP_MEAN, np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(V.SIGLIP_STD, np.float32).reshape(1, 3, 1, 1)
+        return mean, std
+
+    # -- vision tower ----------------------------------------------------------------------
+    @property
+    def vision_layers(self) -> torch.nn.ModuleList:
+        return self.model.model.vision_tower.vision_model.encoder.layers
+
+    @property
+    def feature_layer(self) -> int:
+        """``config.vision_feature_layer`` as a layer index: HF selects ``hidden_states[v]`` of the
+        tower, where ``hidden_states[0]`` is the embeddings and ``hidden_states[i]`` the output of
+        layer ``i - 1``; so v >= 1 -> layer v - 1, v < 0 -> layer n + v (-1: the last)."""
+        v, n = self.config.vision_feature_layer, len(self.vision_layers)
+        if not isinstance(v, int):
+            raise ValueError(f"{self.name}: vision_feature_layer {v!r} concatenates several layers; "
+                             "vision maps need one layer")
+        layer = v - 1 if v >= 0 else n + v
+        if not 0 <= layer < n:
+            raise ValueError(f"{self.name}: vision_feature_layer {v} selects the patch embeddings, not a layer")
+        return layer
+
+    def visual_features_to_tokens(self, per_patch: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Each frame's side x side patch grid -> the pooled grid with the model's own
+        ``apply_pooling`` (bilinear to ceil(side/2)), every channel; frames sample-major."""
+        flat = per_patch.dim() == 1
+        x = per_patch[:, None] if flat else per_patch
+        patches = self._patch_side() ** 2
+        pooled = self.model.model.apply_pooling(x.reshape(-1, patches, x.shape[-1]))  # (b*T, side'^2, C)
+        out = pooled.reshape(batch_size, -1, x.shape[-1])  # (b, T*side'^2, C)
+        return out[..., 0] if flat else out
+
+    def _vision_qk(self, block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = block.self_attn
+        h = block.layer_norm1(x.reshape(-1, x.shape[-1]))  # (b*T*P, d): every frame's patches, row by row
+        shape = (h.shape[0], attn.num_heads, attn.head_dim)
+        return attn.q_proj(h).view(shape), attn.k_proj(h).view(shape)
+
+    def _vision_chunks(self, captured: dict, n_rows: int) -> list[int]:
+        patches = self._patch_side() ** 2
+        if n_rows % patches:
+            raise ValueError(f"{n_rows} vision rows are not whole frames of {patches} patches")
+        return [patches] * (n_rows // patches)
+
+    def _vision_scale(self, block: torch.nn.Module) -> float:
+        return block.self_attn.scale

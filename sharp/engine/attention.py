@@ -1,0 +1,69 @@
+"""Attention scores without the N x N matrix: the last query rows of one decoder layer."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+import torch
+
+SCORE_SPACES = ("prob", "logit")
+
+
+def cuda_sync(device: torch.device) -> None:
+    """Wait for the GPU so that perf_counter brackets the real work (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rope_apply(backbone, layer: int) -> Callable:
+    """The attention module's own RoPE function, as f(x (b, h, n, d), cos, sin) -> x."""
+    attn = backbone.layers[layer].self_attn
+    module = sys.modules[type(attn).__module__]
+    if hasattr(module, "apply_multimodal_rotary_pos_emb"):
+        section = attn.rope_scaling["mrope_section"]
+        return lambda x, cos, sin: module.apply_multimodal_rotary_pos_emb(x, x, cos, sin, section)[0]
+    return lambda x, cos, sin: module.apply_rotary_pos_emb(x, x, cos, sin)[0]
+
+
+def attention_of_last_tokens(backbone, layer: int, hidden: torch.Tensor, position_embeddings,
+                             attention_mask_2d: Optional[torch.Tensor], queries: int = 1, rope: bool = True,
+                             key_mask: Optional[torch.Tensor] = None, space: str = "prob") -> torch.Tensor:
+    """Head- and query-averaged attention of the last ``queries`` tokens of ``hidden`` in ``layer``.
+
+    Recomputed from the layer's input (input_layernorm, q_proj on the last rows, k_proj on all rows,
+    the layer's RoPE, grouped-query logits (b, KV, G, n, s) without repeating K).
+    hidden: (b, s, d) input of the layer; returns (b, s) float32: softmax probabilities
+    (``space="prob"``) or pre-softmax logits q k^T / sqrt(d_h) (``space="logit"``, masked keys 0).
+    ``key_mask`` (b, s) restricts the keys (FEATHER's softmax over visual keys only).
+    """
+    if space not in SCORE_SPACES:
+        raise ValueError(f"space must be one of {', '.join(map(repr, SCORE_SPACES))}, got {space!r}")
+    block = backbone.layers[layer]
+    attn = block.self_attn
+    b, s, _ = hidden.shape
+    hd = attn.head_dim
+    n_heads = attn.config.num_attention_heads
+    n_kv = attn.config.num_key_value_heads
+    x = block.input_layernorm(hidden)
+    q = attn.q_proj(x[:, -queries:]).view(b, queries, n_heads, hd).transpose(1, 2)  # (b, H, n, hd)
+    k = attn.k_proj(x).view(b, s, n_kv, hd).transpose(1, 2)  # (b, KV, s, hd)
+    if rope:
+        cos, sin = position_embeddings
+        apply = rope_apply(backbone, layer)
+        q = apply(q, cos[..., -queries:, :], sin[..., -queries:, :])
+        k = apply(k, cos, sin)
+    groups = n_heads // n_kv
+    q = q.float().view(b, n_kv, groups, queries, hd)
+    logits = torch.einsum("bkgnd,bksd->bkgns", q, k.float()) * attn.scaling  # (b, KV, G, n, s)
+    qpos = torch.arange(s - queries, s, device=hidden.device)
+    allowed = torch.arange(s, device=hidden.device)[None, None, :] <= qpos[None, :, None]  # (1, n, s) causal
+    allowed = allowed.expand(b, queries, s)
+    if attention_mask_2d is not None:
+        allowed = allowed & attention_mask_2d.bool()[:, None, :]
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, :]
+    if space == "logit":
+        return logits.masked_fill(~allowed[:, None, None], 0.0).mean(dim=(1, 2, 3))
+    logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return probs.mean(dim=(1, 2, 3))  # (b, s)

@@ -1,0 +1,46 @@
+"""What pruning did during the last prefill of a ``sharp.prune`` block."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+
+@dataclass
+class Trace:
+    """Engine results of the last prefill, plus one namespace per method for its own results.
+
+    kept: [stage][sample] -> 1-D LongTensor of ORIGINAL visual indices present after each applied
+        stage (stages whose selection was ``Selection.unchanged()`` are not listed).
+    stage_layers: [stage] -> the decoder layer of that applied stage; stage_owners: its method key.
+    visual_tokens_per_layer: visual tokens each decoder layer processed in prefill (sample 0).
+    stage_times: seconds per named step (engine: prefill, select, mask; methods add their own keys).
+    methods: method key -> namespace of that method's results (``trace.method("sharp").segments``);
+        the key is the method's name, ``name@i`` for the i-th of a repeated child.
+    """
+
+    kept: list[list[torch.Tensor]] = field(default_factory=list)
+    stage_layers: list[int] = field(default_factory=list)
+    stage_owners: list[str] = field(default_factory=list)
+    visual_tokens_per_layer: list[int] = field(default_factory=list)
+    n_visual: int = 0
+    stage_times: dict[str, float] = field(default_factory=dict)
+    prefill_calls: int = 0
+    methods: dict[str, SimpleNamespace] = field(default_factory=dict)
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.stage_times[key] = self.stage_times.get(key, 0.0) + seconds
+
+    def method(self, key: str) -> SimpleNamespace:
+        """The namespace of one method's results (key: its name, or ``name@i`` when repeated)."""
+        if key not in self.methods:
+            raise KeyError(f"no results of method {key!r} in this trace; methods: {', '.join(self.methods)}")
+        return self.methods[key]
+
+    def start_prefill(self, n_visual: int, method_keys: list[str]) -> None:
+        self.kept, self.stage_layers, self.stage_owners = [], [], []
+        self.visual_tokens_per_layer, self.stage_times = [], {}
+        self.n_visual = n_visual
+        self.prefill_calls += 1
+        self.methods = {key: SimpleNamespace() for key in method_keys}

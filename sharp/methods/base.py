@@ -1,0 +1,177 @@
+"""The pruning-method interface (in the spirit of NVIDIA/kvpress presses).
+
+A method is a small dataclass: it says *where* it acts (``stages``), *what* it keeps at each stage
+(``select``) and, for the FLOPs counter, how many visual tokens each decoder layer processes
+(``token_schedule``). All plumbing (hooks, KV cache, masks, RoPE positions, composition) lives once
+in :mod:`sharp.engine`.
+
+Stage semantics: a stage at layer ``k`` runs *before* decoder layer ``k`` in prefill; layers
+``< k`` see the sequence as it was, layers ``>= k`` see the selected tokens. A stage at layer 0
+acts on the input embeddings, i.e. "before the LLM" (VisionZip, HoliTom, SharpV).
+
+Budgets: every retention is a share of the ORIGINAL visual-token count N_vis of the input (the
+paper's retentions are), whatever earlier stages or composed methods removed: :func:`budget` gives
+round(retention x N_vis), and a stage never keeps more tokens than it receives
+(``StageContext.budget`` clamps per sample).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sharp.engine import PruningSession, StageContext
+
+POSITION_MODES = ("original", "compact")
+
+
+def check_retention(retention: float) -> float:
+    try:
+        value = float(retention)
+    except (TypeError, ValueError):
+        raise ValueError(f"retention must be a number in (0, 1], got {retention!r}") from None
+    if isinstance(retention, bool) or not (0.0 < value <= 1.0):
+        raise ValueError(f"retention must be in (0, 1] (the kept share of visual tokens), got {retention!r}")
+    return value
+
+
+def budget(n_visual: int, retention: float) -> int:
+    """Number of visual tokens kept: round(retention x N_vis), at least 1 (N_vis = the ORIGINAL count)."""
+    return max(1, min(n_visual, int(round(retention * n_visual))))
+
+
+@dataclass
+class Selection:
+    """What a stage keeps, per sample.
+
+    keep_visual: per sample, indices into the *current* visual tokens of that sample
+        (0 .. n_current-1) that survive the stage; order does not matter (the engine keeps tokens in
+        sequence order). ``None`` = no token is removed (see :meth:`unchanged`).
+    hidden_states: optional replacement for the stage's input hidden states (b, s, d), e.g. kept
+        tokens that absorbed dropped ones. Only rows of kept tokens matter.
+    """
+
+    keep_visual: Optional[list[torch.Tensor]]
+    hidden_states: Optional[torch.Tensor] = None
+
+    @classmethod
+    def unchanged(cls) -> "Selection":
+        """No change at this stage: no gather, no mask rebuild, no new KV mask (free)."""
+        return cls(keep_visual=None)
+
+    @classmethod
+    def top_k(cls, scores: torch.Tensor, k: list[int]) -> "Selection":
+        """Keep the ``k[b]`` highest ``scores[b]`` (b, n_max; padded entries -inf) of each sample."""
+        return cls([torch.topk(scores[b], int(k[b])).indices for b in range(scores.shape[0])])
+
+
+def _type_ok(value: Any, hint: Any) -> Optional[bool]:
+    """Whether ``value`` fits a simple annotation; None when the annotation is not checked."""
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        results = [_type_ok(value, h) for h in typing.get_args(hint)]
+        return None if all(r is None for r in results) else any(bool(r) for r in results)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, dict) or hint in (list, tuple, dict):
+        return isinstance(value, origin or hint)
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+@dataclass
+class PruningMethod:
+    """Base class. Subclasses are dataclasses with a class attribute ``name``.
+
+    Every method has ``retention`` (kept share of the ORIGINAL visual tokens) and ``positions``:
+    ``"original"`` (kept tokens keep their RoPE positions, default) or ``"compact"`` (kept tokens
+    are re-numbered 0..len-1 after each of this method's stages and decode positions shift by the
+    number dropped, as PyramidDrop's official code; 1-D RoPE backbones only).
+    """
+
+    name: ClassVar[str] = ""
+    # R = 1 is the identity (the tests then require bit-identical outputs at retention 1.0)
+    identity_at_full_retention: ClassVar[bool] = True
+    retention: float = 1.0
+    positions: str = "original"
+
+    def __post_init__(self):
+        self.check_fields()
+
+    def check_fields(self) -> None:
+        """Types of the dataclass fields and ``positions``: a clear error when the method is made."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if not f.init or f.name not in hints:
+                continue
+            value = getattr(self, f.name)
+            if _type_ok(value, hints[f.name]) is False:
+                raise TypeError(f"{self.name}: {f.name} must be {_type_name(hints[f.name])}, "
+                                f"got {value!r} ({type(value).__name__})")
+        check_retention(self.retention)
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"{self.name}: positions must be one of {', '.join(map(repr, POSITION_MODES))}, "
+                             f"got {self.positions!r}")
+
+    # -- where the method acts -------------------------------------------------------------
+    def stages(self, num_layers: int) -> list[int]:
+        """Decoder-layer indices before which a selection stage runs (sorted). Raise ValueError for a
+        layer outside 0..num_layers-1 (the engine asks when ``sharp.prune`` starts, before any forward)."""
+        return []
+
+    def score_layers(self, num_layers: int) -> list[int]:
+        """Layers whose prefill *inputs* the engine must keep for ``select`` (e.g. FastV: K-1)."""
+        return []
+
+    def vision_layers(self) -> list[Union[int, str]]:
+        """Vision-encoder layers whose maps ``select`` reads through ``ctx.vision(layer)``
+        (ints, negative from the end, or ``"feature"`` = the layer that feeds the LLM)."""
+        return []
+
+    # -- what it keeps ---------------------------------------------------------------------
+    def select(self, ctx: "StageContext") -> Selection:
+        raise NotImplementedError
+
+    # -- optional extras -------------------------------------------------------------------
+    def install(self, session: "PruningSession") -> None:
+        """Called on entering ``sharp.prune`` (extra hooks, per-session caches)."""
+
+    def attention_mask(self, ctx: "StageContext") -> Optional[torch.Tensor]:
+        """Custom prefill mask for layer ``ctx.layer_idx``: bool (b, 1, q, kv), True = may attend, or
+        None. Called for every layer, in prefill and in probes (``ctx.phase``); the engine ANDs it with
+        causal + padding and with the other composed methods' masks."""
+        return None
+
+    def after_prefill(self, session: "PruningSession") -> None:
+        """Called once the prefill forward has finished (e.g. to drop KV-cache entries)."""
+
+    # -- FLOPs -----------------------------------------------------------------------------
+    def token_schedule(self, n_visual: int, num_layers: int, backbone=None) -> list[int]:
+        """Visual tokens processed by each decoder layer in prefill (for sharp.flops).
+
+        ``backbone`` (a name or Backbone) is given for methods whose schedule depends on the model
+        sizes (e.g. FLOPs-matched retentions). Default: one stage at ``stages()[0]`` keeping
+        ``budget(n_visual, retention)``; multi-stage methods override this.
+        """
+        stages = self.stages(num_layers)
+        if not stages:
+            return [n_visual] * num_layers
+        k, kept = stages[0], budget(n_visual, self.retention)
+        return [n_visual if layer < k else kept for layer in range(num_layers)]

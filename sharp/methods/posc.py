@@ -1,0 +1,159 @@
+"""ShaRP PosC (Sec. 4.2, Eq. 5): the positional bias b_{i,T} and its cache.
+
+The bias is the same score as a_{i,T} for an all-black video of the same layout, measured by one
+probe forward (``StageContext.probe``: the prefill inputs with black pixels, run up to the ShaRP
+stage without cache; earlier stages, e.g. a composed VisionZip, are replayed with the tokens they
+kept in the real prefill, so the bias has one entry per CURRENT visual token, normalised like the
+real scores). Biases are cached per sample, in memory (process-wide LRU) and on disk under
+``$SHARP_CACHE/posc/`` (see :mod:`sharp.paths`), under a key that names everything the bias depends
+on: backbone, weights fingerprint, dtype, device type, layout, sequence length, padding, the
+position of the video in the prompt, the scoring reading, and -- when an earlier stage removed
+tokens -- the kept original indices.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from sharp.engine.attention import cuda_sync
+from sharp.paths import cache_dir
+
+POSC_KEYS = ("layout", "prompt")
+
+# bias cache shared by every ShaRP instance of the process: key -> (n_current,) float32 on CPU
+_BIAS_MEMORY: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+_BIAS_MEMORY_MAX = 4096
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def default_cache_dir() -> Path:
+    """``$SHARP_CACHE/posc`` (default ``~/.cache/sharp/posc``)."""
+    return cache_dir("posc")
+
+
+def clear_bias_memory() -> None:
+    """Forget the in-memory PosC biases (the disk cache is untouched)."""
+    _BIAS_MEMORY.clear()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity of a model's weights (names, shapes, first values of every parameter).
+
+    Part of the PosC cache key, so a cached bias is never reused for other weights that share a
+    backbone name (e.g. tiny random models built with another seed).
+    """
+    fp = _FINGERPRINTS.get(model)
+    if fp is None:
+        h = hashlib.sha1()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+                h.update(p.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+        fp = h.hexdigest()[:16]
+        _FINGERPRINTS[model] = fp
+    return fp
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.cpu().numpy().tobytes()).hexdigest()
+
+
+class BiasCache:
+    """PosC biases of one ShaRP instance: memory, then disk (``folder``; None = memory only)."""
+
+    def __init__(self, folder: Optional[Path]):
+        self.folder = folder
+
+    def keys(self, ctx, reading: str, per_prompt: bool) -> list[str]:
+        """One cache key per sample of the current stage context."""
+        bb, layout, inputs = ctx.backbone, ctx.layout, ctx.session.prefill_inputs
+        ids = inputs["input_ids"]
+        common = (
+            f"{bb.name}|{model_fingerprint(bb.model)}|{bb.dtype}|{ctx.hidden_states.device.type}|"
+            f"{layout.n_visual}x{layout.frames}x{layout.tokens_per_frame}x{layout.grid}|s={ids.shape[1]}|"
+            f"pos_ids={'position_ids' in inputs}|{reading}")
+        keys = []
+        for b in range(ids.shape[0]):
+            tokens = ctx.visual_tokens(b)
+            real = ctx.session.prefill_inputs.get("attention_mask", torch.ones_like(ids))[b].bool()
+            first_visual = int(ctx.backbone.visual_mask(ids[b:b + 1], layout)[0].nonzero()[0])
+            key = f"{common}|pads={int((~real).sum())}|before={int(real[:first_visual].sum())}"
+            if len(tokens) != layout.n_visual:  # an earlier stage removed tokens: the bias is of the kept ones
+                key += "|kept=" + _digest(tokens.index)
+            if per_prompt:
+                key += "|ids=" + _digest(ids[b][real.to(ids.device)])
+            keys.append(key)
+        return keys
+
+    def _path(self, key: str) -> Optional[Path]:
+        return None if self.folder is None else self.folder / (hashlib.sha1(key.encode()).hexdigest() + ".pt")
+
+    def load(self, key: str) -> Optional[torch.Tensor]:
+        if key in _BIAS_MEMORY:
+            _BIAS_MEMORY.move_to_end(key)
+            return _BIAS_MEMORY[key]
+        path = self._path(key)
+        if path is not None and path.is_file():
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                if blob.get("key") == key:
+                    return blob["bias"]
+            except Exception:  # a corrupt/partial file: recompute
+                pass
+        return None
+
+    def store(self, key: str, bias: torch.Tensor, write: bool) -> None:
+        _BIAS_MEMORY[key] = bias
+        _BIAS_MEMORY.move_to_end(key)
+        while len(_BIAS_MEMORY) > _BIAS_MEMORY_MAX:
+            _BIAS_MEMORY.popitem(last=False)
+        path = self._path(key)
+        if not write or path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"key": key, "bias": bias}, tmp)
+            os.replace(tmp, path)
+        except OSError as err:  # read-only cache: keep going with the memory cache
+            print(f"sharp: could not write the PosC cache {path}: {err}", file=sys.stderr)
+
+
+def positional_bias(ctx, score: Callable, cache: BiasCache, reading: str, per_prompt: bool = False) -> torch.Tensor:
+    """(b, n_max) PosC bias b_{i,T} of every current visual token (0 past a sample's count).
+
+    ``score(ctx) -> (b, s)`` is the same score function as the real a_{i,T}; it is evaluated once in
+    a black-video probe for the samples whose key is not cached.
+    """
+    keys = cache.keys(ctx, reading, per_prompt)
+    found = {b: bias for b, key in enumerate(keys) if (bias := cache.load(key)) is not None}
+    if len(found) < len(keys):
+        device = ctx.hidden_states.device
+        cuda_sync(device)
+        t0 = time.perf_counter()
+
+        def measure(pctx):
+            scores = score(pctx)
+            return [scores[b, pctx.visual_positions(b)].float().cpu() for b in range(scores.shape[0])]
+
+        probed = ctx.probe(ctx.backbone.black_inputs, measure)
+        cuda_sync(device)
+        ctx.session.trace.add_time("probe", time.perf_counter() - t0)
+        for b in range(len(keys)):
+            if b not in found:
+                found[b] = probed[b]
+                cache.store(keys[b], probed[b], write=True)
+    for b, key in enumerate(keys):
+        cache.store(key, found[b], write=False)
+    out = torch.zeros(len(keys), max(ctx.visual_counts), device=ctx.hidden_states.device)
+    for b in range(len(keys)):
+        out[b, : found[b].numel()] = found[b].to(out.device)
+    return out

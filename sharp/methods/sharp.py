@@ -1,0 +1,275 @@
+"""ShaRP (Xia et al.): shallow-layer attention pruning with SegM, PosC and RegD.
+
+``sharp.prune(bb, "sharp", retention=0.282)`` prunes once, before decoder layer ``layer`` (default 1:
+"pruning at the first decoder layer", layer 0 sees every token):
+
+1. SegM (Sec. 4.1, :mod:`sharp.methods.segm`): frame segments from the frame means of the visual
+   tokens entering the LLM (Eq. 3, tau_seg); in the layers before the pruning point visual tokens
+   attend only to visual tokens of their own segment (Eq. 4) through the ``attention_mask`` hook.
+2. Score: attention of the last token (mean over heads) in the map produced by layer ``layer-1``
+   (FastV's convention, recomputed from that layer's input, no N x N matrix); ``score_at="stage"``
+   reads layer ``layer``'s map instead (computed from its input, i.e. after SegM).
+3. PosC (Sec. 4.2, Eq. 5, :mod:`sharp.methods.posc`): ``a - lam * b`` where ``b`` is the same score
+   for an all-black video of the same layout, from one probe forward; cached.
+4. Top-K by the calibrated score over all current visual tokens, K = round(retention x N_vis).
+5. RegD (Sec. 4.3, :mod:`sharp.methods.regd`): per segment pre-filtering, deduplication,
+   post-filling, so that exactly K visual tokens go on.
+
+Composed after another method (``visionzip+sharp``): ShaRP works on the CURRENT visual tokens.
+Segments are computed from the frames that still have tokens at layer 0's input (Eq. 3 over the
+surviving tokens' frame means); the PosC probe replays the earlier stages' selections, so the bias
+has one entry per current token; K stays a share of the ORIGINAL count (at most the current one).
+
+Every reading of the paper's text is documented in docs/sharp.md next to its equation. Results go
+to ``trace.method("sharp")``: retention, budget, segments, scores, bias, after_topk, after_regd.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sharp.engine.attention import cuda_sync
+from sharp.methods.base import PruningMethod, Selection, budget
+from sharp.methods.posc import POSC_KEYS, BiasCache, default_cache_dir, positional_bias
+from sharp.methods.regd import ABSORB_MODES, CLUSTER_MODES, DEDUP_MODES, FILL_MODES, regd as run_regd
+from sharp.methods.registry import register_method
+from sharp.methods.segm import segment_mask, token_segments
+
+SCORE_AT = ("previous", "stage")
+POSC_SPACES = ("prob", "logit")
+SOFTMAX_OVER = ("all", "visual")
+TIME_KEYS = ("attn", "filter", "dedup", "fill")
+
+
+@register_method
+@dataclass
+class ShaRP(PruningMethod):
+    """ShaRP with the paper's settings as defaults (Sec. 5.1). See docs/sharp.md."""
+
+    name = "sharp"
+    identity_at_full_retention = False  # SegM changes layer 0 even when every token is kept
+    # components (Table 5's variants)
+    posc: bool = True
+    segm: bool = True
+    regd: bool = True
+    # paper hyper-parameters (Sec. 5.1)
+    lam: float = 0.6
+    beta: float = 0.008
+    tau_seg: float = 0.9
+    tau_filter: float = 0.7
+    tau_merge: float = 0.8
+    tau_cluster: float = 0.4
+    layer: int = 1  # the first layer that sees the pruned sequence
+    # readings of ambiguous text (docs/sharp.md)
+    score_at: str = "previous"  # "previous": layer-1's attention map (FastV) | "stage": layer's own
+    posc_space: str = "prob"  # Eq. 5 on post-softmax scores | "logit": pre-softmax (Eq. 2's a~)
+    softmax_over: str = "all"  # softmax over all keys (FastV) | "visual": visual keys only
+    segm_layers: Optional[int] = None  # SegM in layers [0, segm_layers); None = every layer < layer
+    segm_sees_text: bool = True  # visual queries also see the text before the video (Eq. 4: not)
+    absorb: str = "mean"  # what absorbing does: "mean" of the hidden states | "drop"
+    dedup: str = "pivot"  # compare with the current pivot | "adjacent": with the previous token
+    cluster: str = "first"  # join the cluster whose first token is similar | "adjacent"
+    fill: str = "segment"  # refill each segment's dedup losses | "global": best centres anywhere
+    # FLOPs matching: retention is the target method's, ShaRP's own is solved for equal TFLOPs
+    match_flops: Optional[str] = None  # e.g. "fastv"
+    match_kwargs: Optional[dict] = None  # the target method's kwargs (fastv: layer=2 default)
+    flops_backbone: Optional[str] = None  # backbone name for token_schedule outside a session
+    # PosC cache
+    cache_dir: Optional[str] = None  # None: $SHARP_CACHE/posc; "": no disk cache
+    posc_key: str = "layout"  # bias per layout | "prompt": per layout and prompt token ids
+
+    _backbone: Any = field(default=None, init=False, repr=False, compare=False)
+    _matched: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key, valid in (("score_at", SCORE_AT), ("posc_space", POSC_SPACES), ("softmax_over", SOFTMAX_OVER),
+                           ("absorb", ABSORB_MODES), ("dedup", DEDUP_MODES), ("cluster", CLUSTER_MODES),
+                           ("fill", FILL_MODES), ("posc_key", POSC_KEYS)):
+            if getattr(self, key) not in valid:
+                options = ", ".join(map(repr, valid))
+                raise ValueError(f"sharp: {key} must be one of {options}, got {getattr(self, key)!r}")
+        if self.score_at == "previous" and self.layer < 1:
+            raise ValueError(
+                f"sharp: layer must be >= 1 with score_at='previous' (it scores with layer-1), got {self.layer}")
+        if self.layer < 0:
+            raise ValueError(f"sharp: layer must be >= 0, got {self.layer}")
+        if self.posc_space == "logit" and self.softmax_over != "all":
+            raise ValueError("sharp: softmax_over only applies to posc_space='prob'")
+        if self.segm_layers is not None and self.segm_layers < 0:
+            raise ValueError(f"sharp: segm_layers must be >= 0, got {self.segm_layers}")
+        folder = None if self.cache_dir == "" else (
+            Path(self.cache_dir).expanduser() / "posc" if self.cache_dir is not None else default_cache_dir())
+        self._bias_cache = BiasCache(folder)
+
+    # -- where it acts ---------------------------------------------------------------------
+    @property
+    def score_layer(self) -> int:
+        return self.layer - 1 if self.score_at == "previous" else self.layer
+
+    @property
+    def n_segm_layers(self) -> int:
+        return self.layer if self.segm_layers is None else self.segm_layers
+
+    def stages(self, num_layers: int) -> list[int]:
+        if not 0 <= self.layer < num_layers:
+            raise ValueError(f"sharp: layer must be in 0..{num_layers - 1}, got {self.layer}")
+        return [self.layer]
+
+    def score_layers(self, num_layers: int) -> list[int]:
+        # layer 0's input = the visual tokens entering the LLM: Eq. 3's segments are computed from it
+        layers = {0} if self.layer > 0 else set()
+        if self.score_layer != self.layer:
+            layers.add(self.score_layer)
+        return sorted(layers)
+
+    # -- retention / FLOPs matching ----------------------------------------------------------
+    def effective_retention(self, n_visual: int, backbone=None) -> float:
+        """ShaRP's own retention: ``retention``, or the FLOPs-matched one when ``match_flops`` is set."""
+        if self.match_flops is None:
+            return self.retention
+        bb = backbone if backbone is not None else (self._backbone or self.flops_backbone)
+        if bb is None:
+            raise ValueError(
+                "sharp: match_flops needs the backbone's sizes outside a sharp.prune session: pass "
+                "flops_backbone=<backbone name>")
+        key = (bb if isinstance(bb, str) else bb.name, n_visual)
+        if key not in self._matched:
+            from sharp import flops
+
+            self._matched[key] = flops.match_retention(
+                bb, "sharp", self.match_flops, self.retention, visual_tokens=n_visual,
+                target_kwargs=self.match_kwargs, layer=self.layer)
+        return self._matched[key]
+
+    def token_schedule(self, n_visual: int, num_layers: int, backbone=None) -> list[int]:
+        kept = budget(n_visual, self.effective_retention(n_visual, backbone))
+        return [n_visual if layer < self.layer else kept for layer in range(num_layers)]
+
+    # -- session hooks -----------------------------------------------------------------------
+    def install(self, session) -> None:
+        self._backbone = session.backbone
+
+    def after_prefill(self, session) -> None:
+        # Table 4's "LLM Fw.": the engine's prefill time minus ShaRP's own steps
+        times = session.trace.stage_times
+        ours = sum(times.get(k, 0.0) for k in TIME_KEYS + ("probe",))
+        times["forward"] = max(0.0, times["prefill"] - ours)
+
+    # -- SegM (Sec. 4.1) ---------------------------------------------------------------------
+    def segments(self, ctx) -> list[torch.Tensor]:
+        """Per sample, the segment id of every ORIGINAL visual index (-1: not present at layer 0),
+        computed once per prefill from layer 0's input (Eq. 3 over the frames that have tokens)."""
+        st = ctx.state
+        if getattr(st, "segment_of_index", None) is None:
+            src = ctx if ctx.layer_idx == 0 else ctx.recorded(0)
+            segments, ids = [], []
+            for b in range(src.batch_size):
+                tokens = src.visual_tokens(b)
+                segs, seg_ids = token_segments(src.hidden_states[b, tokens.positions], tokens.frame, self.tau_seg)
+                of_index = torch.full((ctx.n_visual,), -1, dtype=torch.long, device=seg_ids.device)
+                of_index[tokens.index] = seg_ids
+                segments.append(segs)
+                ids.append(of_index)
+            st.segment_of_index = ids
+            ctx.trace.segments = segments
+        return st.segment_of_index
+
+    def attention_mask(self, ctx) -> Optional[torch.Tensor]:
+        if not self.segm or ctx.layer_idx >= self.n_segm_layers or ctx.phase != "prefill":
+            return None  # the PosC probe runs without SegM: a black video is one segment anyway
+        device = ctx.hidden_states.device
+        cuda_sync(device)
+        t0 = time.perf_counter()
+        of_index = self.segments(ctx)
+        st = ctx.state
+        if getattr(st, "mask_seq", None) is ctx.seq:
+            mask = st.mask  # the same sequence as the previous masked layer
+        elif all(len(s) == 1 for s in ctx.trace.segments):
+            mask = None  # one segment per sample: no restriction (and the model's own fast path)
+        else:
+            positions = [ctx.visual_positions(b) for b in range(ctx.batch_size)]
+            ids = [of_index[b][ctx.current_visual_index(b)] for b in range(ctx.batch_size)]
+            mask = segment_mask(ctx.seq_len, positions, ids, visual_sees_text=self.segm_sees_text, device=device)
+        st.mask, st.mask_seq = mask, ctx.seq
+        cuda_sync(device)
+        ctx.session.trace.add_time("attn", time.perf_counter() - t0)
+        return mask
+
+    # -- scoring and PosC (Sec. 4.2) -----------------------------------------------------------
+    def _scores(self, ctx) -> torch.Tensor:
+        """(b, s) float32 score of every position (only visual positions are read)."""
+        return ctx.last_token_attention(layer=self.score_layer, softmax_over=self.softmax_over,
+                                        space=self.posc_space)
+
+    def calibrated_scores(self, ctx) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Eq. 5 over the current visual tokens: ((b, n_max) a_{i,T} - lam * b_{i,T}, bias or None);
+        entries past a sample's count are -inf. Without PosC (posc=False or lam == 0) no probe runs."""
+        a = ctx.gather_visual(self._scores(ctx))
+        if not self.posc or self.lam == 0:
+            return a, None
+        reading = f"L={self.score_layer}|{self.score_at}|{self.posc_space}|{self.softmax_over}"
+        bias = positional_bias(ctx, self._scores, self._bias_cache, reading, per_prompt=self.posc_key == "prompt")
+        return a - self.lam * bias, bias
+
+    # -- selection (Sec. 4.3) --------------------------------------------------------------------
+    def select(self, ctx) -> Selection:
+        trace = ctx.session.trace
+        device = ctx.hidden_states.device
+        cuda_sync(device)
+        t0 = time.perf_counter()
+        probe0 = trace.stage_times.get("probe", 0.0)
+        of_index = self.segments(ctx)
+        retention = self.effective_retention(ctx.n_visual, ctx.backbone)
+        k = ctx.budget(retention)
+        calibrated, bias = self.calibrated_scores(ctx)
+        topk = Selection.top_k(calibrated, k).keep_visual
+        cuda_sync(device)
+        trace.add_time("attn", time.perf_counter() - t0 - (trace.stage_times.get("probe", 0.0) - probe0))
+        self._record(ctx, retention, k, calibrated, bias, topk)
+        if not self.regd:
+            ctx.trace.after_regd = [t.clone() for t in ctx.trace.after_topk]
+            return Selection(keep_visual=topk)
+        keep, new_hidden = self._deduplicate(ctx, calibrated, topk, of_index)
+        ctx.trace.after_regd = [ctx.current_visual_index(b)[kk].sort().values.cpu() for b, kk in enumerate(keep)]
+        return Selection(keep_visual=keep, hidden_states=new_hidden)
+
+    def _record(self, ctx, retention, k, calibrated, bias, topk) -> None:
+        t = ctx.trace
+        t.retention = retention
+        t.budget = k[0] if len(set(k)) == 1 else k
+        t.scores = calibrated.cpu()  # (b, n_max) Eq. 5 scores of the current visual tokens
+        t.bias = None if bias is None else bias.cpu()  # (b, n_max) PosC bias b_{i,T}
+        t.after_topk = [ctx.current_visual_index(b)[x].sort().values.cpu() for b, x in enumerate(topk)]
+
+    def _deduplicate(self, ctx, calibrated, topk, of_index):
+        """RegD per sample on the stage's input hidden states; kept tokens may absorb dropped ones."""
+        keep, new_hidden = [], None
+        for b, registers in enumerate(topk):
+            tokens = ctx.visual_tokens(b)
+            r = run_regd(
+                ctx.hidden_states[b, tokens.positions], calibrated[b, : len(tokens)], registers,
+                of_index[b][tokens.index], tau_filter=self.tau_filter, tau_merge=self.tau_merge,
+                tau_cluster=self.tau_cluster, beta=self.beta, absorb=self.absorb, dedup=self.dedup,
+                cluster=self.cluster, fill=self.fill)
+            for key in ("filter", "dedup", "fill"):
+                ctx.session.trace.add_time(key, r.times[key])
+            keep.append(r.keep)
+            if r.kept_hidden is not None:  # absorb="mean": kept tokens carry what they absorbed
+                if new_hidden is None:
+                    new_hidden = ctx.hidden_states.clone()
+                new_hidden[b, tokens.positions[r.keep]] = r.kept_hidden
+        return keep, new_hidden
+
+
+def matched_retention(backbone, target: str = "fastv", retention: float = 0.25, n_visual: Optional[int] = None,
+                      target_kwargs: Optional[dict] = None, **sharp_kwargs) -> float:
+    """ShaRP's retention whose prefill TFLOPs equal ``target`` at ``retention`` (Table 1: 0.25 -> ~0.282)."""
+    from sharp import flops
+
+    return flops.match_retention(backbone, "sharp", target, retention, visual_tokens=n_visual,
+                                 target_kwargs=target_kwargs, **sharp_kwargs)

@@ -1,0 +1,38 @@
+"""Every method the invariant tests run (tests/test_methods.py), as kvpress's default_presses.
+
+Each registered method (names starting with "_" are test-only and skipped) runs with the kwargs
+below on the 4-layer tiny backbones, or with its defaults if it has no entry: a new method gets the
+invariants by being registered. Compositions are listed explicitly (they have no registry name).
+"""
+from __future__ import annotations
+
+import sharp
+
+# kwargs that fit the 4-layer tiny backbones (defaults are the 7B paper settings)
+TINY_KWARGS: dict[str, dict] = {
+    "fastv": {"layer": 2},
+    "sharp": {"cache_dir": ""},
+}
+
+# compositions of what exists, with per-child kwargs
+COMPOSITIONS: dict[str, dict] = {
+    "fastv+sharp": {"fastv": {"layer": 1, "retention": 0.5}, "sharp": {"layer": 2, "cache_dir": ""}},
+    "fastv+fastv": {"fastv@1": {"layer": 1, "retention": 0.5}, "fastv@2": {"layer": 3}},
+}
+
+
+# further readings worth running through the invariants: id -> (method, kwargs)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    # no merging: the reference then checks SegM's mask in layer 0 on its own
+    "sharp-drop": ("sharp", {"absorb": "drop", "cache_dir": ""}),
+    "sharp-stage-segm2": ("sharp", {"score_at": "stage", "layer": 2, "segm_layers": 2, "absorb": "drop",
+                                    "cache_dir": ""}),
+}
+
+
+def method_cases() -> list[tuple[str, str, dict]]:
+    """(test id, method name, kwargs) of every case."""
+    names = [n for n in sharp.method_names() if not n.startswith("_")]
+    cases = [(n, n, TINY_KWARGS.get(n, {})) for n in names]
+    cases += [(n, n, kw) for n, kw in COMPOSITIONS.items()]
+    return cases + [(i, n, kw) for i, (n, kw) in VARIANTS.items()]
