@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sharp.harness.cells import Cell, format_retention
 from sharp.harness.resources import HarnessError
+from sharp.lmms.args import flatten_kwargs
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]          # .../sharp
 REPO_ROOT = PACKAGE_DIR.parent                             # checkout root (configs/, run.py, results/)
@@ -62,17 +63,6 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """{"sharp": {"lam": 0.5}} -> [("sharp.lam", 0.5)] (dotted Hydra keys; an empty dict stays a value)."""
-    out = []
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out += _flatten(value, f"{prefix}{key}.")
-        else:
-            out.append((f"{prefix}{key}", value))
-    return out
-
-
 def cell_overrides(sweep: dict, index: int) -> list[str]:
     """Hydra overrides of cell ``index`` of a sweep (backbone, method, retention, tasks, ...)."""
     cells = sweep.get("cells") or []
@@ -92,7 +82,7 @@ def cell_overrides(sweep: dict, index: int) -> list[str]:
     ]
     if c.get("variant"):
         ov.append(f"variant={_override_value(str(c['variant']))}")
-    for key, value in _flatten(c.get("method_kwargs") or {}):
+    for key, value in flatten_kwargs(c.get("method_kwargs") or {}):
         ov.append(f"+method_kwargs.{key}={_override_value(value)}")
     limit = c.get("limit", sweep.get("limit"))
     if limit is not None:

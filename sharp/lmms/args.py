@@ -55,11 +55,12 @@ def nest_child_kwargs(method: str, kwargs: dict, who: str = "model_args",
     return out
 
 
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+def flatten_kwargs(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """{"sharp": {"lam": 0.5}} -> [("sharp.lam", 0.5)] (dotted keys; an empty dict stays a value)."""
     out = []
     for key, value in d.items():
         if isinstance(value, dict) and value:
-            out += _flatten(value, f"{prefix}{key}.")
+            out += flatten_kwargs(value, f"{prefix}{key}.")
         else:
             out.append((f"{prefix}{key}", value))
     return out
@@ -75,4 +76,4 @@ def _value(value: Any) -> str:
 
 def format_model_args(kwargs: dict) -> str:
     """The ``--model_args`` string of ``kwargs`` (nested per-child dicts as dotted keys)."""
-    return ",".join(f"{k}={_value(v)}" for k, v in _flatten(kwargs) if v is not None)
+    return ",".join(f"{k}={_value(v)}" for k, v in flatten_kwargs(kwargs) if v is not None)

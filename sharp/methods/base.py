@@ -17,6 +17,7 @@ round(retention x N_vis), and a stage never keeps more tokens than it receives
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union
@@ -69,6 +70,12 @@ class Selection:
         return cls([torch.topk(scores[b], int(k[b])).indices for b in range(scores.shape[0])])
 
 
+@functools.lru_cache(maxsize=None)
+def _field_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a method class (resolved once: methods are made per prefill)."""
+    return typing.get_type_hints(cls)
+
+
 def _type_ok(value: Any, hint: Any) -> Optional[bool]:
     """Whether ``value`` fits a simple annotation; None when the annotation is not checked."""
     origin = typing.get_origin(hint)
@@ -117,7 +124,7 @@ class PruningMethod:
 
     def check_fields(self) -> None:
         """Types of the dataclass fields and ``positions``: a clear error when the method is made."""
-        hints = typing.get_type_hints(type(self))
+        hints = _field_hints(type(self))
         for f in dataclasses.fields(self):
             if not f.init or f.name not in hints:
                 continue

@@ -25,6 +25,7 @@ to ``trace.method("sharp")``: retention, budget, segments, scores, bias, after_t
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,6 @@ class ShaRP(PruningMethod):
     posc_key: str = "layout"  # bias per layout | "prompt": per layout and prompt token ids
 
     _backbone: Any = field(default=None, init=False, repr=False, compare=False)
-    _matched: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -137,14 +137,9 @@ class ShaRP(PruningMethod):
             raise ValueError(
                 "sharp: match_flops needs the backbone's sizes outside a sharp.prune session: pass "
                 "flops_backbone=<backbone name>")
-        key = (bb if isinstance(bb, str) else bb.name, n_visual)
-        if key not in self._matched:
-            from sharp import flops
-
-            self._matched[key] = flops.match_retention(
-                bb, "sharp", self.match_flops, self.retention, visual_tokens=n_visual,
-                target_kwargs=self.match_kwargs, layer=self.layer)
-        return self._matched[key]
+        name = bb if isinstance(bb, str) else bb.name
+        kwargs = tuple(sorted((self.match_kwargs or {}).items()))
+        return _matched_retention(name, n_visual, self.match_flops, self.retention, kwargs, self.layer)
 
     def token_schedule(self, n_visual: int, num_layers: int, backbone=None) -> list[int]:
         kept = budget(n_visual, self.effective_retention(n_visual, backbone))
@@ -264,6 +259,16 @@ class ShaRP(PruningMethod):
                     new_hidden = ctx.hidden_states.clone()
                 new_hidden[b, tokens.positions[r.keep]] = r.kept_hidden
         return keep, new_hidden
+
+
+@functools.lru_cache(maxsize=1024)
+def _matched_retention(backbone: str, n_visual: int, target: str, retention: float, target_kwargs: tuple,
+                       layer: int) -> float:
+    """FLOPs matching depends on sizes only: solved once per (backbone, N_vis, target, ...)."""
+    from sharp import flops
+
+    return flops.match_retention(backbone, "sharp", target, retention, visual_tokens=n_visual,
+                                 target_kwargs=dict(target_kwargs), layer=layer)
 
 
 def matched_retention(backbone, target: str = "fastv", retention: float = 0.25, n_visual: Optional[int] = None,
