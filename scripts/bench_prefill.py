@@ -20,6 +20,10 @@ import sharp
 from sharp.flops import prefill_tflops
 
 
+# the engine's own trace.stage_times keys; every other key is a method's step inside select / mask
+ENGINE_KEYS = ("prefill", "llm", "forward", "select", "mask")
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -118,8 +122,13 @@ def main(argv=None):
     print(f"{'':24s}{'TFLOPs':>10s}{'LLM ms':>10s}{'total ms':>10s}")
     print(f"{'vanilla':24s}{tf_van:10.3f}{van_llm:10.1f}{van_total:10.1f}")
     print(f"{args.method + f' r={args.retention}':24s}{tf_m:10.3f}{m_llm:10.1f}{m_total:10.1f}")
-    print("breakdown (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in m_stages.items())
-          + f"  -> selection overhead {select_ms:.1f}")
+    method_steps = {k: v for k, v in m_stages.items() if k not in ENGINE_KEYS}
+    print(f"selection overhead {select_ms:.1f} ms = stage {m_stages.get('select', 0.0):.1f} + custom masks "
+          f"{m_stages.get('mask', 0.0):.1f}" + ("; of which the method's steps: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in method_steps.items()) if method_steps else ""))
+    print(f"engine-timed prefill {m_stages.get('prefill', 0.0):.1f} ms = vision tower + embedding "
+          f"{m_stages.get('prefill', 0.0) - m_stages.get('llm', 0.0):.1f} + LLM {m_stages.get('llm', 0.0):.1f} "
+          f"(LLM forward without the selection: {m_stages.get('forward', 0.0):.1f})")
     print(f"visual tokens after pruning: {kept} of {layout.n_visual} "
           f"({100 * tf_m / tf_van:.1f}% of vanilla TFLOPs)")
     print(f"speedup (LLM prefill): {rows['speedup_llm']:.2f}x   FLOPs ratio: {rows['flops_ratio']:.2f}x   "

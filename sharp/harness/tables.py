@@ -238,7 +238,8 @@ def to_markdown(table: int, sweep: dict, rows: list[Row], results_dir: str | Pat
                                                           "configs/method/<method>.yaml)." if planned else ".")]
     if table == 4:
         lines.append("Stage columns sum the method's trace.stage_times keys listed in configs/sweep/table4.yaml "
-                     "(stage_columns); LLM forward = the method's `forward` stage when it records one (ShaRP), else prefill total - stages.")
+                     "(stage_columns); LLM forward = the engine's `forward` stage (LLM prefill from decoder layer 0, "
+                     "vision tower excluded, minus the selection overhead), else prefill total - stages.")
     return "\n".join(lines) + "\n"
 
 

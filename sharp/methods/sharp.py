@@ -6,9 +6,10 @@
 1. SegM (Sec. 4.1, :mod:`sharp.methods.segm`): frame segments from the frame means of the visual
    tokens entering the LLM (Eq. 3, tau_seg); in the layers before the pruning point visual tokens
    attend only to visual tokens of their own segment (Eq. 4) through the ``attention_mask`` hook.
-2. Score: attention of the last token (mean over heads) in the map produced by layer ``layer-1``
-   (FastV's convention, recomputed from that layer's input, no N x N matrix); ``score_at="stage"``
-   reads layer ``layer``'s map instead (computed from its input, i.e. after SegM).
+2. Score: attention of the last token (mean over heads) in layer ``layer``'s map, computed from its
+   input, i.e. after the SegM-masked layer(s), so the question and SegM shape the ranking (Sec. 4.3;
+   no N x N matrix); ``score_at="previous"`` reads the map produced by layer ``layer-1`` (FastV's
+   convention; with layer 1 that map is computed from the embeddings alone).
 3. PosC (Sec. 4.2, Eq. 5, :mod:`sharp.methods.posc`): ``a - lam * b`` where ``b`` is the same score
    for an all-black video of the same layout, from one probe forward; cached.
 4. Top-K by the calibrated score over all current visual tokens, K = round(retention x N_vis).
@@ -43,6 +44,7 @@ from sharp.methods.segm import segment_mask, token_segments
 SCORE_AT = ("previous", "stage")
 POSC_SPACES = ("prob", "logit")
 SOFTMAX_OVER = ("all", "visual")
+REGD_SEGMENTS = ("eq3", "video")
 TIME_KEYS = ("attn", "filter", "dedup", "fill")
 
 
@@ -66,7 +68,7 @@ class ShaRP(PruningMethod):
     tau_cluster: float = 0.4
     layer: int = 1  # the first layer that sees the pruned sequence
     # readings of ambiguous text (docs/sharp.md)
-    score_at: str = "previous"  # "previous": layer-1's attention map (FastV) | "stage": layer's own
+    score_at: str = "stage"  # "stage": layer's own map, after SegM (Sec. 4.3) | "previous": layer-1's (FastV)
     posc_space: str = "prob"  # Eq. 5 on post-softmax scores | "logit": pre-softmax (Eq. 2's a~)
     softmax_over: str = "all"  # softmax over all keys (FastV) | "visual": visual keys only
     segm_layers: Optional[int] = None  # SegM in layers [0, segm_layers); None = every layer < layer
@@ -75,6 +77,7 @@ class ShaRP(PruningMethod):
     dedup: str = "pivot"  # compare with the current pivot | "adjacent": with the previous token
     cluster: str = "first"  # join the cluster whose first token is similar | "adjacent"
     fill: str = "segment"  # refill each segment's dedup losses | "global": best centres anywhere
+    regd_segments: str = "eq3"  # RegD's unit: Eq. 3's segments (also with segm=False) | "video": one segment
     # FLOPs matching: retention is the target method's, ShaRP's own is solved for equal TFLOPs
     match_flops: Optional[str] = None  # e.g. "fastv"
     match_kwargs: Optional[dict] = None  # the target method's kwargs (fastv: layer=2 default)
@@ -89,7 +92,7 @@ class ShaRP(PruningMethod):
         super().__post_init__()
         for key, valid in (("score_at", SCORE_AT), ("posc_space", POSC_SPACES), ("softmax_over", SOFTMAX_OVER),
                            ("absorb", ABSORB_MODES), ("dedup", DEDUP_MODES), ("cluster", CLUSTER_MODES),
-                           ("fill", FILL_MODES), ("posc_key", POSC_KEYS)):
+                           ("fill", FILL_MODES), ("posc_key", POSC_KEYS), ("regd_segments", REGD_SEGMENTS)):
             if getattr(self, key) not in valid:
                 options = ", ".join(map(repr, valid))
                 raise ValueError(f"sharp: {key} must be one of {options}, got {getattr(self, key)!r}")
@@ -149,12 +152,6 @@ class ShaRP(PruningMethod):
     def install(self, session) -> None:
         self._backbone = session.backbone
 
-    def after_prefill(self, session) -> None:
-        # Table 4's "LLM Fw.": the engine's prefill time minus ShaRP's own steps
-        times = session.trace.stage_times
-        ours = sum(times.get(k, 0.0) for k in TIME_KEYS + ("probe",))
-        times["forward"] = max(0.0, times["prefill"] - ours)
-
     # -- SegM (Sec. 4.1) ---------------------------------------------------------------------
     def segments(self, ctx) -> list[torch.Tensor]:
         """Per sample, the segment id of every ORIGINAL visual index (-1: not present at layer 0),
@@ -184,8 +181,8 @@ class ShaRP(PruningMethod):
         st = ctx.state
         if getattr(st, "mask_seq", None) is ctx.seq:
             mask = st.mask  # the same sequence as the previous masked layer
-        elif all(len(s) == 1 for s in ctx.trace.segments):
-            mask = None  # one segment per sample: no restriction (and the model's own fast path)
+        elif self.segm_sees_text and all(len(s) == 1 for s in ctx.trace.segments):
+            mask = None  # one segment per sample that sees the text anyway: no restriction (fast path)
         else:
             positions = [ctx.visual_positions(b) for b in range(ctx.batch_size)]
             ids = [of_index[b][ctx.current_visual_index(b)] for b in range(ctx.batch_size)]
@@ -246,9 +243,12 @@ class ShaRP(PruningMethod):
         keep, new_hidden = [], None
         for b, registers in enumerate(topk):
             tokens = ctx.visual_tokens(b)
+            segment_ids = of_index[b][tokens.index]
+            if self.regd_segments == "video" and not self.segm:
+                segment_ids = torch.zeros_like(segment_ids)  # SegM off: the whole video is one unit
             r = run_regd(
                 ctx.hidden_states[b, tokens.positions], calibrated[b, : len(tokens)], registers,
-                of_index[b][tokens.index], tau_filter=self.tau_filter, tau_merge=self.tau_merge,
+                segment_ids, tau_filter=self.tau_filter, tau_merge=self.tau_merge,
                 tau_cluster=self.tau_cluster, beta=self.beta, absorb=self.absorb, dedup=self.dedup,
                 cluster=self.cluster, fill=self.fill)
             for key in ("filter", "dedup", "fill"):
