@@ -1,7 +1,6 @@
 """Backbones: layouts, real video files through prepare() + generate(), clear input errors."""
 import numpy as np
 import pytest
-import torch
 
 import sharp
 from sharp.backbones.video import VideoError, write_video

@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from sharp.harness.config import PACKAGE_DIR, REPO_ROOT
+from sharp.harness.config import PACKAGE_DIR
 
 
 def test_lmms_eval_cli_runs_the_synthetic_task_with_our_model(tmp_path):

@@ -6,14 +6,12 @@ import logging
 import os
 import socket
 import time
-from pathlib import Path
-from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from sharp.harness import cells as C
 from sharp.harness.catalog import backbone_family, check_backbone, check_method, lmms_method_ids
-from sharp.harness.config import REPO_ROOT, cell_from_cfg, include_paths, resolve_sweep_cell, results_root, to_plain
+from sharp.harness.config import REPO_ROOT, cell_from_cfg, include_paths, resolve_sweep_cell, results_root
 from sharp.harness.io import atomic_write_json, atomic_write_jsonl
 from sharp.harness.resources import HarnessError, explain, preflight
 from sharp.harness.summary import build_summary
