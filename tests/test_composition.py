@@ -100,7 +100,8 @@ def test_posc_probe_replays_earlier_stages(name):
     allowed = torch.ones(s, s, dtype=torch.bool).tril()[None, None] & keys[:, None, None, :]
     allowed = allowed | torch.eye(s, dtype=torch.bool)[None, None]
     with torch.no_grad(), layer_masks(bb, {layer: allowed for layer in range(bb.num_layers)}):
-        att = bb.model(**black, output_attentions=True).attentions[0][0, :, -1].mean(0)  # (s,)
+        # the default reading scores with layer 1's map (score_at="stage"); the probe has no SegM
+        att = bb.model(**black, output_attentions=True).attentions[1][0, :, -1].mean(0)  # (s,)
     expected = att[vis[0].nonzero().squeeze(1)[trace.kept[0][0]]]
     assert bias.shape == expected.shape
     torch.testing.assert_close(bias, expected, atol=1e-6, rtol=1e-5)
