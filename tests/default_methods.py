@@ -11,6 +11,8 @@ import sharp
 # kwargs that fit the 4-layer tiny backbones (defaults are the 7B paper settings)
 TINY_KWARGS: dict[str, dict] = {
     "fastv": {"layer": 2},
+    "pdrop": {"layers": [1, 2, 3]},  # the 7B defaults (4, 16, 24) do not fit 4 layers
+    "feather": {"layer": 2},
     "sharp": {"cache_dir": ""},
 }
 
