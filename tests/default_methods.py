@@ -16,6 +16,17 @@ TINY_KWARGS: dict[str, dict] = {
     "sharp": {"cache_dir": ""},
 }
 
+# per-backbone overrides on top of TINY_KWARGS (Qwen2-VL's M-RoPE has no compact positions)
+BACKBONE_KWARGS: dict[tuple[str, str], dict] = {
+    ("pdrop", "tiny_qwen2_vl"): {"positions": "original"},
+}
+
+
+def kwargs_for(name: str, kwargs: dict, backbone: str) -> dict:
+    """The case's kwargs with the backbone's overrides for that method."""
+    return {**kwargs, **BACKBONE_KWARGS.get((name, backbone), {})}
+
+
 # compositions of what exists, with per-child kwargs
 COMPOSITIONS: dict[str, dict] = {
     "fastv+sharp": {"fastv": {"layer": 1, "retention": 0.5}, "sharp": {"layer": 2, "cache_dir": ""}},

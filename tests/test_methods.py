@@ -18,7 +18,7 @@ import torch
 import sharp
 from sharp.engine import ComposedMethod
 
-from default_methods import method_cases
+from default_methods import kwargs_for, method_cases
 from engine_reference import Recorder, generate_with_logits, replay_reference_logits
 
 BACKBONES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
@@ -33,8 +33,22 @@ def backbone(name, impl="eager"):
     return _BB[name, impl]
 
 
-def make(name, kwargs, retention):
-    return sharp.make_method(name, retention, **kwargs)
+def make(name, kwargs, retention, backbone=None):
+    return sharp.make_method(name, retention, **(kwargs_for(name, kwargs, backbone) if backbone else kwargs))
+
+
+def compact_layers(method, trace, num_layers):
+    """Layers whose positions were compacted (from the first stage of a compacting method on)."""
+    leaves = method.flat_children() if isinstance(method, ComposedMethod) else [method]
+    keys = [k for m, k in zip(leaves, _keys(leaves)) if m.positions == "compact"]
+    layers = [layer for layer, owner in zip(trace.stage_layers, trace.stage_owners) if owner in keys]
+    return range(min(layers), num_layers) if layers else ()
+
+
+def _keys(leaves):
+    from sharp.methods.registry import child_keys
+
+    return child_keys([m.name for m in leaves])
 
 
 @pytest.mark.parametrize("bb_name", BACKBONES)
@@ -42,7 +56,7 @@ def make(name, kwargs, retention):
 def test_trace_follows_token_schedule(bb_name, name, kwargs):
     bb = backbone(bb_name)
     inputs = bb.synthetic_inputs(frames=8, seed=11)
-    method = make(name, kwargs, 0.25)
+    method = make(name, kwargs, 0.25, bb_name)
     with sharp.prune(bb, method) as trace, torch.no_grad():
         bb.model(**inputs)
     n_vis = bb.layout(inputs).n_visual
@@ -53,7 +67,7 @@ def test_trace_follows_token_schedule(bb_name, name, kwargs):
 @pytest.mark.parametrize("bb_name", BACKBONES)
 @pytest.mark.parametrize("name,kwargs", CASES, ids=IDS)
 def test_full_retention_is_identity(bb_name, name, kwargs):
-    method = make(name, kwargs, 1.0)
+    method = make(name, kwargs, 1.0, bb_name)
     leaves = method.flat_children() if isinstance(method, ComposedMethod) else [method]
     if not all(type(m).identity_at_full_retention for m in leaves):
         pytest.skip(f"{name}: R = 1 is not the identity (e.g. SegM masks layer 0)")
@@ -73,11 +87,12 @@ def test_full_retention_is_identity(bb_name, name, kwargs):
 def test_decode_equals_masked_no_cache_reference(bb_name, batch, name, kwargs):
     bb = backbone(bb_name)
     inputs = bb.synthetic_inputs(frames=8, seed=13, batch_size=batch)
-    method = make(name, kwargs, 0.25)
+    method = make(name, kwargs, 0.25, bb_name)
     recorder = Recorder(method)
     with sharp.prune(bb, method) as trace:
         seq, logits = generate_with_logits(bb, inputs, max_new_tokens=4)
-    ref = replay_reference_logits(bb, inputs, seq, trace, recorder)
+    ref = replay_reference_logits(bb, inputs, seq, trace, recorder,
+                                  compact_layers=compact_layers(method, trace, bb.num_layers))
     p = inputs["input_ids"].shape[1]
     torch.testing.assert_close(logits, ref[:, p - 1: seq.shape[1] - 1], atol=2e-4, rtol=1e-4)
 
