@@ -38,6 +38,22 @@ import sharp  # noqa: E402
 from sharp import toy  # noqa: E402
 
 RETENTIONS = (0.5, 0.25, 0.1, 0.05)
+# Kwargs for the 4-layer toys where a method's defaults are set for the 28-layer 7B models:
+# PyramidDrop's stages (4, 16, 24) become one per layer after layer 0 (FastV and FEATHER prune
+# before layer 2 on both, as in the paper).
+# Qwen2-VL's M-RoPE has no compacted positions: PyramidDrop keeps the original ones there.
+TOY_KWARGS = {"pdrop": {"layers": [1, 2, 3]}}
+MROPE_KWARGS = {"pdrop": {"positions": "original"}}
+
+
+def toy_kwargs(method: str, bb) -> dict:
+    """The documented kwargs of ``method`` on a toy backbone (empty for other backbones)."""
+    if not bb.name.startswith("toy_"):
+        return {}
+    from sharp.engine.session import uses_mrope
+
+    extra = MROPE_KWARGS.get(method, {}) if uses_mrope(bb) else {}
+    return {**TOY_KWARGS.get(method, {}), **extra}
 
 
 def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int, cache_dir=None,
@@ -55,11 +71,12 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
         t0 = time.time()
         row = {"method": method, "retention": retention}
         try:
-            res = toy.evaluate(bb, docs, method, retention, store=store, batch_size=batch_size)
+            kwargs = toy_kwargs(method, bb)
+            res = toy.evaluate(bb, docs, method, retention, store=store, batch_size=batch_size, **kwargs)
             n_visual = res.n_visual
             row.update(accuracy=res.accuracy, kept_tokens=res.kept_tokens,
                        budget=budget(res.n_visual, retention), n_visual=res.n_visual,
-                       tflops=sharp.flops.prefill_tflops(bb, method, retention, visual_tokens=res.n_visual),
+                       tflops=sharp.flops.prefill_tflops(bb, method, retention, visual_tokens=res.n_visual, **kwargs),
                        **{f"acc_{q}": res.per_qtype.get(q, float("nan")) for q in QTYPES},
                        seconds=round(time.time() - t0, 1), error="")
         except Exception as err:  # noqa: BLE001 - report and go on with the other methods

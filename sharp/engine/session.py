@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from sharp.engine.attention import attention_of_last_tokens, cuda_sync, rope_apply  # noqa: F401 (re-export)
+from sharp.engine.attention import cuda_sync
 from sharp.engine.compose import ComposedMethod
 from sharp.engine.context import StageContext
 from sharp.engine.sequence import SeqState, gather_seq
@@ -76,7 +76,8 @@ class _CallState:
     model_kwargs: dict = field(default_factory=dict)
 
 
-def _uses_mrope(backbone) -> bool:
+def uses_mrope(backbone) -> bool:
+    """Whether the backbone's LLM uses multimodal RoPE (Qwen2-VL): no 1-D compacted positions there."""
     scaling = getattr(backbone.text_config, "rope_scaling", None) or {}
     return "mrope_section" in scaling
 
@@ -96,7 +97,7 @@ class PruningSession:
         self.stage_layers = sorted(self.stage_owners)
         self.score_layers = self._score_layers()
         self.vision_layer_ids = self._vision_layers()
-        if _uses_mrope(backbone) and any(m.positions == "compact" for m in self.methods):
+        if uses_mrope(backbone) and any(m.positions == "compact" for m in self.methods):
             raise ValueError(
                 f"positions='compact' needs 1-D RoPE, but {backbone.name} uses multimodal RoPE (M-RoPE): each "
                 f"visual token's position is its (t, h, w) grid cell and PyramidDrop's re-numbering is defined "

@@ -45,7 +45,6 @@ SCORE_AT = ("previous", "stage")
 POSC_SPACES = ("prob", "logit")
 SOFTMAX_OVER = ("all", "visual")
 REGD_SEGMENTS = ("eq3", "video")
-TIME_KEYS = ("attn", "filter", "dedup", "fill")
 
 
 @register_method
