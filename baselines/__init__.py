@@ -2,3 +2,4 @@
 from baselines import fastv  # noqa: F401
 from baselines import feather  # noqa: F401
 from baselines import pdrop  # noqa: F401
+from baselines import framefusion  # noqa: F401

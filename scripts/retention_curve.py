@@ -28,6 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,20 @@ def toy_kwargs(method: str, bb) -> dict:
     return {**TOY_KWARGS.get(method, {}), **extra}
 
 
+def _tflops(bb, method: str, retention: float, res, kwargs: dict) -> float:
+    """Prefill TFLOPs of the method's token schedule, or, when its kept counts depend on the video
+    (FrameFusion, adaptive SharpV), the mean over the videos of their measured schedules."""
+    if sharp.get_method_class(method).input_dependent_schedule:
+        dims = sharp.flops.lm_dims(bb)
+        return float(np.mean([sharp.flops.schedule_tflops(c, dims) for c in res.layer_counts]))
+    return sharp.flops.prefill_tflops(bb, method, retention, visual_tokens=res.n_visual, **kwargs)
+
+
+def _layer_share(res) -> float:
+    """Mean share of the visual tokens over the decoder layers and the videos (FrameFusion's budget)."""
+    return float(np.mean([np.mean(c) / res.n_visual for c in res.layer_counts])) if res.layer_counts else 1.0
+
+
 def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int, cache_dir=None,
         data_seed: int = 0, weights_dir=None, log=print) -> tuple[list[dict], dict]:
     from sharp.methods import budget
@@ -76,7 +91,8 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
             n_visual = res.n_visual
             row.update(accuracy=res.accuracy, kept_tokens=res.kept_tokens,
                        budget=budget(res.n_visual, retention), n_visual=res.n_visual,
-                       tflops=sharp.flops.prefill_tflops(bb, method, retention, visual_tokens=res.n_visual, **kwargs),
+                       tflops=_tflops(bb, method, retention, res, kwargs),
+                       layer_share=_layer_share(res),
                        **{f"acc_{q}": res.per_qtype.get(q, float("nan")) for q in QTYPES},
                        seconds=round(time.time() - t0, 1), error="")
         except Exception as err:  # noqa: BLE001 - report and go on with the other methods
@@ -87,6 +103,7 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
             log(f"{method:>14s} @ {retention:<5g} ERROR {row['error']}")
         else:
             log(f"{method:>14s} @ {retention:<5g} acc {row['accuracy']:5.1f}%  kept {row['kept_tokens']:.0f}/{n_visual}"
+                f"  layer share {row['layer_share']:.3f}"
                 f"  {row['tflops'] * 1e6:.2f} MFLOPs  ({row['seconds']:.0f} s)")
     info = {"backbone": backbone, "split": split, "n": len(docs), "n_visual": n_visual, "batch_size": batch_size,
             "methods": list(methods), "retentions": list(retentions), "data_seed": data_seed,
@@ -102,7 +119,7 @@ def write_outputs(rows: list[dict], info: dict, out: Path) -> dict:
     from sharp.synthetic import QTYPES
 
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["method", "retention", "accuracy", "kept_tokens", "budget", "n_visual", "tflops",
+    fields = ["method", "retention", "accuracy", "kept_tokens", "layer_share", "budget", "n_visual", "tflops",
               *[f"acc_{q}" for q in QTYPES], "seconds", "error"]
     with open(out / "retention_curve.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

@@ -103,23 +103,26 @@ class Recorder:
         self.method = method
         self.leaves = method.flat_children() if isinstance(method, ComposedMethod) else [method]
         self.merges = []  # (layer, sample, origin positions (n,), rows (n, d))
+        self.mid_merges = []  # the same, written after the layer's attention (after_attention)
         self.masks = {}  # layer -> list of (origin (b, s), allowed (b, 1, s, s))
         for m in self.leaves:
             self._wrap(m)
 
     def _wrap(self, m):
-        select, attention_mask = m.select, m.attention_mask
+        select, after_attention, attention_mask = m.select, m.after_attention, m.attention_mask
 
-        def recording_select(ctx):
-            sel = select(ctx)
-            if sel.hidden_states is not None:
-                for b in range(ctx.batch_size):
-                    pos = ctx.visual_positions(b)
-                    if sel.keep_visual is not None:
-                        pos = pos[torch.as_tensor(sel.keep_visual[b]).long()]
-                    self.merges.append((ctx.layer_idx, b, ctx.seq.origin[b, pos].clone(),
-                                        sel.hidden_states[b, pos].detach().clone()))
-            return sel
+        def recorder_of(fn, into):
+            def recording(ctx):
+                sel = fn(ctx)
+                if sel.hidden_states is not None:
+                    for b in range(ctx.batch_size):
+                        pos = ctx.visual_positions(b)
+                        if sel.keep_visual is not None:
+                            pos = pos[torch.as_tensor(sel.keep_visual[b]).long()]
+                        into.append((ctx.layer_idx, b, ctx.seq.origin[b, pos].clone(),
+                                     sel.hidden_states[b, pos].detach().clone()))
+                return sel
+            return recording
 
         def recording_mask(ctx):
             mask = attention_mask(ctx)
@@ -127,7 +130,8 @@ class Recorder:
                 self.masks.setdefault(ctx.layer_idx, []).append((ctx.seq.origin.clone(), mask.clone()))
             return mask
 
-        object.__setattr__(m, "select", recording_select)
+        object.__setattr__(m, "select", recorder_of(select, self.merges))
+        object.__setattr__(m, "after_attention", recorder_of(after_attention, self.mid_merges))
         object.__setattr__(m, "attention_mask", recording_mask)
 
 
@@ -143,7 +147,8 @@ def trace_key_masks(bb, inputs, sequences, trace):
 
 def replay_reference_logits(bb, inputs, sequences, trace, recorder, compact_layers=()):
     """No-cache logits of the unpruned model over prompt + generated tokens in which every layer sees
-    only the keys the engine kept for it, the merged rows the methods produced at their stages, and
+    only the keys the engine kept for it, the merged rows the methods produced at their stages (layer
+    inputs) and after their layers' attention (written into the residual stream before the MLP), and
     the methods' custom masks on the prompt rows. ``compact_layers``: layers with compacted positions."""
     b, s = sequences.shape
     p = inputs["input_ids"].shape[1]
@@ -163,9 +168,11 @@ def replay_reference_logits(bb, inputs, sequences, trace, recorder, compact_laye
         for origin, mask in recorder.masks.get(layer, []):
             a = a & _spread(mask, origin, s)
         allowed[layer] = a | eye
-    merged = {}
+    merged, mid = {}, {}
     for layer, i, origin, rows in recorder.merges:
         merged.setdefault(layer, []).append((i, origin, rows))
+    for layer, i, origin, rows in recorder.mid_merges:
+        mid.setdefault(layer, []).append((i, origin, rows))
     kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     kwargs.update(input_ids=sequences, attention_mask=mask2d)
     if bb.kind == "llava_onevision":  # generate's positions for left padding
@@ -180,7 +187,15 @@ def replay_reference_logits(bb, inputs, sequences, trace, recorder, compact_laye
             return (h,) + tuple(args[1:]), kw
         return hook
 
+    def inject_in_place(layer):
+        def hook(module, args, kw):  # the post-attention norm's input IS the layer's residual stream
+            for i, origin, rows in mid[layer]:
+                args[0][i, origin] = rows.to(args[0].dtype)
+        return hook
+
     handles = [bb.layers[k].register_forward_pre_hook(inject(k), with_kwargs=True) for k in merged]
+    handles += [bb.layers[k].post_attention_layernorm.register_forward_pre_hook(inject_in_place(k), with_kwargs=True)
+                for k in mid]
     try:
         with torch.no_grad(), layer_masks(bb, allowed, positions):
             return bb.model(**kwargs, use_cache=False).logits

@@ -5,7 +5,8 @@ its children and
 
 * runs the union of the children's stages, in layer order; at a layer where several children have
   a stage they run in the children's order, each on the sequence the previous one left;
-* dispatches each stage to its owner (``select``) and records its selection under the owner's key;
+* dispatches each stage to its owner (``select``, and ``after_attention`` at its after-attention
+  layers) and records its selection under the owner's key;
 * ANDs the children's custom attention masks (``attention_mask``) layer by layer;
 * chains ``install`` and ``after_prefill`` in the children's order;
 * records ``score_layers`` and ``vision_layers`` for all of them.
@@ -74,6 +75,9 @@ class ComposedMethod(PruningMethod):
 
     def score_layers(self, num_layers: int) -> list[int]:
         return sorted({k for c in self.flat_children() for k in c.score_layers(num_layers)})
+
+    def after_attention_layers(self, num_layers: int) -> list[int]:
+        return sorted({k for c in self.flat_children() for k in c.after_attention_layers(num_layers)})
 
     def vision_layers(self) -> list[Union[int, str]]:
         out = []

@@ -45,10 +45,13 @@ class StageContext:
     """One layer of one prefill (or probe) as a method sees it."""
 
     def __init__(self, session: "PruningSession", layer_idx: int, hidden_states: torch.Tensor, seq: SeqState,
-                 owner: Optional[int] = None):
+                 owner: Optional[int] = None, layer_input: Optional[torch.Tensor] = None):
         self.session = session
         self.layer_idx = layer_idx
-        self.hidden_states = hidden_states  # (b, s, d): input of layer ``layer_idx``
+        # (b, s, d): input of layer ``layer_idx`` (a stage), or the residual stream after its attention
+        # (an ``after_attention`` context, whose ``layer_input`` is then the layer's input)
+        self.hidden_states = hidden_states
+        self.layer_input = hidden_states if layer_input is None else layer_input
         self.seq = seq
         self.owner = owner  # position of the method in the session's (flattened) method list
 
@@ -145,7 +148,7 @@ class StageContext:
             raise ValueError(f"softmax_over must be 'all' or 'visual', got {softmax_over!r}")
         src = self if layer is None or layer == self.layer_idx else self.recorded(layer)
         scores = attention_of_last_tokens(
-            self.backbone, src.layer_idx, src.hidden_states, src.seq.position_embeddings,
+            self.backbone, src.layer_idx, src.layer_input, src.seq.position_embeddings,
             src.seq.attention_mask_2d, queries=queries, rope=rope,
             key_mask=src.seq.visual_mask if softmax_over == "visual" else None, space=space)
         return self.seq.map_from(src.seq, scores, self.session.input_length)

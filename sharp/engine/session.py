@@ -10,6 +10,9 @@ Mechanism (see docs/engine.md and ../shared/notes/engine.md):
   or re-numbered with ``positions="compact"``) and padding mask, and rebuilds the causal mask for
   the short sequence with transformers' own ``create_causal_mask`` (so every attention
   implementation gets its own format). A stage that keeps everything costs nothing.
+* After-attention selections (FrameFusion): a pre-hook on a layer's ``post_attention_layernorm``
+  sees the residual stream after the attention (the same tensor the layer adds its MLP output to);
+  merged rows are written into it in place and the dropped tokens leave before the next layer.
 * KV cache: layers < k keep the full cache, layers >= k the pruned one (DynamicCache layers have
   independent lengths). ``get_seq_length()`` reads layer 0, so generate's positions and Qwen2-VL's
   ``rope_deltas`` stay in the original frame. In decode, every layer whose cache was shortened gets
@@ -69,6 +72,8 @@ class _CallState:
     layer_inputs: dict = field(default_factory=dict)  # layer -> (hidden, SeqState)
     probe_target: Optional[tuple[int, int]] = None  # (layer, owner) of the probing stage
     probe_fn: Optional[Callable] = None
+    layer_input: Optional[torch.Tensor] = None  # input of the decoder layer now running (after its stages)
+    pending: list = field(default_factory=list)  # (owner, kept ORIGINAL indices per sample) from after_attention
     vision_captured: dict = field(default_factory=dict)  # vision layer -> {"args", "kwargs", "output"}
     vision_maps: dict = field(default_factory=dict)  # vision layer -> VisionMaps
     decode_masks: dict = field(default_factory=dict)  # id(kv mask) -> (mask2d, mask, cache_position)
@@ -95,6 +100,7 @@ class PruningSession:
         self.num_layers = backbone.num_layers
         self.stage_owners = self._stage_owners()  # layer -> [owner, ...] in composition order
         self.stage_layers = sorted(self.stage_owners)
+        self.after_attention_owners = self._after_attention_owners()  # layer -> [owner, ...]
         self.score_layers = self._score_layers()
         self.vision_layer_ids = self._vision_layers()
         if uses_mrope(backbone) and any(m.positions == "compact" for m in self.methods):
@@ -109,6 +115,7 @@ class PruningSession:
         self.kv_masks: dict[int, torch.Tensor] = {}  # layer -> (b, kv_len) key mask of its cache
         self.position_shift: dict[int, torch.Tensor] = {}  # layer -> (b,) real tokens dropped by compaction
         self._applied: dict[tuple[int, int], list[torch.Tensor]] = {}  # (layer, owner) -> kept original indices
+        self._applied_after: dict[tuple[int, int], list[torch.Tensor]] = {}  # same, drops from after_attention
         self._scratch: list[SimpleNamespace] = [SimpleNamespace() for _ in self.methods]
         self._attn_cfg_backup: dict[int, Any] = {}
         self._last_cache = None
@@ -122,6 +129,17 @@ class PruningSession:
             bad = [k for k in layers if not 0 <= k < self.num_layers]
             if bad:
                 raise ValueError(f"{m.name}: stage layer(s) {bad} outside 0..{self.num_layers - 1}")
+            for k in layers:
+                owners.setdefault(k, []).append(i)
+        return owners
+
+    def _after_attention_owners(self) -> dict[int, list[int]]:
+        owners: dict[int, list[int]] = {}
+        for i, m in enumerate(self.methods):
+            layers = m.after_attention_layers(self.num_layers)
+            bad = [k for k in layers if not 0 <= k < self.num_layers]
+            if bad:
+                raise ValueError(f"{m.name}: after-attention layer(s) {bad} outside 0..{self.num_layers - 1}")
             for k in layers:
                 owners.setdefault(k, []).append(i)
         return owners
@@ -200,6 +218,8 @@ class PruningSession:
         self.add_hook(self.backbone.model, self._model_post_hook, pre=False)
         for i, layer in enumerate(self.backbone.layers):
             self.add_hook(layer, self._make_layer_hook(i))
+        for i in self.after_attention_owners:
+            self.add_hook(self.backbone.layers[i].post_attention_layernorm, self._make_after_attention_hook(i))
         for i in self.vision_layer_ids:
             self._install_vision_capture(i)
         for m in self.methods:
@@ -255,6 +275,7 @@ class PruningSession:
         self.kv_masks = {}
         self.position_shift = {}
         self._applied = {}
+        self._applied_after = {}
         self._scratch = [SimpleNamespace() for _ in self.methods]
         self.trace.start_prefill(state.layout.n_visual, self.method_keys)
 
@@ -333,12 +354,16 @@ class PruningSession:
         hidden_in = args[0] if args else kwargs["hidden_states"]
         if not state.seq.pruned and state.seq.position_embeddings is None:
             state.seq = state.seq.with_rope(kwargs["position_embeddings"])
-        hidden = self._run_stages(idx, hidden_in)
+        hidden = self._run_after_attention_drops(idx, hidden_in)
+        hidden = self._run_stages(idx, hidden)
         seq = state.seq
+        state.layer_input = hidden
         if idx in self.score_layers:
             state.layer_inputs[idx] = (hidden, seq)
         if state.phase == "prefill" and len(self.trace.visual_tokens_per_layer) == idx:
-            self.trace.visual_tokens_per_layer.append(int(seq.visual_mask[0].sum()))
+            counts = seq.visual_mask.sum(dim=1).tolist()
+            self.trace.visual_tokens_per_layer.append(int(counts[0]))
+            self.trace.visual_tokens_by_sample.append([int(c) for c in counts])
 
         t0 = time.perf_counter()
         extra = self._method_masks(idx, hidden, seq)
@@ -370,6 +395,57 @@ class PruningSession:
                 hidden = self._run_stage(idx, owner, hidden)
         if state.phase == "probe" and idx >= state.probe_target[0]:
             raise RuntimeError("probe passed its stage")
+        return hidden
+
+    # -- after-attention selections (FrameFusion's hook point) ---------------------------------
+    def _make_after_attention_hook(self, idx: int):
+        """Pre-hook of layer ``idx``'s post_attention_layernorm: its input IS the residual stream after
+        the attention (the decoder layer adds the MLP output to this same tensor), so a method's merged
+        rows are written into it in place; its drops are applied before layer ``idx + 1``."""
+
+        def hook(module, args, kwargs):
+            if not self._states or self.state.phase != "prefill":
+                return None
+            residual = args[0] if args else kwargs["hidden_states"]
+            self._run_after_attention(idx, residual)
+            return None
+
+        return hook
+
+    def _run_after_attention(self, idx: int, residual: torch.Tensor) -> None:
+        state = self.state
+        t0 = time.perf_counter()
+        for owner in self.after_attention_owners[idx]:
+            ctx = StageContext(self, idx, residual, state.seq, owner, layer_input=state.layer_input)
+            selection: Selection = self.methods[owner].after_attention(ctx)
+            if selection.hidden_states is not None and selection.hidden_states is not residual:
+                residual.copy_(selection.hidden_states)
+            keep = selection.keep_visual
+            if keep is None or [len(k) for k in keep] == ctx.visual_counts or idx + 1 >= self.num_layers:
+                continue
+            originals = [ctx.current_visual_index(b)[torch.as_tensor(keep[b], device=residual.device).long()]
+                         for b in range(residual.shape[0])]
+            state.pending.append((owner, originals))
+        self.trace.add_time("select", time.perf_counter() - t0)
+
+    def _run_after_attention_drops(self, idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply the drops decided after layer ``idx - 1``'s attention (prefill) or replay them (probe)."""
+        state = self.state
+        if state.phase == "probe":
+            for (layer, owner), kept in self._applied_after.items():
+                if layer == idx:
+                    hidden = self._keep_originals(idx, owner, hidden, kept, record_kv=False)
+            return hidden
+        pending, state.pending = state.pending, []
+        for owner, kept in pending:
+            t0 = time.perf_counter()
+            hidden = self._keep_originals(idx, owner, hidden, kept, record_kv=True)
+            now = [v[v >= 0].clone() for v in state.seq.visual_index]
+            self._applied_after[(idx, owner)] = now
+            self.trace.kept.append(now)
+            self.trace.stage_layers.append(idx)
+            self.trace.stage_owners.append(self.method_keys[owner])
+            self.trace.add_time("select", time.perf_counter() - t0)
         return hidden
 
     def _method_masks(self, idx: int, hidden: torch.Tensor, seq: SeqState) -> Optional[torch.Tensor]:
@@ -409,12 +485,17 @@ class PruningSession:
         kept = self._applied.get((idx, owner))
         if kept is None:
             return hidden
+        return self._keep_originals(idx, owner, hidden, kept, record_kv=False)
+
+    def _keep_originals(self, idx: int, owner: int, hidden: torch.Tensor, kept: list[torch.Tensor],
+                        record_kv: bool) -> torch.Tensor:
+        """Shrink to the current visual tokens whose ORIGINAL index is in ``kept[b]`` (and all text)."""
         seq = self.state.seq
         keep = []
         for b in range(hidden.shape[0]):
             current = seq.visual_index[b, seq.visual_positions(b)]
             keep.append(torch.isin(current, kept[b].to(current.device)).nonzero().squeeze(1))
-        return self._shrink(idx, self.methods[owner], hidden, keep, record_kv=False)
+        return self._shrink(idx, self.methods[owner], hidden, keep, record_kv=record_kv)
 
     def _shrink(self, idx: int, method: PruningMethod, hidden: torch.Tensor, keep: list[torch.Tensor],
                 record_kv: bool) -> torch.Tensor:

@@ -15,6 +15,7 @@ class Trace:
         stage (stages whose selection was ``Selection.unchanged()`` are not listed).
     stage_layers: [stage] -> the decoder layer of that applied stage; stage_owners: its method key.
     visual_tokens_per_layer: visual tokens each decoder layer processed in prefill (sample 0).
+    visual_tokens_by_sample: [layer][sample] the same for every sample of the batch.
     stage_times: seconds per named step (engine: prefill, select, mask; methods add their own keys).
     methods: method key -> namespace of that method's results (``trace.method("sharp").segments``);
         the key is the method's name, ``name@i`` for the i-th of a repeated child.
@@ -24,6 +25,7 @@ class Trace:
     stage_layers: list[int] = field(default_factory=list)
     stage_owners: list[str] = field(default_factory=list)
     visual_tokens_per_layer: list[int] = field(default_factory=list)
+    visual_tokens_by_sample: list[list[int]] = field(default_factory=list)
     n_visual: int = 0
     stage_times: dict[str, float] = field(default_factory=dict)
     prefill_calls: int = 0
@@ -40,7 +42,7 @@ class Trace:
 
     def start_prefill(self, n_visual: int, method_keys: list[str]) -> None:
         self.kept, self.stage_layers, self.stage_owners = [], [], []
-        self.visual_tokens_per_layer, self.stage_times = [], {}
+        self.visual_tokens_per_layer, self.visual_tokens_by_sample, self.stage_times = [], [], {}
         self.n_visual = n_visual
         self.prefill_calls += 1
         self.methods = {key: SimpleNamespace() for key in method_keys}

@@ -116,6 +116,9 @@ class PruningMethod:
     name: ClassVar[str] = ""
     # R = 1 is the identity (the tests then require bit-identical outputs at retention 1.0)
     identity_at_full_retention: ClassVar[bool] = True
+    # the kept counts depend on the input (FrameFusion's merges, adaptive SharpV): ``token_schedule`` is
+    # then a NOMINAL schedule and the trace's ``visual_tokens_per_layer`` is the measured one
+    input_dependent_schedule: ClassVar[bool] = False
     retention: float = 1.0
     positions: str = "original"
 
@@ -147,6 +150,11 @@ class PruningMethod:
         """Layers whose prefill *inputs* the engine must keep for ``select`` (e.g. FastV: K-1)."""
         return []
 
+    def after_attention_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers after whose attention (+ residual, before the MLP) ``after_attention`` runs
+        in prefill (FrameFusion's hook point)."""
+        return []
+
     def vision_layers(self) -> list[Union[int, str]]:
         """Vision-encoder layers whose maps ``select`` reads through ``ctx.vision(layer)``
         (ints, negative from the end, or ``"feature"`` = the layer that feeds the LLM)."""
@@ -155,6 +163,18 @@ class PruningMethod:
     # -- what it keeps ---------------------------------------------------------------------
     def select(self, ctx: "StageContext") -> Selection:
         raise NotImplementedError
+
+    def after_attention(self, ctx: "StageContext") -> Selection:
+        """A selection made between layer ``ctx.layer_idx``'s attention and its MLP (prefill only).
+
+        ``ctx.hidden_states`` (b, s, d) is the residual stream after the attention; ``ctx.layer_input``
+        the layer's input (``ctx.last_token_attention()`` is this layer's map). A returned
+        ``hidden_states`` replaces the residual stream before the MLP (merged tokens); the tokens not in
+        ``keep_visual`` leave the sequence from layer ``layer_idx + 1`` on (the MLP is token-wise, so
+        their MLP rows in this layer are computed and discarded: the result equals dropping them before
+        the MLP; the FLOPs counter counts this layer at its input count).
+        """
+        return Selection.unchanged()
 
     # -- optional extras -------------------------------------------------------------------
     def install(self, session: "PruningSession") -> None:

@@ -23,6 +23,7 @@ class EvalResult:
     n_visual: int
     kept_tokens: float  # mean visual tokens kept after the last stage (n_visual without pruning)
     kept_counts: list  # per doc
+    layer_counts: list  # per doc: visual tokens each decoder layer processed (the measured schedule)
     preds: list  # per doc: predicted letter ('' if none)
     answers: list
     seconds: float
@@ -40,9 +41,9 @@ def _per_qtype(docs: Sequence[dict], right: Sequence[bool]) -> dict:
 
 
 def _generate(bb, inputs: dict, method: str, retention: float, max_new_tokens: int,
-              **method_kwargs) -> tuple[list[str], Optional[list]]:
-    """Greedy answers (text up to ``<|im_end|>``, padding removed) of one batch and the kept visual
-    indices of the last stage per sample (None without pruning)."""
+              **method_kwargs) -> tuple[list[str], Optional[list], list]:
+    """Greedy answers (text up to ``<|im_end|>``, padding removed) of one batch, the kept visual
+    indices of the last stage per sample (None without pruning) and each sample's per-layer counts."""
     import sharp
 
     with torch.no_grad(), sharp.prune(bb, method, retention, **method_kwargs) as trace:
@@ -50,7 +51,8 @@ def _generate(bb, inputs: dict, method: str, retention: float, max_new_tokens: i
                                 pad_token_id=bb.tokenizer.pad_token_id, eos_token_id=bb.tokenizer.eos_token_id)
     texts = bb.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
     texts = [t.split(ANSWER_END)[0].replace(bb.tokenizer.pad_token, "") for t in texts]
-    return texts, (trace.kept[-1] if trace.kept else None)
+    per_sample = [list(column) for column in zip(*trace.visual_tokens_by_sample)]
+    return texts, (trace.kept[-1] if trace.kept else None), per_sample
 
 
 def evaluate(bb, docs: Sequence[dict], method: str = "vanilla", retention: float = 1.0,
@@ -65,13 +67,14 @@ def evaluate(bb, docs: Sequence[dict], method: str = "vanilla", retention: float
 
     store = store if store is not None else cached_pixels(bb, docs, cache_dir)
     t0 = time.time()
-    preds, kept_counts, n_visual = [], [], 0
+    preds, kept_counts, layer_counts, n_visual = [], [], [], 0
     bb.model.eval()
     for s in range(0, len(docs), batch_size):
         idx = list(range(s, min(s + batch_size, len(docs))))
         inputs = make_batch(bb, docs, store, idx)
         n_visual = bb.layout(inputs).n_visual
-        texts, kept = _generate(bb, inputs, method, retention, max_new_tokens, **method_kwargs)
+        texts, kept, per_layer = _generate(bb, inputs, method, retention, max_new_tokens, **method_kwargs)
+        layer_counts += per_layer
         preds += [extract_letter(text, docs[i]["options"]) for i, text in zip(idx, texts)]
         kept_counts += [int(kept[j].numel()) if kept is not None else n_visual for j in range(len(idx))]
     answers = [d["answer"] for d in docs]
@@ -80,7 +83,7 @@ def evaluate(bb, docs: Sequence[dict], method: str = "vanilla", retention: float
         method=method, retention=float(retention), n=len(docs), accuracy=_percent(right),
         per_qtype=_per_qtype(docs, right), n_visual=n_visual,
         kept_tokens=float(np.mean(kept_counts)) if kept_counts else 0.0,
-        kept_counts=kept_counts, preds=preds, answers=answers, seconds=time.time() - t0)
+        kept_counts=kept_counts, layer_counts=layer_counts, preds=preds, answers=answers, seconds=time.time() - t0)
 
 
 def letter_accuracy(bb, docs: Sequence[dict], store: PixelStore, batch_size: int = 8) -> tuple[float, dict]:
