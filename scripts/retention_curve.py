@@ -60,7 +60,7 @@ def toy_kwargs(method: str, bb) -> dict:
 def _tflops(bb, method: str, retention: float, res, kwargs: dict) -> float:
     """Prefill TFLOPs of the method's token schedule, or, when its kept counts depend on the video
     (FrameFusion, adaptive SharpV), the mean over the videos of their measured schedules."""
-    if sharp.get_method_class(method).input_dependent_schedule:
+    if sharp.make_method(method, retention, **kwargs).input_dependent_schedule:
         dims = sharp.flops.lm_dims(bb)
         return float(np.mean([sharp.flops.schedule_tflops(c, dims) for c in res.layer_counts]))
     return sharp.flops.prefill_tflops(bb, method, retention, visual_tokens=res.n_visual, **kwargs)

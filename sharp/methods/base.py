@@ -117,7 +117,8 @@ class PruningMethod:
     # R = 1 is the identity (the tests then require bit-identical outputs at retention 1.0)
     identity_at_full_retention: ClassVar[bool] = True
     # the kept counts depend on the input (FrameFusion's merges, adaptive SharpV): ``token_schedule`` is
-    # then a NOMINAL schedule and the trace's ``visual_tokens_per_layer`` is the measured one
+    # then a NOMINAL schedule and the trace's ``visual_tokens_per_layer`` is the measured one (read it on
+    # the instance: a method whose mode decides, e.g. SharpV's adaptive threshold, may use a property)
     input_dependent_schedule: ClassVar[bool] = False
     retention: float = 1.0
     positions: str = "original"
