@@ -66,6 +66,11 @@ class ComposedMethod(PruningMethod):
         return out
 
     @property
+    def input_dependent_schedule(self) -> bool:  # type: ignore[override]
+        """Whether a child's kept counts depend on the input (then the composed schedule is nominal)."""
+        return any(c.input_dependent_schedule for c in self.flat_children())
+
+    @property
     def display_name(self) -> str:
         return self.label or "+".join(c.name for c in self.flat_children())
 
