@@ -3,3 +3,5 @@ from baselines import fastv  # noqa: F401
 from baselines import feather  # noqa: F401
 from baselines import pdrop  # noqa: F401
 from baselines import framefusion  # noqa: F401
+from baselines import holitom  # noqa: F401
+from baselines import visionzip  # noqa: F401

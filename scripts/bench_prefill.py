@@ -1,27 +1,90 @@
-"""Prefill latency of vanilla vs a pruning method, beside the FLOPs ratio (Table 4 style).
+"""Prefill latency of vanilla vs pruning methods, beside their FLOPs ratios (Table 4 style).
 
-CPU default: the mid-size random-weight LLaVA-OV config (1568 visual tokens, seconds per prefill).
-GPU, paper size: ``--backbone llava_onevision_7b --random-weights --frames 32``.
+    python scripts/bench_prefill.py --threads 1                                  # FastV 25%, mid-size LLaVA-OV
+    python scripts/bench_prefill.py --threads 1 --methods fastv pdrop feather framefusion sharp
+    python scripts/bench_prefill.py --methods fastv pdrop sharp --kwargs pdrop.layers=[2,9,14] \\
+        pdrop.retention=0.5 sharp.match_flops=fastv
+    python scripts/bench_prefill.py --method sharp --retention 0.2 --method-kwargs '{"match_flops": "fastv"}'
 
-Prints median milliseconds over ``--repeats`` runs after ``--warmup`` runs: the whole prefill
-forward (vision tower included) and the language-model part alone, the method's selection time
-(and its per-step breakdown from ``trace.stage_times``), the measured speedup and the FLOPs ratio.
+CPU default: the mid-size random-weight LLaVA-OV config (16 layers, 1568 visual tokens, seconds per
+prefill). GPU, paper size: ``--backbone llava_onevision_7b --random-weights --frames 32``.
+
+Timing protocol (the same for vanilla and every method, in one process on one input): per method,
+``--warmup`` prefill forwards that are not counted, then ``--repeats`` timed ones; the median of
+the repeats is reported. Vanilla is timed first, without ``sharp.prune`` (no engine hooks), then the
+methods in the order given. Times: the whole prefill forward (vision tower included) and the
+language-model part alone (hooks on the LLM's forward: first entry to last exit, so a method's
+probe pass through the LLM counts inside it); the method's selection overhead is the
+engine-timed ``select`` + ``mask`` stages of ``trace.stage_times`` (its own steps are broken down
+in the JSON and the single-method printout). Speedup = vanilla ms / method ms; FLOPs ratio = vanilla
+/ method prefill TFLOPs of ``sharp.flops.prefill_tflops`` (paper convention, the method's token
+schedule; ``flops_ratio_trace`` in the files uses the measured ``trace.visual_tokens_per_layer``);
+selection % = selection ms / the method's own LLM prefill ms.
+
+Methods and their settings:
+
+* ``--method NAME`` (one method, the default ``fastv``) or ``--methods A B ...`` (one table, one
+  run). Names are ``sharp.method_names()`` or ``+``-joined compositions; anything else is one error
+  line listing the registered methods.
+* ``--retention R`` is every method's retention (default 0.25).
+* ``--kwargs METHOD.KEY=VALUE ...`` sets one kwarg of one method (VALUE is JSON, else a string:
+  ``pdrop.layers=[2,8,12]``, ``sharp.match_flops=fastv``, ``fastv+sharp.sharp.layer=2`` for a
+  composed child). The key ``retention`` sets that method's retention (``pdrop.retention=0.5``).
+* ``--method-kwargs JSON``: with ``--method``, that method's kwargs (``'{"layer": 3}'``); with
+  ``--methods``, kwargs keyed by method (``'{"pdrop": {"layers": [2, 8, 12]}}'``). ``--kwargs``
+  applies on top.
+* Defaults per backbone depth where a method's defaults (set for the 28-layer 7B models) do not
+  fit (``DEPTH_KWARGS``): 4 layers (tiny/toy backbones) = ``scripts/retention_curve.py``'s
+  ``TOY_KWARGS`` (PyramidDrop before layers 1, 2, 3); 16 layers (mid-size backbones) = PyramidDrop
+  before layers 2, 8, 12 (the 7B stages 4, 16, 24 halved, as the README's earlier rows). FastV,
+  FEATHER and ShaRP prune before layers 2 / 2 / 1 at every depth, as in the paper; FrameFusion's
+  defaults (a per-layer stopping rule) need no change. Qwen2-VL (M-RoPE,
+  any depth): ``retention_curve.py``'s ``MROPE_KWARGS`` (PyramidDrop keeps the original positions).
+  Given kwargs replace these defaults key by key; composed names get no depth defaults.
+
+Outputs: the Markdown table on stdout, and ``bench_prefill.md`` / ``.csv`` / ``.json`` in
+``results/bench_prefill/<backbone>/`` (or, with ``--json FILE``, FILE and the ``.csv`` / ``.md`` of
+the same stem beside it). The JSON holds ``info`` (settings), ``vanilla`` and ``rows`` (one per
+method: the keys of the single-method JSON of earlier versions plus the selection shares).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import sharp
-from sharp.flops import prefill_tflops
+REPO = Path(__file__).resolve().parents[1]
+for _path in (REPO, REPO / "scripts"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
+from retention_curve import MROPE_KWARGS, TOY_KWARGS  # noqa: E402
+
+import sharp  # noqa: E402
+from sharp.flops import lm_dims, prefill_tflops, schedule_tflops  # noqa: E402
 
 # the engine's own trace.stage_times keys; every other key is a method's step inside select / mask
 ENGINE_KEYS = ("prefill", "llm", "forward", "select", "mask")
+
+# decoder depth -> method -> kwargs replacing 7B defaults that do not fit that depth (docstring)
+DEPTH_KWARGS: dict[int, dict[str, dict]] = {
+    4: TOY_KWARGS,
+    16: {"pdrop": {"layers": [2, 8, 12]}},
+}
+
+CSV_FIELDS = ["method", "retention", "kwargs", "n_visual", "kept_last_layer", "tflops", "flops_ratio",
+              "flops_ratio_trace", "llm_ms", "total_ms", "speedup_llm", "speedup_total", "selection_ms",
+              "selection_pct_of_llm", "selection_pct_of_vanilla_llm", "method_steps_ms"]
+
+
+class BenchError(ValueError):
+    """A bad argument: printed as one ``error:`` line, exit status 2."""
 
 
 def _sync(device):
@@ -30,13 +93,16 @@ def _sync(device):
 
 
 def _time_prefill(bb, inputs, repeats, warmup, prune_ctx=None):
-    """Median (total_ms, llm_ms, stage_times) of prefill forwards."""
+    """Median (total_ms, llm_ms, stage_ms, last trace) of prefill forwards."""
     lm = bb.language_model
     marks = {}
 
+    # first entry to last exit of the LLM in one forward: a method's probe (ShaRP's PosC pass) re-enters
+    # the LLM inside a stage (and may leave it early), which must not restart the clock
     def pre(module, args, kwargs):
-        _sync(bb.device)
-        marks["lm0"] = time.perf_counter()
+        if "lm0" not in marks:
+            _sync(bb.device)
+            marks["lm0"] = time.perf_counter()
 
     def post(module, args, kwargs, out):
         _sync(bb.device)
@@ -45,8 +111,10 @@ def _time_prefill(bb, inputs, repeats, warmup, prune_ctx=None):
     h1 = lm.register_forward_pre_hook(pre, with_kwargs=True)
     h2 = lm.register_forward_hook(post, with_kwargs=True)
     totals, llms, stages = [], [], []
+    trace = None
     try:
         for i in range(warmup + repeats):
+            marks.clear()
             ctx = prune_ctx() if prune_ctx else None
             trace = ctx.__enter__() if ctx else None
             try:
@@ -70,13 +138,207 @@ def _time_prefill(bb, inputs, repeats, warmup, prune_ctx=None):
     return statistics.median(totals), statistics.median(llms), med_stage, trace
 
 
-def main(argv=None):
+# ----------------------------------------------------------------------------- settings
+def parse_value(text: str):
+    """JSON if it parses (numbers, lists, true/false/null), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_kwarg(item: str, methods: list[str]) -> tuple[str, list[str], object]:
+    """``METHOD.KEY=VALUE`` (KEY may be dotted for a composed child) -> (method, key path, value)."""
+    target, sep, value = item.partition("=")
+    method, dot, key = target.partition(".")
+    if not sep or not dot or not key or not method:
+        raise BenchError(f"--kwargs {item!r}: accepted form METHOD.KEY=VALUE, e.g. pdrop.layers=[2,8,12]")
+    if method not in methods:
+        raise BenchError(f"--kwargs {item!r}: method {method!r} is not benchmarked; accepted methods: "
+                         f"{', '.join(methods)}")
+    return method, key.split("."), parse_value(value)
+
+
+def check_names(methods: list[str]) -> None:
+    """Every name is registered (or a '+'-composition of registered names); else one error line."""
+    registered = [m for m in sharp.method_names() if not m.startswith("_")]
+    unknown = [m for m in methods if not m or any(p not in registered for p in m.split("+"))]
+    if unknown:
+        raise BenchError(f"unknown method(s) {', '.join(map(repr, unknown))}; registered methods: "
+                         f"{', '.join(registered)} (or several joined by '+', e.g. fastv+sharp)")
+    if len(set(methods)) != len(methods):
+        raise BenchError(f"--methods lists a method twice: {methods}; accepted: each method once")
+
+
+def depth_kwargs(method: str, bb) -> dict:
+    """The documented kwargs of ``method`` at the backbone's depth and RoPE (``DEPTH_KWARGS``, ``MROPE_KWARGS``)."""
+    from sharp.engine.session import uses_mrope
+
+    out = dict(DEPTH_KWARGS.get(bb.num_layers, {}).get(method, {}))
+    if uses_mrope(bb):
+        out.update(MROPE_KWARGS.get(method, {}))
+    return out
+
+
+def _set(d: dict, path: list[str], value) -> None:
+    for key in path[:-1]:
+        d = d.setdefault(key, {})
+        if not isinstance(d, dict):
+            raise BenchError(f"--kwargs: {'.'.join(path)} sets a key inside a non-dict value")
+    d[path[-1]] = value
+
+
+def method_settings(args, methods: list[str], bb, n_visual: int) -> list[dict]:
+    """(method, retention, kwargs) of every benchmarked method, checked by ``make_method`` and the
+    FLOPs counter (stage layers outside the model fail here, before any timing)."""
+    try:
+        given = json.loads(args.method_kwargs) if args.method_kwargs else {}
+    except json.JSONDecodeError as err:
+        raise BenchError(f"--method-kwargs {args.method_kwargs!r} is not JSON ({err}); accepted values: a JSON "
+                         "object") from None
+    if not isinstance(given, dict):
+        raise BenchError(f"--method-kwargs {args.method_kwargs!r}: accepted values: a JSON object")
+    if args.methods is None:
+        given = {methods[0]: given}
+    else:
+        bad = [k for k, v in given.items() if k not in methods or not isinstance(v, dict)]
+        if bad:
+            raise BenchError(f"--method-kwargs with --methods takes {{\"<method>\": {{...}}}} keyed by the listed "
+                             f"methods ({', '.join(methods)}); got key(s) {bad}")
+    settings = []
+    for method in methods:
+        kwargs = {} if "+" in method else depth_kwargs(method, bb)
+        kwargs.update(given.get(method, {}))
+        settings.append({"method": method, "retention": args.retention, "kwargs": kwargs})
+    by_name = {s["method"]: s for s in settings}
+    for item in args.kwargs or []:
+        method, path, value = parse_kwarg(item, methods)
+        _set(by_name[method]["kwargs"], path, value)
+    for s in settings:
+        if "retention" in s["kwargs"]:
+            s["retention"] = s["kwargs"].pop("retention")
+        try:
+            prefill_tflops(bb, s["method"], s["retention"], visual_tokens=n_visual, **s["kwargs"])
+        except (TypeError, ValueError) as err:
+            raise BenchError(f"{s['method']} (retention {s['retention']}, kwargs {s['kwargs']}) on {bb.name} "
+                             f"({bb.num_layers} layers): {err} (set kwargs with --kwargs {s['method']}.KEY=VALUE)") from None
+    return settings
+
+
+# ----------------------------------------------------------------------------- measuring
+def bench_method(bb, inputs, n_visual: int, setting: dict, vanilla: dict, repeats: int, warmup: int) -> dict:
+    """One row: the method's prefill timings, TFLOPs and selection overhead against ``vanilla``."""
+    method, retention, kwargs = setting["method"], setting["retention"], setting["kwargs"]
+    total, llm, stages, trace = _time_prefill(
+        bb, inputs, repeats, warmup, prune_ctx=lambda: sharp.prune(bb, method, retention, **kwargs))
+    tflops = prefill_tflops(bb, method, retention, visual_tokens=n_visual, **kwargs)
+    tflops_trace = schedule_tflops(list(trace.visual_tokens_per_layer), lm_dims(bb))
+    # selection overhead = the engine-timed stage (scoring + method selection) + custom masks
+    select_ms = stages.get("select", 0.0) + stages.get("mask", 0.0)
+    return {
+        "backbone": bb.name, "method": method, "retention": retention, "kwargs": kwargs, "n_visual": n_visual,
+        "kept_last_layer": trace.visual_tokens_per_layer[-1],
+        "visual_tokens_per_layer": list(trace.visual_tokens_per_layer),
+        "vanilla_total_ms": vanilla["total_ms"], "vanilla_llm_ms": vanilla["llm_ms"],
+        "method_total_ms": total, "method_llm_ms": llm, "llm_ms": llm, "total_ms": total,
+        "selection_ms": select_ms, "stage_ms": stages,
+        "method_steps_ms": {k: v for k, v in stages.items() if k not in ENGINE_KEYS},
+        "tflops_vanilla": vanilla["tflops"], "tflops_method": tflops, "tflops": tflops,
+        "tflops_trace": tflops_trace, "flops_ratio": vanilla["tflops"] / tflops,
+        "flops_ratio_trace": vanilla["tflops"] / tflops_trace,
+        "speedup_llm": vanilla["llm_ms"] / llm, "speedup_total": vanilla["total_ms"] / total,
+        "selection_pct_of_llm": 100 * select_ms / llm,
+        "selection_pct_of_vanilla_llm": 100 * select_ms / vanilla["llm_ms"],
+        "selection_share_of_vanilla_llm": select_ms / vanilla["llm_ms"],
+    }
+
+
+# ----------------------------------------------------------------------------- reporting
+def _kwargs_text(kwargs: dict) -> str:
+    return json.dumps(kwargs, separators=(",", ":")) if kwargs else ""
+
+
+def _steps_text(steps: dict) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in steps.items())
+
+
+def markdown_table(rows: list[dict], vanilla: dict, info: dict) -> str:
+    caption = (f"Prefill on `{info['backbone']}` ({info['device']}, {info['dtype']}, {info['attn']}, "
+               f"{info['threads']} threads): {info['n_visual']} visual tokens = {info['frames']} x "
+               f"{info['tokens_per_frame']}, sequence {info['sequence']}; median of {info['repeats']} after "
+               f"{info['warmup']} warm-up. Speedup = vanilla / method ms; FLOPs ratio = vanilla / method TFLOPs "
+               "(`sharp.flops.prefill_tflops`; trace: of the measured visual tokens per layer); "
+               "selection = engine-timed select + mask, % of the method's LLM prefill; kept = visual tokens of "
+               "the last layer.")
+    header = ("| method | retention | kwargs | kept | TFLOPs | LLM prefill ms | total ms | speedup (LLM) "
+              "| speedup (total) | FLOPs ratio | FLOPs ratio (trace) | selection ms | selection % | method steps (ms) |")
+    vanilla_row = (f"| vanilla | 1 | | {info['n_visual']} | {vanilla['tflops']:.4g} | {vanilla['llm_ms']:.1f} | "
+                   f"{vanilla['total_ms']:.1f} | 1.00x | 1.00x | 1.00x | 1.00x | — | — | |")
+    lines = [caption, "", header, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|", vanilla_row]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['retention']:g} | {_kwargs_text(r['kwargs'])} | {r['kept_last_layer']} | "
+            f"{r['tflops']:.4g} | {r['llm_ms']:.1f} | {r['total_ms']:.1f} | {r['speedup_llm']:.2f}x | "
+            f"{r['speedup_total']:.2f}x | {r['flops_ratio']:.2f}x | {r['flops_ratio_trace']:.2f}x | "
+            f"{r['selection_ms']:.1f} | {r['selection_pct_of_llm']:.1f}% | {_steps_text(r['method_steps_ms'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def output_paths(args, backbone: str) -> dict[str, Path]:
+    json_path = Path(args.json) if args.json else REPO / "results" / "bench_prefill" / backbone / "bench_prefill.json"
+    return {"json": json_path, "csv": json_path.with_suffix(".csv"), "md": json_path.with_suffix(".md")}
+
+
+def _csv_value(row: dict, key: str):
+    value = row.get(key, "")
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def write_outputs(paths: dict[str, Path], rows: list[dict], vanilla: dict, info: dict, table: str) -> None:
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    paths["json"].write_text(json.dumps({"info": info, "vanilla": vanilla, "rows": rows}, indent=1) + "\n")
+    van_row = {"method": "vanilla", "retention": 1.0, "kwargs": {}, "n_visual": info["n_visual"],
+               "kept_last_layer": info["n_visual"], "tflops": vanilla["tflops"], "flops_ratio": 1.0,
+               "flops_ratio_trace": 1.0, "llm_ms": vanilla["llm_ms"], "total_ms": vanilla["total_ms"],
+               "speedup_llm": 1.0, "speedup_total": 1.0}
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in [van_row, *rows]:
+            w.writerow({k: _csv_value(r, k) for k in CSV_FIELDS})
+    paths["md"].write_text(f"# bench_prefill: {info['backbone']}\n\n{table}")
+
+
+def print_details(row: dict) -> None:
+    """The single-method breakdown (selection steps, engine-timed prefill) of earlier versions."""
+    stages = row["stage_ms"]
+    steps = row["method_steps_ms"]
+    print(f"selection overhead {row['selection_ms']:.1f} ms = stage {stages.get('select', 0.0):.1f} + custom masks "
+          f"{stages.get('mask', 0.0):.1f}" + ("; of which the method's steps: " + _steps_text(steps) if steps else ""))
+    print(f"engine-timed prefill {stages.get('prefill', 0.0):.1f} ms = vision tower + embedding "
+          f"{stages.get('prefill', 0.0) - stages.get('llm', 0.0):.1f} + LLM {stages.get('llm', 0.0):.1f} "
+          f"(LLM forward without the selection: {stages.get('forward', 0.0):.1f})")
+    print(f"visual tokens after pruning: {row['kept_last_layer']} of {row['n_visual']} "
+          f"({100 * row['tflops'] / row['tflops_vanilla']:.1f}% of vanilla TFLOPs)")
+    print(f"speedup (LLM prefill): {row['speedup_llm']:.2f}x   FLOPs ratio: {row['flops_ratio']:.2f}x   "
+          f"selection = {row['selection_pct_of_vanilla_llm']:.1f}% of vanilla LLM prefill")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="mid_llava_onevision")
     p.add_argument("--random-weights", action="store_true", help="build the 7B architecture without weights")
-    p.add_argument("--method", default="fastv")
-    p.add_argument("--retention", type=float, default=0.25)
-    p.add_argument("--method-kwargs", default="{}", help='JSON, e.g. \'{"layer": 3}\'')
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--method", default=None, help="one method (default: fastv)")
+    which.add_argument("--methods", nargs="+", default=None, help="several methods, one table")
+    p.add_argument("--retention", type=float, default=0.25, help="every method's retention (per method: "
+                   "--kwargs METHOD.retention=R)")
+    p.add_argument("--method-kwargs", default="{}", help='JSON: with --method its kwargs (\'{"layer": 3}\'); '
+                   'with --methods keyed by method (\'{"pdrop": {"layers": [2, 8, 12]}}\')')
+    p.add_argument("--kwargs", nargs="+", action="extend", default=None, metavar="METHOD.KEY=VALUE",
+                   help="one kwarg of one method, VALUE in JSON (pdrop.layers=[2,8,12] sharp.match_flops=fastv)")
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="frame size (Qwen2-VL: 336 420 gives the paper's 180 tokens per temporal patch)")
@@ -84,59 +346,62 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the backbone's)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--json", default=None, help="write the JSON here (and the .csv / .md beside it); default "
+                   "results/bench_prefill/<backbone>/bench_prefill.json")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 gives stable timings on a shared machine)")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args) -> dict:
+    methods = args.methods if args.methods is not None else [args.method or "fastv"]
+    check_names(methods)
     if args.threads:
         torch.set_num_threads(args.threads)
-
     bb = sharp.load_backbone(args.backbone, attn_implementation=args.attn,
                              random_weights=True if args.random_weights else None,
                              dtype=getattr(torch, args.dtype) if args.dtype else None)
-    inputs = bb.synthetic_inputs(frames=args.frames, seed=0,
-                                 size=tuple(args.size) if args.size else None)
+    inputs = bb.synthetic_inputs(frames=args.frames, seed=0, size=tuple(args.size) if args.size else None)
     layout = bb.layout(inputs)
-    kwargs = json.loads(args.method_kwargs)
-    print(f"backbone {bb.name} ({bb.device}, {bb.dtype}, {args.attn}): {layout.n_visual} visual tokens "
-          f"= {layout.frames} x {layout.tokens_per_frame}, sequence {inputs['input_ids'].shape[1]}")
+    n_visual = layout.n_visual
+    settings = method_settings(args, methods, bb, n_visual)
+    info = {"backbone": bb.name, "device": str(bb.device), "dtype": str(bb.dtype).replace("torch.", ""),
+            "attn": args.attn, "threads": torch.get_num_threads(), "n_visual": n_visual, "frames": layout.frames,
+            "tokens_per_frame": layout.tokens_per_frame, "sequence": int(inputs["input_ids"].shape[1]),
+            "num_layers": bb.num_layers, "repeats": args.repeats, "warmup": args.warmup,
+            "torch": torch.__version__}
+    print(f"backbone {bb.name} ({bb.device}, {bb.dtype}, {args.attn}): {n_visual} visual tokens "
+          f"= {layout.frames} x {layout.tokens_per_frame}, sequence {info['sequence']}", flush=True)
 
     van_total, van_llm, _, _ = _time_prefill(bb, inputs, args.repeats, args.warmup)
-    m_total, m_llm, m_stages, trace = _time_prefill(
-        bb, inputs, args.repeats, args.warmup,
-        prune_ctx=lambda: sharp.prune(bb, args.method, args.retention, **kwargs))
+    vanilla = {"total_ms": van_total, "llm_ms": van_llm,
+               "tflops": prefill_tflops(bb, "vanilla", 1.0, visual_tokens=n_visual)}
+    print(f"vanilla: LLM prefill {van_llm:.1f} ms, total {van_total:.1f} ms", flush=True)
+    rows = []
+    for s in settings:
+        row = bench_method(bb, inputs, n_visual, s, vanilla, args.repeats, args.warmup)
+        rows.append(row)
+        print(f"{s['method']} r={s['retention']:g}: LLM prefill {row['llm_ms']:.1f} ms "
+              f"({row['speedup_llm']:.2f}x, FLOPs {row['flops_ratio']:.2f}x), selection {row['selection_ms']:.1f} ms",
+              flush=True)
+    table = markdown_table(rows, vanilla, info)
+    print()
+    print(table)
+    if len(rows) == 1:
+        print_details(rows[0])
+    paths = output_paths(args, bb.name)
+    write_outputs(paths, rows, vanilla, info, table)
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return {"info": info, "vanilla": vanilla, "rows": rows, "paths": {k: str(v) for k, v in paths.items()}}
 
-    tf_van = prefill_tflops(bb, "vanilla", 1.0, visual_tokens=layout.n_visual)
-    tf_m = prefill_tflops(bb, args.method, args.retention, visual_tokens=layout.n_visual, **kwargs)
-    # selection overhead = the engine-timed stage (scoring + method selection) + custom masks
-    select_ms = m_stages.get("select", 0.0) + m_stages.get("mask", 0.0)
-    kept = trace.visual_tokens_per_layer[-1]
-    rows = {
-        "backbone": bb.name, "method": args.method, "retention": args.retention, "n_visual": layout.n_visual,
-        "kept_last_layer": kept, "vanilla_total_ms": van_total, "vanilla_llm_ms": van_llm,
-        "method_total_ms": m_total, "method_llm_ms": m_llm, "selection_ms": select_ms, "stage_ms": m_stages,
-        "tflops_vanilla": tf_van, "tflops_method": tf_m, "flops_ratio": tf_van / tf_m,
-        "speedup_llm": van_llm / m_llm, "speedup_total": van_total / m_total,
-        "selection_share_of_vanilla_llm": select_ms / van_llm,
-    }
-    print(f"{'':24s}{'TFLOPs':>10s}{'LLM ms':>10s}{'total ms':>10s}")
-    print(f"{'vanilla':24s}{tf_van:10.3f}{van_llm:10.1f}{van_total:10.1f}")
-    print(f"{args.method + f' r={args.retention}':24s}{tf_m:10.3f}{m_llm:10.1f}{m_total:10.1f}")
-    method_steps = {k: v for k, v in m_stages.items() if k not in ENGINE_KEYS}
-    print(f"selection overhead {select_ms:.1f} ms = stage {m_stages.get('select', 0.0):.1f} + custom masks "
-          f"{m_stages.get('mask', 0.0):.1f}" + ("; of which the method's steps: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in method_steps.items()) if method_steps else ""))
-    print(f"engine-timed prefill {m_stages.get('prefill', 0.0):.1f} ms = vision tower + embedding "
-          f"{m_stages.get('prefill', 0.0) - m_stages.get('llm', 0.0):.1f} + LLM {m_stages.get('llm', 0.0):.1f} "
-          f"(LLM forward without the selection: {m_stages.get('forward', 0.0):.1f})")
-    print(f"visual tokens after pruning: {kept} of {layout.n_visual} "
-          f"({100 * tf_m / tf_van:.1f}% of vanilla TFLOPs)")
-    print(f"speedup (LLM prefill): {rows['speedup_llm']:.2f}x   FLOPs ratio: {rows['flops_ratio']:.2f}x   "
-          f"selection = {100 * rows['selection_share_of_vanilla_llm']:.1f}% of vanilla LLM prefill")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return rows
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sharp.harness import tables as T  # noqa: E402
 from sharp.harness.io import atomic_write_text  # noqa: E402
 from sharp.harness.resources import HarnessError  # noqa: E402
+from sharp.figures import curves, tables as table_figures  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"error: --table {args.table!r}: accepted values: 1..5, all", file=sys.stderr)
         return 2
+    if not os.path.isdir(args.results_dir):
+        print(f"error: --results-dir {args.results_dir!r} is not a folder; accepted values: an existing results "
+              "folder (the results_dir of run.py / sweep.py, default: results)", file=sys.stderr)
+        return 2
     out = args.out or os.path.join(args.results_dir, "tables")
     for n in tables:
         try:
@@ -42,11 +47,13 @@ def main(argv=None) -> int:
         atomic_write_text(os.path.join(out, f"table{n}.csv"), T.to_csv(n, rows))
         written = [f"table{n}.md", f"table{n}.csv"]
         if args.plot:
-            T.plot(n, rows, os.path.join(out, f"table{n}.png"))
+            table_figures.plot_table(n, rows, os.path.join(out, f"table{n}.png"))
             written.append(f"table{n}.png")
         if not args.quiet:
             print(md)
         print(f"wrote {', '.join(os.path.join(out, w) for w in written)}", file=sys.stderr)
+    if args.plot:  # the toy retention curves (results/retention_curve/<backbone>/), every method
+        print(f"wrote {', '.join(map(str, curves.plot_retention_curves(args.results_dir, out)))}", file=sys.stderr)
     return 0
 
 

@@ -41,10 +41,13 @@ from sharp import toy  # noqa: E402
 RETENTIONS = (0.5, 0.25, 0.1, 0.05)
 # Kwargs for the 4-layer toys where a method's defaults are set for the 28-layer 7B models:
 # PyramidDrop's stages (4, 16, 24) become one per layer after layer 0 (FastV and FEATHER prune
-# before layer 2 on both, as in the paper).
-# Qwen2-VL's M-RoPE has no compacted positions: PyramidDrop keeps the original ones there.
-TOY_KWARGS = {"pdrop": {"layers": [1, 2, 3]}}
-MROPE_KWARGS = {"pdrop": {"positions": "original"}}
+# before layer 2 on both, as in the paper); HoliTom's in-LLM stage and holitom_sharp's ShaRP stage (before
+# layer 18 of 28) come before layer 2.
+# Qwen2-VL's M-RoPE has no compacted positions: PyramidDrop and VisionZip keep the original ones there.
+TOY_KWARGS = {"pdrop": {"layers": [1, 2, 3]}, "holitom": {"llm_layer": 2}, "holitom_sharp": {"sharp": {"layer": 2}}}
+MROPE_KWARGS = {"pdrop": {"positions": "original"}, "visionzip": {"positions": "original"},
+                "visionzip_sharp": {"visionzip": {"positions": "original"}},
+                "holitom": {"positions": "original"}, "holitom_sharp": {"holitom": {"positions": "original"}}}
 
 
 def toy_kwargs(method: str, bb) -> dict:

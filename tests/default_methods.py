@@ -14,11 +14,22 @@ TINY_KWARGS: dict[str, dict] = {
     "pdrop": {"layers": [1, 2, 3]},  # the 7B defaults (4, 16, 24) do not fit 4 layers
     "feather": {"layer": 2},
     "sharp": {"cache_dir": ""},
+    "holitom": {"llm_layer": 2},  # the in-LLM stage before layer 18 of 28 -> 2 of 4
+    # holitom compacts, ShaRP keeps positions: the generic reference compacts every layer from the
+    # first compacting stage, so the mixed case is checked in tests/test_holitom.py
+    "holitom_sharp": {"holitom": {"positions": "original"}, "sharp": {"layer": 2, "cache_dir": ""}},
+    # the memory stage drops KV in decode only, which the generic reference cannot replay (it drops
+    # layer 3 of tiny_llava_onevision at M = 0.2): tests/test_sharpv.py checks it against its own
+    "sharpv": {"memory_threshold": 0.0},
+    # visionzip compacts, ShaRP keeps positions: the mixed case is checked in tests/test_visionzip.py
+    "visionzip_sharp": {"visionzip": {"positions": "original"}, "sharp": {"cache_dir": ""}},
 }
 
 # per-backbone overrides on top of TINY_KWARGS (Qwen2-VL's M-RoPE has no compact positions)
 BACKBONE_KWARGS: dict[tuple[str, str], dict] = {
     ("pdrop", "tiny_qwen2_vl"): {"positions": "original"},
+    ("holitom", "tiny_qwen2_vl"): {"positions": "original"},
+    ("visionzip", "tiny_qwen2_vl"): {"positions": "original"},
 }
 
 
@@ -31,6 +42,7 @@ def kwargs_for(name: str, kwargs: dict, backbone: str) -> dict:
 COMPOSITIONS: dict[str, dict] = {
     "fastv+sharp": {"fastv": {"layer": 1, "retention": 0.5}, "sharp": {"layer": 2, "cache_dir": ""}},
     "fastv+fastv": {"fastv@1": {"layer": 1, "retention": 0.5}, "fastv@2": {"layer": 3}},
+    "sharpv+fastv": {"sharpv": {"mode": "fixed", "retention": 0.5, "memory_threshold": 0.0}, "fastv": {"layer": 2}},
 }
 
 
@@ -40,6 +52,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "sharp-drop": ("sharp", {"absorb": "drop", "cache_dir": ""}),
     "sharp-stage-segm2": ("sharp", {"score_at": "stage", "layer": 2, "segm_layers": 2, "absorb": "drop",
                                     "cache_dir": ""}),
+    # static windows on random videos (low T), official rounding, clustered dynamic tokens, NO_BETA
+    "holitom-static": ("holitom", {"llm_layer": 2, "tau": 0.3, "rounding": "official",
+                                   "dynamic_cluster_share": 0.5, "cluster_merge": "mean"}),
+    "sharpv-fixed": ("sharpv", {"mode": "fixed", "memory_threshold": 0.0}),
+    "visionzip-video": ("visionzip", {"scope": "video", "positions": "original"}),
 }
 
 

@@ -49,6 +49,13 @@ def test_default_run_finishes_offline_and_writes_its_cell(default_run):
     assert (d / C.RESULTS).is_file() and (d / "samples_sharp_synthetic.jsonl").is_file()
     assert len((d / C.REQUESTS).read_text().splitlines()) == 200
     assert not (d / C.RUN_MARKER).exists()
+    # the score on the terminal: a small table from the summary, the last lines of the output
+    out = proc.stdout
+    assert "== toy_llava_onevision / vanilla / retention 1 ==" in out
+    assert f"sharp_synthetic  {s['scores']['sharp_synthetic']:>13.1f}       200       0   (attribute " in out
+    assert "visual tokens kept  128 of 128 (100.0%)" in out and "prefill TFLOPs      8.39e-05" in out
+    assert "prefill ms  " in out and "failed requests     0 of 200" in out
+    assert out.rstrip().splitlines()[-1] == f"summary             {d / C.SUMMARY}"
     assert wall < 240
 
 

@@ -1,8 +1,10 @@
 """lmms-eval wrappers: registration, request order, generation kwargs, model_args errors, one real run."""
 import contextlib
+import os
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,14 +53,21 @@ class _Model(torch.nn.Module):
 
 
 class _Backbone:
+    """sample_frames reads nothing: a file named bad*.mp4 fails the way decord does (RuntimeError)."""
+
     def __init__(self, name):
         self.name, self.kind = name, "llava_onevision"
         self.tokenizer = _Tok()
         self.model = _Model(self.tokenizer)
         self.prepared = []
 
-    def prepare(self, video, question):
-        self.prepared.append((video, question))
+    def sample_frames(self, video):
+        if os.path.basename(str(video)).startswith("bad"):
+            raise RuntimeError(f"[decord] cannot open {video}")
+        return np.zeros((2, 4, 4, 3), np.uint8)
+
+    def pixels_to_inputs(self, frames, question):
+        self.prepared.append((frames.shape, question))
         return {"input_ids": torch.ones(1, 10, dtype=torch.long), "attention_mask": torch.ones(1, 10),
                 "answer": f"ans:{question}"}
 
@@ -166,8 +175,10 @@ def test_max_new_tokens_default_and_sampling(stub):
     (W.SharpLlavaOneVision, {"method": "fastv", "retention": 1.5}, "retention must be in (0, 1]"),
     (W.SharpLlavaOneVision, {"method": "fastv", "retention": 0.25, "lyer": 2}, "unknown argument(s) lyer; valid arguments:"),
     (W.SharpLlavaOneVision, {"method": "vanilla", "retention": 0.5}, "accepted values: 1"),
-    (W.SharpQwen2VL, {"batch_size": 4}, "batch_size=4 is not supported; accepted values: 1"),
-    (W.SharpQwen2VL, {"batch_size": "auto"}, "batch_size='auto'"),
+    (W.SharpQwen2VL, {"batch_size": 0}, "batch_size=0; accepted values: an integer >= 1"),
+    (W.SharpQwen2VL, {"batch_size": "auto"}, "batch_size='auto'; accepted values: an integer >= 1"),
+    (W.SharpQwen2VL, {"strict": "yes"}, "strict='yes'; accepted values: true, false"),
+    (W.SharpLlavaOneVision, {"method": "fastv", "retention": 0.25, "layer": 99}, "fastv: layer must be in 1..27"),
     (W.method_class(W.SharpQwen2VL, "fastv"), {"method": "vanilla"}, "method='vanilla' conflicts with the model id"),
     (W.SharpLlavaOneVision, {"method": "fastv+sharp", "retention": 0.25, "visionzip.layer": 2},
      "visionzip.layer: 'visionzip' is not a child of method 'fastv+sharp'; its children: fastv, sharp"),
@@ -254,3 +265,108 @@ def test_real_tiny_backbone_through_the_wrapper():
         assert 0 < s["output_tokens"] <= 3 and s["prefill_ms"] > 0 and s["prefill_tflops"] > 0
         assert s["peak_memory_mb"] > 0
         assert s["prefill_tflops_measured"] == pytest.approx(s["prefill_tflops"], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad videos, padding, batches
+def test_a_bad_video_costs_one_answer(stub, tmp_path):
+    from sharp.harness.resources import HarnessError
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 64)
+    lm = W.SharpLlavaOneVision(backbone="tiny_llava_onevision", warmup=0)
+    task_dict, reqs = _requests(stub["video"], {"max_new_tokens": 64, "until": ["\n\n"]}, n=3)
+    task_dict["t"]["test"][0]["video"] = str(bad)
+    lm.task_dict = task_dict
+    out = lm.generate_until(reqs)
+    assert [o.text for o in out] == ["", "ans:question 1", "ans:question 2"]  # never a text-only answer
+    assert lm.failed_requests == 1 and len(stub["bb"].model.calls) == 2
+    failed = lm.request_stats[0]
+    assert failed["task"] == "t" and failed["doc_id"] == 0 and failed["video"] == str(bad)
+    assert failed["failed"].startswith("RuntimeError: [decord] cannot open") and str(bad) in failed["failed"]
+    assert [s["doc_id"] for s in lm.request_stats[1:]] == [1, 2] and all("failed" not in s for s in lm.request_stats[1:])
+
+    strict = W.SharpLlavaOneVision(backbone="tiny_llava_onevision", warmup=0, strict=True)
+    strict.task_dict = task_dict
+    with pytest.raises(HarnessError, match=r"strict=true: t doc 0: RuntimeError: \[decord\] cannot open .*bad.mp4"):
+        strict.generate_until(reqs)
+
+
+def test_a_run_whose_videos_all_fail_stops(stub, tmp_path):
+    from sharp.harness.resources import HarnessError
+
+    lm = W.SharpLlavaOneVision(backbone="tiny_llava_onevision", warmup=0)
+    task_dict, reqs = _requests(str(tmp_path / "bad.mp4"), {}, n=8)
+    (tmp_path / "bad.mp4").write_bytes(b"")
+    lm.task_dict = task_dict
+    with pytest.raises(HarnessError, match=r"the first 5 request\(s\) all failed, last: t doc 4: RuntimeError"):
+        lm.generate_until(reqs)
+    assert lm.failed_requests == W.FAIL_FAST and stub["bb"].model.calls == []
+
+
+def test_padding_requests_of_the_evaluator_are_not_run(stub):
+    lm = W.SharpLlavaOneVision(backbone="tiny_llava_onevision", warmup=0)
+    lm.task_dict, reqs = _requests(stub["video"], {"max_new_tokens": 64, "until": ["\n\n"]}, n=2)
+    pad = Instance("generate_until", reqs[1].args, idx=0, metadata={"task": "t", "doc_id": 1, "repeats": 1,
+                                                                   "__padding_only__": True})
+    out = lm.generate_until(reqs + [pad])
+    assert [o.text for o in out] == ["ans:question 0", "ans:question 1", ""]
+    assert len(stub["bb"].model.calls) == 2 and [s["doc_id"] for s in lm.request_stats] == [0, 1]
+
+
+def _pending(i, shape, settings=None):
+    return W._Pending(i, f"q{i}", "t", i, settings or {"max_new_tokens": 4}, [], np.zeros(shape, np.uint8), None)
+
+
+def test_layout_batches_group_by_frame_shape_and_settings():
+    b = W.LayoutBatches(2, max_pending=3)
+    a1, b1, a2 = _pending(0, (4, 8, 8, 3)), _pending(1, (2, 8, 8, 3)), _pending(2, (4, 8, 8, 3))
+    assert b.add(a1) == [] and b.add(b1) == []
+    assert b.add(a2) == [[a1, a2]]  # same layout: a full batch
+    c1 = _pending(3, (4, 8, 8, 3), {"max_new_tokens": 32})  # same frames, other settings: its own group
+    d1, d2 = _pending(4, (6, 8, 8, 3)), _pending(5, (6, 8, 8, 3))
+    assert b.add(c1) == [] and b.add(d1) == []
+    assert b.add(d2) == [[d1, d2]]
+    e1 = _pending(6, (8, 8, 8, 3))
+    assert b.add(e1) == []  # 3 pending: b1, c1, e1
+    f1 = _pending(7, (10, 8, 8, 3))
+    ready = b.add(f1)  # 4 > max_pending: the largest (first) group goes, alone
+    assert ready == [[b1]] and b.pending() == 3
+    assert b.drain() == [[c1], [e1], [f1]] and b.pending() == 0
+
+
+def test_per_sample_layers_from_the_trace():
+    kept = [[torch.arange(6), torch.arange(4)], [torch.arange(3), torch.arange(2)]]  # [stage][sample]
+    got = W.per_sample_layers(kept, [1, 3], measured=[8, 6, 6, 3], n_visual=8, batch=2)
+    assert got == [[8, 6, 6, 3], [8, 4, 4, 2]]
+    assert W.per_sample_layers(kept, [1, 3], measured=[8, 8, 6, 3], n_visual=8, batch=2) is None  # disagree
+    assert W.per_sample_layers([], [], measured=[8, 8], n_visual=8, batch=3) == [[8, 8]] * 3
+
+
+def test_batches_answer_like_batch_1_on_a_real_tiny_backbone(tmp_path):
+    """tiny_qwen2_vl + FastV: 4 synthetic videos and 2 of another size (another layout) in batches of 4 give
+    batch 1's answers and per-request numbers; each batch holds one layout."""
+    from sharp.backbones.video import write_video
+    from sharp.synthetic import ensure_split
+
+    docs = [{"video": d["video"], "prompt": d["prompt"]} for d in ensure_split("test", n=4)]
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        path = write_video(tmp_path / f"other{k}.mp4", rng.integers(0, 255, (6, 96, 64, 3), dtype=np.uint8), fps=4)
+        docs.insert(1 + 2 * k, {"video": str(path), "prompt": docs[0]["prompt"]})
+    reqs = [Instance("generate_until", (d["prompt"], {"max_new_tokens": 3, "until": ["\n\n"]},
+                                        lambda doc: [doc["video"]], i, "t", "test"),
+                     idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+    runs = {}
+    for bs in (1, 4):
+        lm = W.method_class(W.SharpQwen2VL, "fastv")(backbone="tiny_qwen2_vl", retention=0.25, layer=2,
+                                                     num_frames=8, batch_size=bs, warmup=0)
+        lm.task_dict = {"t": {"test": docs}}
+        runs[bs] = ([o.text for o in lm.generate_until(reqs)], sorted(lm.request_stats, key=lambda s: s["doc_id"]))
+    (texts1, stats1), (texts4, stats4) = runs[1], runs[4]
+    assert texts4 == texts1
+    keys = ("doc_id", "visual_tokens_before", "visual_tokens_after", "visual_tokens_per_layer", "input_tokens",
+            "output_tokens", "prefill_tflops")
+    assert [{k: s[k] for k in keys} for s in stats4] == [{k: s[k] for k in keys} for s in stats1]
+    assert [s["batch_size"] for s in stats1] == [1] * 6
+    assert [s["batch_size"] for s in stats4] == [4, 2, 4, 2, 4, 4]  # synthetic videos together, the others apart
+    assert stats4[1]["visual_tokens_before"] != stats4[0]["visual_tokens_before"]

@@ -85,7 +85,7 @@ class LlavaOneVisionBackbone(Backbone):
 
     # -- pixels ----------------------------------------------------------------------------
     def sample_frames(self, video: Union[str, os.PathLike, np.ndarray]) -> np.ndarray:
-        return V.load_frames_uniform(video, self.num_frames)
+        return V.load_frames_uniform(video, self.num_frames, strict=False)  # short videos: repeats, as lmms-eval
 
     def visual_frame_indices(self, total_frames: int, fps: float) -> np.ndarray:
         return V.uniform_frame_indices(total_frames, self.num_frames)[:, None]

@@ -7,7 +7,8 @@ LLaVA-OneVision (``lmms_eval/models/simple/llava_onevision.py``)
     ``LlavaOneVision.load_video`` (l. 404-413) opens the file with ``decord.VideoReader(path,
     ctx=cpu(0))`` and reads ``np.linspace(0, len(vr) - 1, max_frames_num, dtype=int)`` (32 frames
     by default) with ``vr.get_batch``. A video with fewer frames than asked therefore gets
-    *repeated* frames (the truncated linspace has duplicates). Any exception while loading is only
+    *repeated* frames (the truncated linspace has duplicates); the LLaVA-OV backbone samples short
+    videos that way too, with a warning in the log (``strict=False``). Any exception while loading is only
     logged and the question is answered without the video (l. 510-512); here it is a
     :class:`VideoError` instead. The frames then go through LLaVA-NeXT's ``SigLipImageProcessor``
     (``llava/model/multimodal_encoder/siglip_encoder.py``): per frame, PIL bicubic resize to
@@ -41,6 +42,7 @@ All frame arrays are ``np.uint8`` RGB of shape ``(T, H, W, 3)``.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from fractions import Fraction
@@ -70,6 +72,8 @@ __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
 ]
+
+_log = logging.getLogger(__name__)
 
 # SigLIP (LLaVA-OneVision vision tower) normalization.
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -237,7 +241,7 @@ def load_frames_uniform(video: Union[PathLike, np.ndarray], num_frames: int = 32
         num_frames: frames to return (lmms-eval ``max_frames_num``, default 32).
         strict: if the video has fewer than ``num_frames`` frames, raise :class:`VideoError`
             (default). With ``strict=False`` do what lmms-eval does: the truncated linspace repeats
-            frames, so exactly ``num_frames`` frames come back with duplicates.
+            frames, so exactly ``num_frames`` frames come back with duplicates (and a warning is logged).
 
     Returns:
         ``(num_frames, H, W, 3)`` uint8 RGB, in temporal order.
@@ -253,8 +257,11 @@ def load_frames_uniform(video: Union[PathLike, np.ndarray], num_frames: int = 32
     else:
         vr = _open_decord(video)
         total, name = len(vr), str(video)
-    if strict and total < num_frames:
-        raise VideoError(f"video {name} has {total} frames but {num_frames} frames were asked")
+    if total < num_frames:
+        if strict:
+            raise VideoError(f"video {name} has {total} frames but {num_frames} frames were asked")
+        _log.warning("short video %s: %d frames, %d asked; sampling %d indices with repeats "
+                     "(lmms-eval's llava_onevision reader)", name, total, num_frames, num_frames)
     idx = uniform_frame_indices(total, num_frames)  # (num_frames,)
     if isinstance(video, (np.ndarray, torch.Tensor)):
         return array[idx]
@@ -508,6 +515,9 @@ def qwen2vl_sample_frames(
         raise VideoError(f"video {name} has an invalid frame rate {video_fps}")
     nframes = qwen2vl_nframes(total, video_fps, fps, min_frames, max_frames, name)
     idx = qwen2vl_frame_indices(total, video_fps, max_num_frames, fps, min_frames, max_frames, name)  # (K,)
+    if total < max_num_frames:
+        _log.warning("short video %s: %d frames, %d asked; qwen-vl-utils' rules keep %d", name, total,
+                     max_num_frames, len(idx))
     if isinstance(video, (np.ndarray, torch.Tensor)):
         frames = array[idx]
     else:

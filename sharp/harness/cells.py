@@ -4,8 +4,11 @@ Layout: ``<results_dir>/<backbone>/<method>[-<variant>]/r<retention>/`` (compose
 ``fastv+sharp``; see :func:`method_dirname`) holding
 
 - ``results.json``        lmms-eval's results (``simple_evaluate``'s dict without the samples)
-- ``samples_<task>.jsonl`` per-sample logs (lmms-eval's format)
-- ``requests.jsonl``      per-request measurements (visual tokens, prefill ms, TFLOPs, memory)
+- ``samples_<task>.jsonl`` per-sample logs (lmms-eval's format, doc_id order; ``failed``: why a request's
+  video could not be used)
+- ``requests.jsonl``      per-request measurements (visual tokens, prefill ms, TFLOPs, memory), in
+  (task, doc_id) order whatever the batch size and number of processes; a failed request has
+  ``failed`` (its reason) and ``video`` instead
 - ``run.json``            written when the cell starts (host, pid, time): not a result
 - ``summary.json``        written last, atomically: its presence marks a finished cell
 """

@@ -155,18 +155,15 @@ def method_name(cfg: DictConfig) -> str:
 def cell_from_cfg(cfg: DictConfig) -> Cell:
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-    limit = cfg.get("limit")
-    if isinstance(limit, float) and limit.is_integer() and limit >= 1:
-        limit = int(limit)
+    from sharp.harness.checks import check_limit, check_retention
+
+    limit = check_limit(cfg.get("limit"))
     name = method_name(cfg)
     try:
         raw_retention = cfg.retention
     except (MissingMandatoryValue, InterpolationResolutionError):
         raise HarnessError(f"method {name!r} has no default retention; pass retention=<a number in (0, 1]>") from None
-    try:
-        retention = float(raw_retention)
-    except (TypeError, ValueError):
-        raise HarnessError(f"retention={raw_retention!r}: accepted values: a number in (0, 1]") from None
+    retention = check_retention(raw_retention, name)
     return Cell(
         backbone=str(cfg.backbone.name),
         method=name,

@@ -9,11 +9,17 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
+from pathlib import Path
+from typing import Optional, Sequence
+
 from sharp.harness import cells as C
+from sharp.harness import parallel
 from sharp.harness.catalog import backbone_family, check_backbone, check_method, lmms_method_ids
+from sharp.harness.checks import RunOptions, backbone_layers, check_method_layers, check_retention, run_options
 from sharp.harness.config import REPO_ROOT, cell_from_cfg, include_paths, resolve_sweep_cell, results_root
 from sharp.harness.io import atomic_write_json, atomic_write_jsonl
 from sharp.harness.resources import HarnessError, explain, preflight
+from sharp.harness.report import format_report
 from sharp.harness.summary import build_summary
 from sharp.lmms.args import format_model_args
 
@@ -38,30 +44,38 @@ def ensure_registered(model_id: str) -> None:
         register()
 
 
-def validate_cell(cfg: DictConfig, cell: C.Cell) -> None:
-    """Before anything is written: the backbone is registered (and its config agrees on the family),
-    the method is implemented (not only planned) and accepts its kwargs."""
+def validate_cell(cfg: DictConfig, cell: C.Cell) -> RunOptions:
+    """Before anything is loaded or written: the run options are valid, the backbone is registered (and
+    its config agrees on the family), the method is implemented (not only planned), accepts its kwargs
+    and acts on layers the backbone has. Returns the run options."""
+    options = run_options(cfg)
     check_backbone(cell.backbone, cfg.backbone.get("family"))
     check_method(cell.method)
     validate_method(cell)
+    return options
 
 
 def validate_method(cell: C.Cell) -> None:
     from sharp.methods import make_method
 
-    if cell.method == "vanilla" and float(cell.retention) != 1.0:
+    retention = check_retention(cell.retention, cell.method)
+    if cell.method == "vanilla" and retention != 1.0:
         raise HarnessError(f"retention={cell.retention} with method=vanilla; accepted values: 1 "
                            "(vanilla keeps every visual token)")
     try:
-        make_method(cell.method, cell.retention, **cell.method_kwargs)
+        method = make_method(cell.method, retention, **cell.method_kwargs)
     except (TypeError, ValueError) as err:
         raise HarnessError(str(err)) from None
+    num_layers = None if "checkpoint" in cell.backbone_overrides else backbone_layers(cell.backbone)
+    if num_layers is not None:
+        check_method_layers(method, num_layers, cell.backbone)
 
 
-def _sanitize_samples(samples: list[dict]) -> list[dict]:
-    """lmms-eval's per-sample log format (as its EvaluationTracker writes it)."""
+def _sanitize_samples(samples: list[dict], failures: Optional[dict] = None) -> list[dict]:
+    """lmms-eval's per-sample log format (as its EvaluationTracker writes it), in doc_id order, with the
+    reason of a failed request under ``failed`` (its answer was '')."""
     out = []
-    for s in samples:
+    for s in sorted(samples, key=lambda r: (r.get("doc_id") if isinstance(r.get("doc_id"), int) else -1)):
         s = dict(s)
         args = s.pop("arguments", None) or []
         s["input"] = args[0] if args else None
@@ -73,43 +87,71 @@ def _sanitize_samples(samples: list[dict]) -> list[dict]:
         if s.get("resps") == s.get("filtered_resps") or s.get("resps") == [s.get("filtered_resps")]:
             s.pop("resps", None)
         s["target"] = str(s.get("target"))
+        if failures and s.get("doc_id") in failures:
+            s["failed"] = failures[s["doc_id"]]
         out.append(s)
     return out
 
 
-def run_cell(cfg: DictConfig) -> dict:
-    """Evaluate the cell described by ``cfg``; return its summary (or the finished one, skipped)."""
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def report(summary: dict, out_dir: Path) -> None:
+    """The score table at the end of a run (or of a skipped, finished cell)."""
+    _print(format_report(summary, str(out_dir / C.SUMMARY)))
+
+
+def run_cell(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Optional[dict]:
+    """Evaluate the cell described by ``cfg``; return its summary (or the finished one, skipped).
+
+    ``overrides``: the command line's Hydra overrides, needed to start ``num_processes`` > 1 copies of
+    ``run.py`` (see :mod:`sharp.harness.parallel`). In a data-parallel child, ranks other than 0
+    return None."""
     cfg = resolve_sweep_cell(cfg)
     cell = cell_from_cfg(cfg)
-    validate_cell(cfg, cell)
+    options = validate_cell(cfg, cell)
+    w = parallel.world()
+    if options.num_processes > 1 and not w.parallel:
+        return _run_parallel(cfg, cell, options, overrides)
     root = results_root(cfg)
     out_dir = cell.dir(root)
+    hub_id = cfg.backbone.get("hub_id")
+    missing = preflight(cell.backbone, cell.tasks, hub_id=hub_id)
+    if w.main:
+        for m in missing:
+            log.warning("not in the local cache, lmms-eval/transformers will download it: %s %s (%s)", m.what, m.name, m.detail)
     state, summary = C.status(cell, root)
+    if w.parallel:  # every rank decides on the same state before rank 0 changes the folder
+        parallel.init_group(cpu=_cpu(options))
+        parallel.barrier(w)
     if state == "finished" and not cfg.get("overwrite"):
-        print(f"[sharp] skip (finished): {out_dir}")
+        if w.main:
+            _print(f"[sharp] skip (finished): {out_dir}")
+            if not parallel.has_parent():
+                report(summary, out_dir)
         return summary
     if state == "mismatch" and not cfg.get("overwrite"):
         diff = "\n  ".join(C.key_diff(summary.get("cell", {}), cell.key()))
         raise HarnessError(f"{out_dir} holds a finished cell with another configuration:\n  {diff}\n"
                            "Pass overwrite=true to replace it, or results_dir=... to write elsewhere.")
-    hub_id = cfg.backbone.get("hub_id")
-    missing = preflight(cell.backbone, cell.tasks, hub_id=hub_id)
-    for m in missing:
-        log.warning("not in the local cache, lmms-eval/transformers will download it: %s %s (%s)", m.what, m.name, m.detail)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if summary is not None:  # overwrite=true: the old summary goes first, so no stale cell counts as finished
-        os.unlink(out_dir / C.SUMMARY)
-    removed = C.clear_partial(out_dir)
-    if removed:
-        log.info("removed the files of an interrupted run: %s", removed)
     started, t0 = _now(), time.time()
-    atomic_write_json(out_dir / C.RUN_MARKER, {"cell": cell.key(), "host": socket.gethostname(), "pid": os.getpid(),
-                                               "started": started})
-    print(f"[sharp] running {cell.backbone} {cell.method} r={cell.retention:g} tasks={','.join(cell.tasks)} -> {out_dir}")
+    if w.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if summary is not None:  # overwrite=true: the old summary goes first, so no stale cell counts as finished
+            os.unlink(out_dir / C.SUMMARY)
+        removed = C.clear_partial(out_dir)
+        if removed:
+            log.info("removed the files of an interrupted run: %s", removed)
+        atomic_write_json(out_dir / C.RUN_MARKER, {"cell": cell.key(), "host": socket.gethostname(), "pid": os.getpid(),
+                                                   "started": started, "processes": w.size})
+        _print(f"[sharp] running {cell.backbone} {cell.method} r={cell.retention:g} tasks={','.join(cell.tasks)}"
+               + (f" batch={options.batch_size}" if options.batch_size > 1 else "")
+               + (f" processes={w.size}" if w.parallel else "") + f" -> {out_dir}")
 
     try:
-        results, requests = _evaluate(cfg, cell)
+        results, requests, busy_s = _evaluate(cfg, cell, options, w)
     except HarnessError:
         raise
     except Exception as err:  # noqa: BLE001
@@ -117,28 +159,77 @@ def run_cell(cfg: DictConfig) -> dict:
         if explained is not None:
             raise explained from None
         raise
+    if not w.main:
+        return None
 
     samples = results.pop("samples", None) or {}
+    failures: dict[str, dict] = {}
+    for r in requests:
+        if "failed" in r:
+            failures.setdefault(str(r.get("task")), {})[r.get("doc_id")] = r["failed"]
     files = {"results": C.RESULTS, "requests": C.REQUESTS, "samples": {}}
     for task, rows in sorted(samples.items()):
         name = f"samples_{task}.jsonl"
-        atomic_write_jsonl(out_dir / name, _sanitize_samples(rows))
+        atomic_write_jsonl(out_dir / name, _sanitize_samples(rows, failures.get(task)))
         files["samples"][task] = name
     atomic_write_json(out_dir / C.RESULTS, results)
     atomic_write_jsonl(out_dir / C.REQUESTS, requests)
+    n_ok = sum("failed" not in r for r in requests)
+    slowest = max(busy_s) if busy_s else None
     summary = build_summary(
         cell_key=cell.key(), config=OmegaConf.to_container(cfg, resolve=True), results=results, samples=samples,
         requests=requests, repo=str(REPO_ROOT), files=files, started=started, finished=_now(),
         wall_s=time.time() - t0,
-        extra={"model": {"lmms_eval_model": _model_id(cfg, cell), "model_args": _model_kwargs(cfg, cell),
-                         "model_args_string": format_model_args(_model_kwargs(cfg, cell))}},
+        extra={"model": {"lmms_eval_model": _model_id(cfg, cell), "model_args": _model_kwargs(cfg, cell, options),
+                         "model_args_string": format_model_args(_model_kwargs(cfg, cell, options))},
+               "run": {"batch_size": options.batch_size, "num_processes": w.size, "strict": options.strict},
+               "throughput": {"requests_per_s": (len(requests) / slowest) if slowest else None,
+                              "answered_per_s": (n_ok / slowest) if slowest else None,
+                              "generate_until_s": busy_s}},
     )
     atomic_write_json(out_dir / C.SUMMARY, summary)  # last: marks the cell finished
     try:
         os.unlink(out_dir / C.RUN_MARKER)
     except FileNotFoundError:
         pass
-    print(f"[sharp] finished: {out_dir / C.SUMMARY}")
+    _print(f"[sharp] finished: {out_dir / C.SUMMARY}")
+    if summary["failed_requests"]:
+        log.warning("%d of %d request(s) failed (their video could not be used) and were answered '': see "
+                    "'failures' in %s", summary["failed_requests"], summary["requests"], out_dir / C.SUMMARY)
+    if not parallel.has_parent():
+        report(summary, out_dir)
+    return summary
+
+
+def _cpu(options: RunOptions) -> bool:
+    import torch
+
+    return options.device == "cpu" or not torch.cuda.is_available()
+
+
+def _run_parallel(cfg: DictConfig, cell: C.Cell, options: RunOptions, overrides: Optional[Sequence[str]]) -> dict:
+    """``num_processes`` > 1 without a launcher: skip a finished cell, else start the copies of run.py
+    (same overrides) and print the table of the summary rank 0 wrote."""
+    root = results_root(cfg)
+    out_dir = cell.dir(root)
+    state, summary = C.status(cell, root)
+    if state == "finished" and not cfg.get("overwrite"):
+        _print(f"[sharp] skip (finished): {out_dir}")
+        report(summary, out_dir)
+        return summary
+    if state == "mismatch" and not cfg.get("overwrite"):
+        diff = "\n  ".join(C.key_diff(summary.get("cell", {}), cell.key()))
+        raise HarnessError(f"{out_dir} holds a finished cell with another configuration:\n  {diff}\n"
+                           "Pass overwrite=true to replace it, or results_dir=... to write elsewhere.")
+    preflight(cell.backbone, cell.tasks, hub_id=cfg.backbone.get("hub_id"))
+    if overrides is None:
+        raise HarnessError(f"num_processes={options.num_processes} starts copies of run.py with the command line's "
+                           "overrides: run it as `python run.py ... num_processes=N` (or under accelerate launch)")
+    parallel.launch([str(REPO_ROOT / "run.py"), *overrides], options.num_processes)
+    summary = C.read_summary(out_dir)
+    if summary is None:
+        raise HarnessError(f"the {options.num_processes} processes finished but wrote no {out_dir / C.SUMMARY}")
+    report(summary, out_dir)
     return summary
 
 
@@ -154,18 +245,25 @@ def _model_id(cfg: DictConfig, cell: C.Cell) -> str:
     return FAMILIES[family][0] if _generic(cell) else f"{family}_{cell.method}"
 
 
-def _model_kwargs(cfg: DictConfig, cell: C.Cell) -> dict:
+def _model_kwargs(cfg: DictConfig, cell: C.Cell, options: Optional[RunOptions] = None) -> dict:
+    """The wrapper's arguments (recorded as ``--model_args`` so a cell can be rerun through lmms-eval's CLI)."""
+    options = options or RunOptions(batch_size=int(cfg.get("batch_size") or 1))
     kwargs = {"backbone": cell.backbone, **({"method": cell.method} if _generic(cell) else {}),
-              "retention": cell.retention, "batch_size": cfg.get("batch_size", 1), **cell.method_kwargs}
+              "retention": cell.retention, "batch_size": options.batch_size, **cell.method_kwargs}
     kwargs.update(cell.backbone_overrides)
     if cfg.get("device"):
         kwargs["device"] = str(cfg.device)
     if cfg.get("seed") is not None:
         kwargs["seed"] = int(cfg.seed)
+    if options.strict:
+        kwargs["strict"] = True
     return kwargs
 
 
-def _evaluate(cfg: DictConfig, cell: C.Cell) -> tuple[dict, list[dict]]:
+def _evaluate(cfg: DictConfig, cell: C.Cell, options: RunOptions,
+              w: parallel.World) -> tuple[Optional[dict], Optional[list[dict]], Optional[list[float]]]:
+    """simple_evaluate with our wrapper; on rank 0: (results, per-request rows of every rank in (task, doc_id)
+    order, each rank's seconds in generate_until); on other ranks (None, None, None)."""
     from lmms_eval import evaluator, models
     from lmms_eval.tasks import TaskManager
 
@@ -174,22 +272,24 @@ def _evaluate(cfg: DictConfig, cell: C.Cell) -> tuple[dict, list[dict]]:
     model_id = _model_id(cfg, cell)
     ensure_registered(model_id)
     cls = models.get_model(model_id)
-    lm: SharpVideoLMM = cls(**_model_kwargs(cfg, cell))
     tm = TaskManager("WARNING", include_path=include_paths(cfg) or None, model_name=cls.builtin_name or model_id)
     unknown = [t for t in cell.tasks if t not in tm.all_tasks]
     if unknown:
         raise HarnessError(f"unknown lmms-eval task(s) {unknown}; include_path={include_paths(cfg)}. "
                            "Check tasks=... (configs/tasks/) and the task's include_path.")
+    lm: SharpVideoLMM = cls(**_model_kwargs(cfg, cell, options))
     results = evaluator.simple_evaluate(
-        model=lm, tasks=list(cell.tasks), batch_size=1, limit=cell.limit, log_samples=bool(cfg.log_samples),
-        task_manager=tm, gen_kwargs=cell.gen_kwargs, random_seed=int(cfg.seed), numpy_random_seed=int(cfg.seed),
-        torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed), bootstrap_iters=int(cfg.get("bootstrap_iters", 1000)),
-        verbosity="WARNING",
+        model=lm, tasks=list(cell.tasks), batch_size=options.batch_size, limit=cell.limit,
+        log_samples=bool(cfg.log_samples), task_manager=tm, gen_kwargs=cell.gen_kwargs, random_seed=int(cfg.seed),
+        numpy_random_seed=int(cfg.seed), torch_random_seed=int(cfg.seed), fewshot_random_seed=int(cfg.seed),
+        bootstrap_iters=int(cfg.get("bootstrap_iters", 1000)), verbosity="WARNING",
     )
-    if results is None:  # non-zero rank in a distributed run
-        raise HarnessError("simple_evaluate returned no results (not rank 0?)")
-    results.setdefault("config", {})["model_args"] = _model_kwargs(cfg, cell)
+    rows = parallel.gather_rows(lm.request_stats, w)
+    busy = parallel.gather_rows([lm.busy_s], w)
+    if not w.main:
+        return None, None, None
+    if results is None:
+        raise HarnessError("simple_evaluate returned no results on rank 0")
+    results.setdefault("config", {})["model_args"] = _model_kwargs(cfg, cell, options)
     results["config"]["model"] = model_id
-    if lm.failed_requests:
-        log.warning("%d request(s) failed to decode their video and were answered ''", lm.failed_requests)
-    return results, list(lm.request_stats)
+    return results, parallel.sort_requests(rows), busy

@@ -113,6 +113,8 @@ def build_summary(*, cell_key: dict, config: dict, results: dict, samples: Optio
     by_task: dict[str, list] = {}
     for r in requests:
         by_task.setdefault(task_of(str(r.get("task")), cell_key.get("tasks", [])), []).append(r)
+    failures = [{"task": r.get("task"), "doc_id": r.get("doc_id"), "reason": r.get("failed"),
+                 **({"video": r["video"]} if r.get("video") else {})} for r in requests if "failed" in r]
     summary = {
         "format": SUMMARY_FORMAT,
         "status": "finished",
@@ -123,6 +125,7 @@ def build_summary(*, cell_key: dict, config: dict, results: dict, samples: Optio
         "n_samples": {t: v.get("effective", v.get("original")) if isinstance(v, dict) else v
                       for t, v in (results.get("n-samples") or {}).items()},
         **overall,
+        "failures": failures,  # requests whose video could not be used: answered '' (scored as wrong)
         "per_task": {t: aggregate_requests(rows) for t, rows in sorted(by_task.items())},
         "config": config,
         "git": git_info(repo),

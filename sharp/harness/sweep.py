@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,34 @@ def _counts(rows: list[dict]) -> str:
     return text
 
 
+def cell_status_line(row: dict, rc: int, seconds: float, results_dir: str) -> str:
+    """``[ i] finished in 44s: sharp_synthetic 95.5, 0/200 failed requests -> <dir>`` or ``[ i] FAILED ...``."""
+    head = f"[{row['index']:2d}]"
+    if rc != 0:
+        return f"{head} FAILED (exit {rc}) after {seconds:.0f}s: {row['cell'].relpath()} (its error is above; rerun the sweep to retry)"
+    summary = C.read_summary(row["cell"].dir(results_dir)) or {}
+    scores = summary.get("scores") or {}
+    shown = ", ".join(f"{k} {v:.1f}" for k, v in scores.items() if isinstance(v, (int, float)))
+    avg = summary.get("avg_score")
+    if avg is not None:
+        shown += f", avg {avg:.1f}"
+    return (f"{head} finished in {seconds:.0f}s: {shown or 'no scores'}, {summary.get('failed_requests', 0)}/"
+            f"{summary.get('requests', 0)} failed requests -> {row['cell'].dir(results_dir)}")
+
+
+def launcher_problem(launcher: str) -> Optional[str]:
+    """Why ``--slurm --launcher <launcher>`` cannot submit from this machine (None when it can)."""
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+    except ImportError:
+        return ("--slurm needs Hydra's submitit launcher: pip install hydra-submitit-launcher "
+                "(or run the sweep locally, without --slurm)")
+    if launcher == "slurm" and shutil.which("sbatch") is None:
+        return ("--slurm: SLURM is not available here (no sbatch on PATH); for a local try of the same jobs "
+                "use --slurm --launcher submitit_local, or run the sweep without --slurm")
+    return None
+
+
 def slurm_command(name: str, rows: list[dict], results_dir: str, limit: Optional[int], extra: Sequence[str],
                   launcher: str = "slurm", python: str = sys.executable) -> list[str]:
     indices = ",".join(str(r["index"]) for r in rows)
@@ -117,6 +146,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = sweep.get("name", args.sweep)
 
     if args.slurm:
+        problem = launcher_problem(args.launcher) if not args.dry_run and todo else None
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         cmd = slurm_command(args.sweep, todo, results_dir, args.limit, args.overrides, args.launcher)
         if args.dry_run:
             for r in rows:
@@ -149,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[{r['index']:2d}] run {_quote(local_command(r, 'python', display=True))}", flush=True)
         t0 = time.time()
         rc = subprocess.call(local_command(r), cwd=str(REPO_ROOT))
-        print(f"[{r['index']:2d}] exit {rc} after {time.time() - t0:.0f}s", flush=True)
+        print(cell_status_line(r, rc, time.time() - t0, results_dir), flush=True)
         if rc != 0:
             failed.append(r["index"])
     ran = len(todo)

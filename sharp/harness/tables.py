@@ -4,6 +4,8 @@ The rows of table N are the cells of ``configs/sweep/tableN.yaml`` (in the paper
 numbers are ``results/paper/*.csv``. Every row is kept: a cell without results shows ``—`` and its
 status (``missing``, ``partial``, ``differs: ...`` for a finished cell run with another config, or
 ``not implemented`` when its method is only planned, see :mod:`sharp.harness.catalog`).
+A finished cell with failed requests (videos that could not be used, answered '') says so in its status
+(``finished (3 failed requests)``) and in the CSV's ``failed_requests`` column.
 Outputs: Markdown (``ours / paper (diff)`` per metric) and CSV (``col``, ``col_paper``, ``col_diff``).
 """
 from __future__ import annotations
@@ -162,6 +164,14 @@ def build(table: int, results_dir: str | Path = "results") -> tuple[dict, list[R
     return sweep, rows
 
 
+def _failed(r: Row) -> Optional[int]:
+    """Requests of a finished cell whose video could not be used (answered '', scored as wrong)."""
+    if r.summary is None or r.status != "finished":
+        return None
+    n = r.summary.get("failed_requests")
+    return int(n) if isinstance(n, (int, float)) else None
+
+
 def _fmt(v: Optional[float], col: str) -> str:
     if v is None:
         return MISSING
@@ -182,7 +192,8 @@ def to_records(table: int, rows: list[Row]) -> list[dict]:
     layout = LAYOUTS[table]
     records = []
     for r in rows:
-        rec: dict[str, Any] = {"cell": str(r.cell.relpath()), "status": r.status}
+        rec: dict[str, Any] = {"cell": str(r.cell.relpath()), "status": r.status,
+                               "failed_requests": _failed(r)}
         rec.update(r.keys)
         if "group" in r.raw:
             rec["group_tflops"] = r.raw["group"]
@@ -230,12 +241,17 @@ def to_markdown(table: int, sweep: dict, rows: list[Row], results_dir: str | Pat
             if d is not None:
                 text += f" ({d:+.1f})" if not col.startswith("tokens") else f" ({d:+.0f})"
             cells.append(text)
-        cells.append(r.status)
+        failed = _failed(r)
+        cells.append(r.status + (f" ({failed} failed requests)" if failed else ""))
         lines.append("| " + " | ".join(cells) + " |")
     done = sum(r.status == "finished" for r in rows)
     planned = sum(r.status == NOT_IMPLEMENTED for r in rows)
     lines += ["", f"{done}/{len(rows)} cells finished" + (f", {planned} {NOT_IMPLEMENTED} (method planned: "
                                                           "configs/method/<method>.yaml)." if planned else ".")]
+    with_failures = [r for r in rows if _failed(r)]
+    if with_failures:
+        lines.append(f"{len(with_failures)} finished cell(s) had requests whose video could not be used (answered '', "
+                     "scored as wrong): see `failures` in their summary.json.")
     if table == 4:
         lines.append("Stage columns sum the method's trace.stage_times keys listed in configs/sweep/table4.yaml "
                      "(stage_columns); LLM forward = the engine's `forward` stage (LLM prefill from decoder layer 0, "

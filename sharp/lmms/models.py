@@ -10,14 +10,31 @@ measures it.
 Per request the wrapper records visual tokens before/after pruning, prefill milliseconds, prefill
 TFLOPs (paper convention) and peak memory in ``self.request_stats``; the same numbers go to
 lmms-eval's throughput log (``results["throughput"]["avg_<key>"]``), so the CLI reports them too.
+
+A request whose video cannot be used (missing, empty, corrupt, undecodable, unsupported: any error
+while reading and sampling its frames) is answered with an empty string, logged with its reason and
+recorded as ``{"task", "doc_id", "failed": reason, "video"}`` in ``request_stats``; it never falls
+back to a text-only answer (lmms-eval's built-ins do). ``strict=true`` raises on the first such
+request instead, and a run whose first requests all fail stops (that is the setup, not one video).
+
+``batch_size`` > 1: requests with the same frame-array shape (hence the same visual layout) and
+the same generation settings are run together as one left-padded batch (``sharp.prune`` supports
+them); a request waits at most until ``2 x batch_size`` requests are pending. Latencies are then per
+batch. Data parallel: under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) the wrapper
+takes its rank and world size from accelerate and runs on ``cuda:<local rank>``; lmms-eval gives
+each rank its share of the documents, and the wrapper answers the evaluator's rank-padding requests
+(``metadata["__padding_only__"]``) without running the model.
 """
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from loguru import logger as eval_logger
 from tqdm import tqdm
@@ -34,6 +51,8 @@ _BACKBONE_ARGS = ("pretrained", "checkpoint", "dtype", "attn_implementation", "n
 # Generation kwargs (from the task yaml or --gen_kwargs) that are passed on to generate().
 _PASSED_GEN_KWARGS = ("num_beams", "top_p", "top_k", "repetition_penalty", "length_penalty", "min_new_tokens")
 _SAMPLING_ONLY = ("top_p", "top_k")
+# A run whose first FAIL_FAST requests (or all, if fewer) all fail stops: the data is missing, not one video.
+FAIL_FAST = 5
 
 
 def _coerce(value: Any) -> Any:
@@ -53,6 +72,81 @@ def known_backbones(family: str) -> list[str]:
     from sharp.harness.catalog import family_backbones
 
     return family_backbones(family)
+
+
+class VideoFailure(Exception):
+    """A request's video cannot be used; the message is the reason (it names the file)."""
+
+
+@dataclass
+class _Pending:
+    """A decoded request waiting for its batch."""
+
+    index: int                 # position in generate_until's request list
+    context: str
+    task: str
+    doc_id: Any
+    settings: dict
+    until: list
+    frames: np.ndarray         # (T, H, W, 3) uint8, as the backbone's sample_frames returns them
+    video: Optional[str]
+
+    @property
+    def key(self) -> tuple:
+        """Requests with one key share a batch: same frames shape (-> same visual layout), same settings."""
+        return (tuple(self.frames.shape), repr(sorted(self.settings.items())), tuple(self.until))
+
+
+class LayoutBatches:
+    """Requests grouped into batches of up to ``size`` by :attr:`_Pending.key`, in arrival order.
+
+    :meth:`add` returns the batches that are ready: a group that reached ``size``, or, when more than
+    ``max_pending`` requests wait, the largest group (so memory stays bounded with many layouts)."""
+
+    def __init__(self, size: int, max_pending: Optional[int] = None):
+        self.size = int(size)
+        self.max_pending = max(self.size, int(max_pending if max_pending is not None else 2 * self.size))
+        self.groups: dict[tuple, list] = {}
+
+    def pending(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    def add(self, item, key: Optional[tuple] = None) -> list[list]:
+        key = item.key if key is None else key
+        group = self.groups.setdefault(key, [])
+        group.append(item)
+        ready = []
+        if len(group) >= self.size:
+            ready.append(self.groups.pop(key))
+        while self.pending() > self.max_pending:
+            largest = max(self.groups, key=lambda k: len(self.groups[k]))
+            ready.append(self.groups.pop(largest))
+        return ready
+
+    def drain(self) -> list[list]:
+        ready = list(self.groups.values())
+        self.groups = {}
+        return ready
+
+
+def per_sample_layers(kept: list, stage_layers: list, measured: list[int], n_visual: int, batch: int) -> Optional[list[list[int]]]:
+    """Visual tokens each decoder layer processed, per sample of a batch: ``n_visual`` until the first
+    applied stage, then the count kept by the last stage at or before the layer (``kept[stage][sample]``).
+    ``measured`` is the engine's count for sample 0; None when the two disagree for sample 0."""
+    def counts(i: int) -> list[int]:
+        out = []
+        for layer in range(len(measured)):
+            c = n_visual
+            for j, at in enumerate(stage_layers):
+                if at <= layer:
+                    c = int(kept[j][i].numel())
+            out.append(c)
+        return out
+
+    first = counts(0)
+    if first != list(measured):
+        return None
+    return [first] + [counts(i) for i in range(1, batch)]
 
 
 class _Timer:
@@ -106,7 +200,7 @@ class SharpVideoLMM(lmms):
     def __init__(self, backbone: Optional[str] = None, method: Optional[str] = None, retention: float = 1.0,
                  batch_size: Any = 1, max_batch_size: Any = None, device: Optional[str] = None,
                  max_new_tokens: Optional[int] = None, seed: Optional[int] = None, warmup: int = 1,
-                 **kwargs) -> None:
+                 strict: Any = False, **kwargs) -> None:
         super().__init__()
         kwargs = {k: _coerce(v) for k, v in kwargs.items()}
         backbone_overrides = {k: kwargs.pop(k) for k in _BACKBONE_ARGS if k in kwargs}
@@ -114,24 +208,24 @@ class SharpVideoLMM(lmms):
         if "pretrained" in backbone_overrides:
             backbone_overrides["checkpoint"] = backbone_overrides.pop("pretrained")
         self.backbone_name = self._check_backbone(_coerce(backbone))
-        self.method, self.retention, self.method_kwargs = self._check_method(_coerce(method), retention, kwargs)
-        try:
-            bs = int(batch_size)
-        except (TypeError, ValueError):
-            bs = None
-        if bs != 1:
-            raise ModelArgsError(
-                f"{self.model_id}: batch_size={batch_size!r} is not supported; accepted values: 1 "
-                "(pruning runs use batch 1, like the paper's numbers)")
+        self.method, self.retention, self.method_kwargs = self._check_method(
+            _coerce(method), retention, kwargs, check_layers="checkpoint" not in backbone_overrides)
+        self._batch_size = self._check_batch_size(batch_size)
+        if not isinstance(strict, bool):
+            raise ModelArgsError(f"{self.model_id}: strict={strict!r}; accepted values: true, false")
+        self.strict = strict
         self.max_new_tokens_default = int(max_new_tokens) if max_new_tokens else self.default_max_new_tokens
         if seed is not None:
             torch.manual_seed(int(seed))
         if device not in (None, "None") and device != "auto":
             backbone_overrides.setdefault("device", device)
+        self._setup_data_parallel(backbone_overrides)
         self.backbone_overrides = backbone_overrides
         self.warmup = int(warmup or 0)  # untimed generate()s before the first request (kernels, caches)
         self.request_stats: list[dict] = []
         self.failed_requests = 0
+        self.busy_s = 0.0  # seconds spent in generate_until (throughput)
+        self._loaded = 0  # requests whose video decoded, this generate_until call
         self._warned: set[str] = set()
 
         import sharp
@@ -159,7 +253,18 @@ class SharpVideoLMM(lmms):
                                  f"accepted values: {', '.join(accepted)}")
         return backbone
 
-    def _check_method(self, method: Optional[str], retention: Any, kwargs: dict):
+    def _check_batch_size(self, batch_size: Any) -> int:
+        try:
+            bs = int(batch_size)
+        except (TypeError, ValueError):
+            bs = None
+        if bs is None or bs < 1 or isinstance(batch_size, bool) or (isinstance(batch_size, float) and not batch_size.is_integer()):
+            raise ModelArgsError(
+                f"{self.model_id}: batch_size={batch_size!r}; accepted values: an integer >= 1 (requests with "
+                "the same video layout share a left-padded batch; the paper's numbers are batch 1)")
+        return bs
+
+    def _check_method(self, method: Optional[str], retention: Any, kwargs: dict, check_layers: bool = True):
         from sharp import methods as M
 
         if self.fixed_method is not None:
@@ -185,10 +290,39 @@ class SharpVideoLMM(lmms):
             raise ModelArgsError(f"{self.model_id}: retention={retention} with method 'vanilla'; accepted values: 1 "
                                  "(vanilla keeps every visual token)")
         try:
-            M.make_method(method, retention, **kwargs)
+            made = M.make_method(method, retention, **kwargs)
         except (ValueError, TypeError) as err:
             raise ModelArgsError(f"{self.model_id}: {err}") from None
+        if check_layers:  # a layer outside the model fails here, before the weights load
+            from sharp.harness.checks import backbone_layers, check_method_layers
+
+            num_layers = backbone_layers(self.backbone_name)
+            if num_layers is not None:
+                try:
+                    check_method_layers(made, num_layers, self.backbone_name)
+                except HarnessError as err:
+                    raise ModelArgsError(f"{self.model_id}: {err}") from None
         return method, retention, kwargs
+
+    def _setup_data_parallel(self, backbone_overrides: dict) -> None:
+        """Under a data-parallel launcher (WORLD_SIZE > 1): rank and world size from accelerate, one device
+        per process (as lmms-eval's built-in wrappers)."""
+        from sharp.harness.parallel import world
+
+        w = world()
+        if not w.parallel:
+            return
+        from accelerate import Accelerator
+
+        cpu = backbone_overrides.get("device") == "cpu" or not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=cpu)  # the evaluator gathers request counts through it
+        # rank and world size as the evaluator computes them (RANK / WORLD_SIZE): accelerate reports a single
+        # process for a CPU group that lmms-eval's CLI started without cpu=True
+        self._rank, self._world_size = w.rank, w.size
+        backbone_overrides["device"] = "cpu" if cpu else f"cuda:{w.local_rank}"
+        if w.main:
+            eval_logger.info(f"{self.model_id}: data parallel over {w.size} processes "
+                             f"({'CPU' if cpu else 'one GPU each'})")
 
     @classmethod
     def family_generic_id(cls) -> str:
@@ -199,7 +333,7 @@ class SharpVideoLMM(lmms):
     # ---------------------------------------------------------------- lmms interface
     @property
     def batch_size(self) -> int:
-        return 1
+        return self._batch_size
 
     @property
     def device(self):
@@ -220,41 +354,100 @@ class SharpVideoLMM(lmms):
         raise NotImplementedError(f"{self.model_id} does not support multi-round generation")
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
-        out = []
-        for req in tqdm(requests, disable=self.rank != 0, desc=f"{self.model_id}:{self.method}@{self.retention:g}"):
-            ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            visual = self._visual(doc_to_visual, task, split, doc_id)
-            while self.warmup > 0:
-                self.warmup -= 1
-                failed = self.failed_requests
-                self.generate_one(visual, ctx, {**(gen_kwargs or {}), "max_new_tokens": 2})
-                self.failed_requests = failed
-            text, stats = self.generate_one(visual, ctx, gen_kwargs)
-            stats.update(task=task, doc_id=doc_id)
-            self.request_stats.append(stats)
-            self._log_throughput(stats)
-            out.append(GenerationResult(text, TokenCounts(input_tokens=stats.get("input_tokens"),
-                                                          output_tokens=stats.get("output_tokens"))))
+        """Answers in request order. Requests are decoded in order and run in batches of one layout."""
+        t0 = time.perf_counter()
+        out: list[Optional[GenerationResult]] = [None] * len(requests)
+        real = []
+        for i, req in enumerate(requests):
+            if (req.metadata or {}).get("__padding_only__"):  # the evaluator's rank padding: discarded
+                out[i] = GenerationResult("", TokenCounts(input_tokens=0, output_tokens=0))
+            else:
+                real.append((i, req))
+        self._loaded, self._failed_here, self._todo = 0, 0, len(real)
+        pbar = tqdm(total=len(real), disable=self.rank != 0, desc=f"{self.model_id}:{self.method}@{self.retention:g}")
+        batches = LayoutBatches(self._batch_size)
+        try:
+            for i, req in real:
+                item = self._load(i, req)
+                if item is None:
+                    out[i] = GenerationResult("", TokenCounts(input_tokens=0, output_tokens=0))
+                    pbar.update(1)
+                    continue
+                for batch in batches.add(item):
+                    self._run_batch(batch, out)
+                    pbar.update(len(batch))
+            for batch in batches.drain():
+                self._run_batch(batch, out)
+                pbar.update(len(batch))
+        finally:
+            pbar.close()
+            self.busy_s += time.perf_counter() - t0
         return out
 
     # ---------------------------------------------------------------- one request
+    def _load(self, index: int, req: Instance) -> Optional[_Pending]:
+        """Decode a request's video; a video that cannot be used is a failed request (None)."""
+        ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+        settings, until = self._gen_settings(gen_kwargs)
+        video = None
+        try:
+            video = self._visual(doc_to_visual, task, split, doc_id)
+            frames = self._decode(video)
+        except VideoFailure as failure:
+            self._fail(task, doc_id, video, str(failure))
+            return None
+        self._loaded += 1
+        return _Pending(index, ctx, task, doc_id, settings, until, frames, video if isinstance(video, str) else None)
+
     def _visual(self, doc_to_visual, task, split, doc_id):
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        try:
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        except (OSError, ValueError) as err:  # the task's own check (e.g. a missing file)
+            raise VideoFailure(f"{type(err).__name__}: {err}") from None
         if isinstance(visuals, (list, tuple)) and len(visuals) == 1 and isinstance(visuals[0], (list, tuple)):
             visuals = visuals[0]
         if visuals is None or (isinstance(visuals, (list, tuple)) and len(visuals) == 0):
-            return None
+            raise VideoFailure("the request has no video (doc_to_visual returned nothing)")
         if isinstance(visuals, (list, tuple)) and len(visuals) == 1:
             visuals = visuals[0]
-        if isinstance(visuals, str):
-            import os
-
-            if not os.path.exists(visuals):
-                raise MissingResourceError(
-                    f"video of task {task} doc {doc_id} not found: {visuals}\n"
-                    "The benchmark's videos are not unpacked under HF_HOME; see results/README.md "
-                    "('Weights and data') or run `python run.py tasks=...` once with internet.")
+        if isinstance(visuals, (list, tuple)):
+            raise VideoFailure(f"the request has {len(visuals)} visuals; one video per request is supported")
+        if isinstance(visuals, (str, os.PathLike)) and not os.path.exists(visuals):
+            raise VideoFailure(f"video file not found: {visuals}")
         return visuals
+
+    def _decode(self, video) -> np.ndarray:
+        """The frames the backbone's reference reader gives; any error doing so is a VideoFailure."""
+        try:
+            return self.bb.sample_frames(video)
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - decord, PyAV, VideoError, qwen-vl-utils rules, ...
+            text = str(err)
+            name = str(video) if isinstance(video, (str, os.PathLike)) else "<frames>"
+            reason = text if type(err).__name__ == "VideoError" else f"{type(err).__name__}: {text}"
+            if name not in reason:
+                reason += f" ({name})"
+            raise VideoFailure(reason) from None
+
+    def _fail(self, task: str, doc_id: Any, video: Any, reason: str) -> None:
+        """Record a failed request (answered ''), or stop: strict, or the first requests all failed."""
+        self.failed_requests += 1
+        self._failed_here += 1
+        self.request_stats.append({"task": task, "doc_id": doc_id, "failed": reason,
+                                   "video": str(video) if isinstance(video, (str, os.PathLike)) else None})
+        if self.strict:
+            raise HarnessError(f"strict=true: {task} doc {doc_id}: {reason}")
+        eval_logger.error(f"{self.model_id}: {task} doc {doc_id}: {reason}; answering ''")
+        first = min(FAIL_FAST, self._todo)
+        if self._loaded == 0 and self._failed_here >= first:
+            what = f"the first {first} request(s) all failed" if first < self._todo else f"all {first} request(s) failed"
+            if reason.startswith("video file not found"):
+                raise MissingResourceError(
+                    f"{what}: {reason}\nThe benchmark's videos are not unpacked under HF_HOME; see results/README.md "
+                    "('Weights and data') or run `python run.py tasks=...` once with internet.")
+            raise HarnessError(f"{what}, last: {task} doc {doc_id}: {reason} (one bad video only costs its "
+                               "answer; this looks like the data or the setup)")
 
     def _gen_settings(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
         gk = dict(gen_kwargs or {})
@@ -287,22 +480,48 @@ class SharpVideoLMM(lmms):
             settings.update(temperature=None, top_p=None, top_k=None)
         return settings, list(until)
 
-    def generate_one(self, visual, context: str, gen_kwargs: dict) -> tuple[str, dict]:
+    def _run_batch(self, batch: list[_Pending], out: list) -> None:
+        while self.warmup > 0:  # untimed, not recorded: kernels and caches before the first timed request
+            self.warmup -= 1
+            first = batch[0]
+            self._generate([first], {**first.settings, "max_new_tokens": 2})
+        texts, stats = self._generate(batch)
+        for item, text, st in zip(batch, texts, stats):
+            st.update(task=item.task, doc_id=item.doc_id)
+            self.request_stats.append(st)
+            self._log_throughput(st)
+            out[item.index] = GenerationResult(text, TokenCounts(input_tokens=st.get("input_tokens"),
+                                                                 output_tokens=st.get("output_tokens")))
+
+    def _batch_inputs(self, batch: list[_Pending]) -> dict:
+        """Model inputs of a batch of one layout: prepare()'s path for one request; several: per-sample
+        pixels, one placeholder count, left-padded prompts (the backbone's tokenizer settings)."""
+        if len(batch) == 1:
+            return self.bb.pixels_to_inputs(batch[0].frames, batch[0].context)
+        pixels = [self.bb.video_pixels(item.frames) for item in batch]
+        n = self.bb.n_placeholders(**pixels[0])
+        out = self.bb._tokenize([self.bb.build_prompt(item.context, n) for item in batch])  # left padding
+        out.update(self.bb.collate_pixels(pixels))
+        return self.bb._to_model(out)
+
+    def generate_one(self, video, context: str, gen_kwargs: dict) -> tuple[str, dict]:
+        """One request outside lmms-eval (a video path or frames, a prompt): (answer, statistics)."""
+        settings, until = self._gen_settings(gen_kwargs)
+        item = _Pending(0, context, "", None, settings, until, self._decode(video), None)
+        texts, stats = self._generate([item])
+        return texts[0], stats[0]
+
+    def _generate(self, batch: list[_Pending], settings: Optional[dict] = None) -> tuple[list[str], list[dict]]:
         import sharp
 
-        settings, until = self._gen_settings(gen_kwargs)
-        try:
-            inputs = self.bb.prepare(visual, context)
-        except Exception as err:  # noqa: BLE001 - a video that exists but does not decode
-            mod = type(err).__module__ or ""
-            if isinstance(visual, str) and (mod.startswith("decord") or mod.startswith("av")):
-                eval_logger.error(f"{self.model_id}: failed to decode {visual}: {err}; answering ''")
-                self.failed_requests += 1
-                return "", {"failed": f"{type(err).__name__}: {err}"}
-            raise
+        settings = dict(batch[0].settings if settings is None else settings)
+        until = batch[0].until
+        inputs = self._batch_inputs(batch)
         inputs = {k: (v.to(self._device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         n_visual = int(self.bb.layout(inputs).n_visual)
         input_len = int(inputs["input_ids"].shape[1])
+        mask = inputs.get("attention_mask")
+        lengths = [int(x) for x in mask.sum(dim=1)] if mask is not None else [input_len] * len(batch)
         tok = self.bb.tokenizer
         eos = getattr(tok, "eos_token_id", None)
         pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else eos
@@ -321,39 +540,65 @@ class SharpVideoLMM(lmms):
         if cuda:
             torch.cuda.synchronize(self._device)
         generate_s = time.perf_counter() - t0
-        new_tokens = output[0, input_len:] if output.shape[1] >= input_len else output[0]
-        text = tok.decode(new_tokens, skip_special_tokens=True)
-        for term in until:
-            if term and term in text:
-                text = text[: text.index(term)]
-        text = text.strip()
 
-        per_layer = [int(x) for x in (getattr(trace, "visual_tokens_per_layer", None) or [])]
-        after = per_layer[-1] if per_layer else n_visual
-        stats = {
-            "visual_tokens_before": n_visual,
-            "visual_tokens_after": after,
-            "visual_tokens_per_layer": per_layer,
-            "visual_tokens_layer_mean": statistics.fmean(per_layer) if per_layer else float(n_visual),
-            "input_tokens": input_len,
-            "output_tokens": int(new_tokens.shape[0]),
-            "prefill_ms": 1000.0 * timer.prefill_s if timer.prefill_s is not None else None,
-            "generate_ms": 1000.0 * generate_s,
-            "prefill_tflops": self._tflops(n_visual),
-            "prefill_tflops_measured": self._measured_tflops(per_layer),
-            "stage_ms": {k: 1000.0 * float(v) for k, v in (getattr(trace, "stage_times", None) or {}).items()},
-        }
+        measured = [int(x) for x in (getattr(trace, "visual_tokens_per_layer", None) or [])]
+        layers = [measured] * len(batch)
+        by_sample = getattr(trace, "visual_tokens_by_sample", None) or []  # [layer][sample] (engine)
+        if len(batch) > 1 and by_sample and all(len(row) == len(batch) for row in by_sample):
+            layers = [[int(row[i]) for row in by_sample] for i in range(len(batch))]
+        elif len(batch) > 1 and measured:
+            got = per_sample_layers(list(getattr(trace, "kept", None) or []), list(getattr(trace, "stage_layers", None) or []),
+                                    measured, n_visual, len(batch))
+            if got is None and "per_sample_layers" not in self._warned:
+                eval_logger.warning(f"{self.model_id}: per-sample visual tokens of {self.method} could not be "
+                                    "rebuilt from trace.kept; every sample of a batch gets sample 0's counts")
+                self._warned.add("per_sample_layers")
+            layers = got or layers
+        stage_ms = {k: 1000.0 * float(v) for k, v in (getattr(trace, "stage_times", None) or {}).items()}
         if cuda:
-            stats["peak_memory_mb"] = torch.cuda.max_memory_allocated(self._device) / 2**20
-            stats["peak_memory_kind"] = "cuda_max_allocated"
+            peak, kind = torch.cuda.max_memory_allocated(self._device) / 2**20, "cuda_max_allocated"
         else:
-            stats["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-            stats["peak_memory_kind"] = "process_max_rss"
-        return text, stats
+            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "process_max_rss"
+        texts, stats = [], []
+        for i in range(len(batch)):
+            new_tokens = output[i, input_len:] if output.shape[1] >= input_len else output[i]
+            if eos is not None:  # a finished row of a batch goes on with padding: cut after its first eos
+                hits = (new_tokens == eos).nonzero()
+                if len(hits):
+                    new_tokens = new_tokens[: int(hits[0, 0]) + 1]
+            text = tok.decode(new_tokens, skip_special_tokens=True)
+            for term in until:
+                if term and term in text:
+                    text = text[: text.index(term)]
+            texts.append(text.strip())
+            per_layer = layers[i]
+            stats.append({
+                "visual_tokens_before": n_visual,
+                "visual_tokens_after": per_layer[-1] if per_layer else n_visual,
+                "visual_tokens_per_layer": per_layer,
+                "visual_tokens_layer_mean": statistics.fmean(per_layer) if per_layer else float(n_visual),
+                "input_tokens": lengths[i],
+                "output_tokens": int(new_tokens.shape[0]),
+                "prefill_ms": 1000.0 * timer.prefill_s if timer.prefill_s is not None else None,
+                "generate_ms": 1000.0 * generate_s,
+                "batch_size": len(batch),
+                "prefill_tflops": self._tflops(n_visual, per_layer),
+                "prefill_tflops_measured": self._measured_tflops(per_layer),
+                "stage_ms": dict(stage_ms),
+                "peak_memory_mb": peak,
+                "peak_memory_kind": kind,
+            })
+        return texts, stats
 
-    def _tflops(self, n_visual: int) -> Optional[float]:
+    def _tflops(self, n_visual: int, per_layer: list[int]) -> Optional[float]:
+        """Prefill TFLOPs of the method's token schedule; the measured one when the method's kept
+        counts depend on the video (``input_dependent_schedule``: FrameFusion, adaptive SharpV)."""
         try:
+            import sharp
             from sharp.flops import prefill_tflops
+
+            if sharp.make_method(self.method, self.retention, **self.method_kwargs).input_dependent_schedule:
+                return self._measured_tflops(per_layer)
 
             return float(prefill_tflops(self.bb, self.method, self.retention, visual_tokens=n_visual,
                                         convention="paper", **self.method_kwargs))

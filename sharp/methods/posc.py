@@ -28,6 +28,10 @@ from sharp.paths import cache_dir
 
 POSC_KEYS = ("layout", "prompt")
 
+# version of the bias computation, part of every cache key: bump it whenever the probe or the score
+# it reads changes, so a bias computed by older code is never loaded (v2: after the issue-9 probe)
+BIAS_VERSION = 2
+
 # bias cache shared by every ShaRP instance of the process: key -> (n_current,) float32 on CPU
 _BIAS_MEMORY: "OrderedDict[str, torch.Tensor]" = OrderedDict()
 _BIAS_MEMORY_MAX = 4096
@@ -77,7 +81,7 @@ class BiasCache:
         bb, layout, inputs = ctx.backbone, ctx.layout, ctx.session.prefill_inputs
         ids = inputs["input_ids"]
         common = (
-            f"{bb.name}|{model_fingerprint(bb.model)}|{bb.dtype}|{ctx.hidden_states.device.type}|"
+            f"v{BIAS_VERSION}|{bb.name}|{model_fingerprint(bb.model)}|{bb.dtype}|{ctx.hidden_states.device.type}|"
             f"{layout.n_visual}x{layout.frames}x{layout.tokens_per_frame}x{layout.grid}|s={ids.shape[1]}|"
             f"pos_ids={'position_ids' in inputs}|{reading}")
         keys = []

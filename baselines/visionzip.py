@@ -1,0 +1,274 @@
+"""VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
+CVPR 2025; official code dvlab-research/VisionZip ``visionzip/clip_encoder.py``) and its combination
+with ShaRP (``visionzip_sharp``, the ShaRP paper's Table 3).
+
+Before the LLM (a stage at decoder layer 0, i.e. on the input embeddings), per group of visual
+tokens G (a frame on LLaVA-OV, the whole video on Qwen2-VL: ``scope``) with budget k_G:
+
+1. Dominant tokens (Sec. 3.2): the d_G = floor(k_G x ``dominant_ratio``) tokens of G that receive
+   the most attention in one vision-encoder layer,
+
+       a_j = mean_h mean_i softmax_j( q_i^h k_j^h^T / sqrt(d_h) )        (i, j in the same frame)
+
+   read from ``ctx.vision(layer).attention`` (mapped onto the LLM tokens as the model maps its
+   features: LLaVA-OV's bilinear 27 -> 14 pooling, Qwen2-VL's 2 x 2 merger groups).
+2. Contextual tokens (Sec. 3.3): of the m = |G| - d_G remaining tokens R (in sequence order),
+   c_G = k_G - d_G targets at the stride max(1, floor(m / c_G)): R[0], R[s], R[2s], ... (the first
+   c_G); every other token of R joins the target with the highest cosine similarity of the
+   head-averaged keys k-bar_j = mean_h k_j^h (``ctx.vision(layer).keys``); the contextual token is
+
+       x_t <- x_t + mean_{j assigned to t} x_j          (x_t unchanged when nothing is assigned)
+
+   in the stage's input space (the projected LLM embeddings, as both video ports do).
+
+The dominant and target tokens stay in the sequence at their own positions; the merged rows replace
+the targets' embeddings (``Selection.hidden_states``). Every choice against the official code and
+its ports (HoliTom's LLaVA-OV port ``visionzip/llava_arch.py``, EffiVLM-Bench's Qwen2-VL port
+``kv_cache_compression/qwen2vl_model.py``) is in docs/methods/visionzip.md. Results go to
+``trace.method("visionzip")``: budget, vision_layer, scope, dominant, contextual, absorbed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from sharp.engine.compose import ComposedMethod
+from sharp.methods import PruningMethod, Selection, register_method
+
+SCOPES = ("auto", "frame", "video")
+# the official 54 dominant : 10 contextual split (README, HoliTom's DOMINANT_RATIO default 54/64)
+DOMINANT_RATIO = 54 / 64
+# each port's layer and grouping, by backbone family: HoliTom's LLaVA-OV port scores with the last
+# SigLIP layer OV keeps (its feature layer) per frame; EffiVLM-Bench's Qwen2-VL port with vision
+# block 30 of 32 (-2) and one global top-k over the whole visual input
+PORT_VISION_LAYER = {"llava_onevision": "feature", "qwen2_vl": -2}
+PORT_SCOPE = {"llava_onevision": "frame", "qwen2_vl": "video"}
+
+
+# -- budgets ------------------------------------------------------------------------------------
+
+
+def split_budget(k: int, dominant_ratio: float) -> tuple[int, int]:
+    """(dominant, contextual) of a group's budget k: d = floor(k x ratio) as the official
+    ``int(spatial_tokens * dominant_ratio)``, c = k - d (so exactly k tokens are kept)."""
+    d = int(k * dominant_ratio)
+    return d, k - d
+
+
+def apportion(k: int, counts: list[int]) -> list[int]:
+    """k tokens over groups of ``counts`` tokens, proportionally and exactly:
+    k_g = floor(k C_g / N) - floor(k C_{g-1} / N), C_g the cumulative count, N = sum(counts).
+
+    Equal groups get floor(k / G) or one more, the extra ones spread evenly (32 frames x 196 at
+    12.8%: k = 803 -> 29 frames of 25 and 3 of 26); k_g <= counts[g] whenever k <= N.
+    """
+    total = sum(counts)
+    if total == 0:
+        return [0] * len(counts)
+    out, before, cum = [], 0, 0
+    for n in counts:
+        cum += n
+        upto = (k * cum) // total
+        out.append(upto - before)
+        before = upto
+    return out
+
+
+# -- one group ----------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupResult:
+    """VisionZip on one group of n tokens (indices into the group, 0..n-1; ``zip_sample``: into the
+    sample's current visual tokens).
+
+    dominant: (d,) the top-d by attention, ascending; targets: (c,) the contextual targets, ascending;
+    absorbed: (m - c, 2) rows (token, its target) for every merged token; rows: (c, D) the contextual
+    tokens' new embeddings (float32), in the order of ``targets``.
+    """
+
+    dominant: torch.Tensor
+    targets: torch.Tensor
+    absorbed: torch.Tensor
+    rows: torch.Tensor
+
+
+def dominant_tokens(attention: torch.Tensor, d: int) -> torch.Tensor:
+    """(n,) attention received -> (d,) indices of the d largest, ascending."""
+    return torch.topk(attention.float(), d).indices.sort().values
+
+
+def contextual_targets(m: int, c: int, device=None) -> torch.Tensor:
+    """Positions (in the remaining tokens' order, 0..m-1) of the c targets: stride max(1, m // c)
+    from 0, the first c (official ``arange(0, m, step)[:c]``)."""
+    if c == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    step = max(1, m // c)
+    return torch.arange(0, m, step, device=device)[:c]
+
+
+def assign_to_targets(keys: torch.Tensor, targets: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """For each token of ``others``, the position in ``targets`` of its most similar target by the
+    cosine of the keys (keys: (m, h) of the remaining tokens; targets, others: positions into them).
+    Ties go to the first target (``argmax``)."""
+    unit = F.normalize(keys.float(), dim=-1)
+    similarity = unit[others] @ unit[targets].T  # (m - c, c)
+    return similarity.argmax(dim=1)
+
+
+def merge_contextual(hidden: torch.Tensor, targets: torch.Tensor, others: torch.Tensor,
+                     choice: torch.Tensor) -> torch.Tensor:
+    """Contextual tokens (c, D) float32: x_t + mean of the tokens assigned to t (+ 0 when none);
+    hidden: (m, D) the remaining tokens' embeddings."""
+    x = hidden.float()
+    c = len(targets)
+    sums = x.new_zeros(c, x.shape[1]).index_add_(0, choice, x[others])
+    counts = torch.bincount(choice, minlength=c).clamp(min=1).to(x.dtype)[:, None]
+    return x[targets] + sums / counts
+
+
+def visionzip_group(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, k: int,
+                    dominant_ratio: float = DOMINANT_RATIO) -> GroupResult:
+    """VisionZip on one group: attention (n,), keys (n, h), hidden (n, D), budget k <= n."""
+    n = attention.shape[0]
+    if not 0 <= k <= n:
+        raise ValueError(f"visionzip: a group's budget must be in 0..{n}, got {k}")
+    device = attention.device
+    d, c = split_budget(k, dominant_ratio)
+    dominant = dominant_tokens(attention, d)
+    is_rest = torch.ones(n, dtype=torch.bool, device=device)
+    is_rest[dominant] = False
+    rest = is_rest.nonzero().squeeze(1)  # (m,) in sequence order
+    local_targets = contextual_targets(len(rest), c, device)
+    targets = rest[local_targets]
+    if c == 0:  # dominant_ratio 1: the rest is dropped, nothing merges
+        empty = torch.zeros(0, 2, dtype=torch.long, device=device)
+        return GroupResult(dominant, targets, empty, hidden[targets].float())
+    is_other = torch.ones(len(rest), dtype=torch.bool, device=device)
+    is_other[local_targets] = False
+    local_others = is_other.nonzero().squeeze(1)
+    choice = assign_to_targets(keys[rest], local_targets, local_others)
+    rows = merge_contextual(hidden[rest], local_targets, local_others, choice)
+    absorbed = torch.stack([rest[local_others], targets[choice]], dim=1)
+    return GroupResult(dominant=dominant, targets=targets, absorbed=absorbed, rows=rows)
+
+
+# -- the method ---------------------------------------------------------------------------------
+
+
+@register_method
+@dataclass
+class VisionZip(PruningMethod):
+    """VisionZip before the LLM; ``retention`` = the kept share of the ORIGINAL visual tokens
+    (Table 3: 12.8%, about 25 of 196 per frame). See docs/methods/visionzip.md."""
+
+    name = "visionzip"
+    dominant_ratio: float = DOMINANT_RATIO  # dominant share of each group's budget (54 / 64)
+    # "auto": each port's grouping (LLaVA-OV per frame, Qwen2-VL the whole video) | "frame" | "video"
+    scope: str = "auto"
+    # vision layer of the scores and keys: None = each port's (LLaVA-OV "feature", Qwen2-VL -2),
+    # an int (negative from the end) or "feature" (typing.Union: the base's type check reads it)
+    vision_layer: Optional[Union[int, str]] = None  # noqa: UP007, UP045
+    # HoliTom's LLaVA-OV port numbers the reduced sequence 0..len-1; Qwen2-VL (M-RoPE, EffiVLM-Bench's
+    # port: the kept tokens' own positions) needs positions="original"
+    positions: str = "compact"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.dominant_ratio <= 1.0:
+            raise ValueError(f"visionzip: dominant_ratio must be in [0, 1] (the dominant share of each "
+                             f"group's budget; official 54/64), got {self.dominant_ratio!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"visionzip: scope must be one of {', '.join(map(repr, SCOPES))}, got {self.scope!r}")
+        if isinstance(self.vision_layer, str) and self.vision_layer != "feature":
+            raise ValueError(f"visionzip: vision_layer must be None (each port's layer), an int or 'feature', "
+                             f"got {self.vision_layer!r}")
+
+    # -- where ---------------------------------------------------------------------------------
+    def stages(self, num_layers: int) -> list[int]:
+        return [0]  # before the LLM: on the input embeddings
+
+    def vision_layers(self) -> list[int | str]:
+        # the family is not known here: with the default, both ports' layers are captured (the maps are
+        # computed only for the one that is read)
+        return [self.vision_layer] if self.vision_layer is not None else list(PORT_VISION_LAYER.values())
+
+    def resolved_vision_layer(self, backbone) -> int | str:
+        if self.vision_layer is not None:
+            return self.vision_layer
+        return PORT_VISION_LAYER[self._family(backbone, "vision_layer")]
+
+    def resolved_scope(self, backbone) -> str:
+        return self.scope if self.scope != "auto" else PORT_SCOPE[self._family(backbone, "scope")]
+
+    @staticmethod
+    def _family(backbone, what: str) -> str:
+        family = backbone.family
+        if family not in PORT_SCOPE:
+            raise ValueError(f"visionzip: no port default for backbone family {family!r} (known: "
+                             f"{', '.join(sorted(PORT_SCOPE))}); set {what} explicitly")
+        return family
+
+    # -- what ------------------------------------------------------------------------------------
+    def groups(self, tokens, scope: str) -> list[torch.Tensor]:
+        """Indices (into the sample's current visual tokens) of each group, in sequence order."""
+        if scope == "video":
+            return [torch.arange(len(tokens), device=tokens.index.device)]
+        return [(tokens.frame == f).nonzero().squeeze(1) for f in torch.unique(tokens.frame).tolist()]
+
+    def select(self, ctx) -> Selection:
+        budgets = ctx.budget(self.retention)
+        if budgets == ctx.visual_counts:
+            return Selection.unchanged()
+        layer, scope = self.resolved_vision_layer(ctx.backbone), self.resolved_scope(ctx.backbone)
+        maps = ctx.vision(layer)
+        hidden = ctx.hidden_states.clone()  # (b, s, D): the contextual rows are written into it
+        results = [self.zip_sample(ctx, maps, b, k, scope, hidden) for b, k in enumerate(budgets)]
+        self.record(ctx, budgets, layer, scope, results)
+        return Selection([torch.cat([r.dominant, r.targets]) for r in results], hidden_states=hidden)
+
+    def zip_sample(self, ctx, maps, b: int, k: int, scope: str, hidden: torch.Tensor) -> GroupResult:
+        """VisionZip on sample b's current visual tokens with budget k, group by group; the merged
+        rows go into ``hidden[b]`` at their targets' positions. Returns the dominant, target and
+        absorbed indices into the sample's current visual tokens (``rows`` empty)."""
+        tokens = ctx.visual_tokens(b)
+        index = tokens.index  # (n_b,) ORIGINAL indices of the current tokens
+        att = maps.attention[b, index.to(maps.attention.device)].to(index.device)  # (n_b,)
+        keys = maps.keys[b, index.to(maps.keys.device)].to(index.device)  # (n_b, head_dim)
+        rows_in = ctx.hidden_states[b, tokens.positions]  # (n_b, D)
+        groups = self.groups(tokens, scope)
+        dominant, targets, absorbed = [], [], []
+        for g, k_g in zip(groups, apportion(k, [len(g) for g in groups])):
+            res = visionzip_group(att[g], keys[g], rows_in[g], k_g, self.dominant_ratio)
+            dominant.append(g[res.dominant])
+            targets.append(g[res.targets])
+            absorbed.append(g[res.absorbed])
+            if len(res.absorbed):  # only targets that absorbed tokens change
+                hidden[b, tokens.positions[g[res.targets]]] = res.rows.to(hidden.dtype)
+        return GroupResult(torch.cat(dominant), torch.cat(targets), torch.cat(absorbed), rows_in[:0])
+
+    @staticmethod
+    def record(ctx, budgets, layer, scope, results: list[GroupResult]) -> None:
+        """``trace.method("visionzip")``: per sample, ORIGINAL indices of the dominant tokens, the
+        contextual targets, and (token, target) rows of the absorbed tokens."""
+        t = ctx.trace
+        t.budget, t.vision_layer, t.scope = budgets, layer, scope
+        index = [ctx.visual_tokens(b).index for b in range(len(results))]
+        t.dominant = [i[r.dominant].sort().values.cpu() for i, r in zip(index, results)]
+        t.contextual = [i[r.targets].sort().values.cpu() for i, r in zip(index, results)]
+        t.absorbed = [i[r.absorbed].cpu() for i, r in zip(index, results)]
+
+
+@register_method
+@dataclass
+class VisionZipShaRP(ComposedMethod):
+    """Table 3's "VisionZip + ShaRP" ("0.20 / 0.124"): VisionZip keeps ``retention`` (20%) before the
+    LLM, then ShaRP prunes after layer 0 to ``sharp.retention`` (12.4%) of the ORIGINAL count. Kwargs
+    per child: ``visionzip={...}``, ``sharp={...}``."""
+
+    name = "visionzip_sharp"
+    parts = ("visionzip", "sharp")
+    child_defaults: ClassVar[dict] = {"sharp": {"retention": 0.124}}

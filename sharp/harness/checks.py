@@ -1,0 +1,202 @@
+"""Checks made when a cell is composed, before anything is loaded or written.
+
+Every bad value gives one :class:`HarnessError` line naming the value and the accepted ones
+(``run.py`` prints it and exits with status 2):
+
+- run options of ``configs/config.yaml``: ``limit``, ``batch_size``, ``num_processes``, ``strict``,
+  ``overwrite``, ``log_samples``, ``seed``, ``bootstrap_iters``, ``device`` (:func:`run_options`);
+- the method: made from the config (names and types of its kwargs, checked by the method class) and
+  asked for its layers on the backbone's decoder depth, read from the backbone config without
+  loading weights (:func:`check_method_layers`; the method's own ``stages`` raises for a layer
+  outside the model, the engine's range check is repeated for the layers it returns);
+- Hydra's own composition errors (unknown key, unknown config-group option, override syntax), turned
+  into one line by :func:`hydra_error_line`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Optional
+
+from sharp.harness.resources import HarnessError
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a cell runs (not part of its identity: results do not depend on them, see results/README.md)."""
+
+    batch_size: int = 1
+    num_processes: int = 1
+    strict: bool = False
+    device: Optional[str] = None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_limit(value: Any) -> Optional[float]:
+    """``null`` (whole benchmark), an integer >= 1 (documents per task) or a fraction in (0, 1) (lmms-eval's
+    ``--limit``); an integral float becomes an int."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer() and value >= 1:
+        return int(value)
+    if (_is_int(value) and value >= 1) or (isinstance(value, float) and 0 < value < 1):
+        return value
+    raise HarnessError(f"limit={value!r}: accepted values: null (the whole benchmark), an integer >= 1 "
+                       "(documents per task) or a fraction in (0, 1)")
+
+
+def check_retention(value: Any, method: str) -> float:
+    try:
+        retention = float(value)
+    except (TypeError, ValueError):
+        retention = None
+    if isinstance(value, bool) or retention is None or not 0 < retention <= 1:
+        raise HarnessError(f"retention={value!r} (method {method}): accepted values: a number in (0, 1] "
+                           "(the kept share of the visual tokens)")
+    return retention
+
+
+def _positive_int(cfg, key: str, what: str) -> int:
+    value = cfg.get(key, 1)
+    if value is None:
+        return 1
+    if not _is_int(value) or value < 1:
+        raise HarnessError(f"{key}={value!r}: accepted values: an integer >= 1 ({what})")
+    return int(value)
+
+
+def _bool(cfg, key: str) -> bool:
+    value = cfg.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise HarnessError(f"{key}={value!r}: accepted values: true, false")
+    return value
+
+
+def check_device(value: Any, num_processes: int) -> Optional[str]:
+    if value in (None, "", "auto"):
+        return None
+    if not isinstance(value, str) or not _DEVICE.match(value):
+        raise HarnessError(f"device={value!r}: accepted values: null (cuda when available), cpu, cuda, cuda:<index>")
+    if value.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HarnessError(f"device={value!r}: no CUDA device is visible here; accepted values: null, cpu")
+        if ":" in value and num_processes > 1:
+            raise HarnessError(f"device={value!r} with num_processes={num_processes}: accepted values: cuda or null "
+                               "(process k uses cuda:k)")
+    return value
+
+
+def check_processes(num_processes: int, device: Optional[str]) -> None:
+    """N processes need N CUDA devices unless they run on the CPU."""
+    if num_processes == 1 or device == "cpu":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if num_processes > n:
+            raise HarnessError(f"num_processes={num_processes}: {n} CUDA device(s) visible; accepted values: "
+                               f"1..{n} (or device=cpu)")
+
+
+def run_options(cfg) -> RunOptions:
+    """Check the top-level run values of ``cfg`` (one HarnessError line each); return the options."""
+    batch_size = _positive_int(cfg, "batch_size", "requests per forward pass, grouped by video layout; "
+                               "the paper's numbers are batch 1")
+    num_processes = _positive_int(cfg, "num_processes", "data-parallel processes, one GPU each")
+    strict = _bool(cfg, "strict")
+    for key in ("overwrite", "log_samples"):
+        _bool(cfg, key)
+    seed = cfg.get("seed", 0)
+    if not _is_int(seed):
+        raise HarnessError(f"seed={seed!r}: accepted values: an integer")
+    iters = cfg.get("bootstrap_iters", 1000)
+    if not _is_int(iters) or iters < 0:
+        raise HarnessError(f"bootstrap_iters={iters!r}: accepted values: an integer >= 0")
+    gen = cfg.get("gen_kwargs")
+    if gen is not None and not isinstance(gen, str):
+        raise HarnessError(f"gen_kwargs={gen!r}: accepted values: null or a string like \"max_new_tokens=8\"")
+    device = check_device(cfg.get("device"), num_processes)
+    check_processes(num_processes, device)
+    return RunOptions(batch_size=batch_size, num_processes=num_processes, strict=strict, device=device)
+
+
+# ----------------------------------------------------------------------------- methods
+def check_method_layers(method, num_layers: int, backbone: str) -> None:
+    """Ask the method for the layers it acts on, as ``sharp.prune`` will (``stages``, ``score_layers``,
+    ``after_attention_layers``); a ValueError/TypeError or a layer outside ``0..num_layers-1`` is one
+    HarnessError line."""
+    where = f"method {method.name!r} on {backbone} ({num_layers} decoder layers)"
+    children = method.flat_children() if hasattr(method, "flat_children") else [method]
+    for m in children:
+        for hook in ("stages", "score_layers", "after_attention_layers"):
+            fn = getattr(m, hook, None)
+            if fn is None:
+                continue
+            try:
+                layers = list(fn(num_layers))
+            except (TypeError, ValueError) as err:
+                raise HarnessError(f"{where}: {err}") from None
+            bad = [k for k in layers if not (_is_int(k) and 0 <= k < num_layers)]
+            if bad:
+                raise HarnessError(f"{where}: {m.name}.{hook}() gives layer(s) {bad}; accepted values: "
+                                   f"0..{num_layers - 1}")
+
+
+def backbone_layers(backbone: str) -> Optional[int]:
+    """Decoder layers of a registered backbone, from its config file (no weights loaded)."""
+    from sharp.flops import lm_dims
+
+    try:
+        return int(lm_dims(backbone).num_layers)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- Hydra
+def hydra_error_line(err: BaseException, overrides: list[str]) -> str:
+    """One line for a Hydra composition error: what was given and what is accepted."""
+    from hydra.errors import MissingConfigException
+
+    text = str(err).strip()
+    if isinstance(err, MissingConfigException) and getattr(err, "options", None):
+        m = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+        if m:
+            group, name = m.groups()
+            return (f"{group}={name}: no configs/{group}/{name}.yaml; accepted values: "
+                    f"{', '.join(err.options)}")
+    m = re.match(r"Could not override '([^']+)'", text)
+    if m:
+        key = m.group(1)
+        given = next((o for o in overrides if o.split("=", 1)[0].lstrip("~+") == key), key)
+        top = key.split(".")[0]
+        return (f"{given}: '{key}' is not a key of the config (configs/config.yaml and its groups); "
+                f"accepted: an existing key (python run.py --cfg job lists them), or +{given.lstrip('+')} to add "
+                f"one{' (method kwargs: +method_kwargs.<name>=<value>)' if top != 'method_kwargs' else ''}")
+    first = " ".join(line.strip() for line in text.splitlines()[:2] if line.strip() and "hydra.cc" not in line)
+    if type(err).__name__ == "OverrideParseException":
+        bad = _unparsable(overrides)
+        return (f"{bad or 'override'}: cannot parse this override ({first}); accepted form: key=value "
+                "(see https://hydra.cc/docs/advanced/override_grammar/basic/)")
+    return first or type(err).__name__
+
+
+def _unparsable(overrides: list[str]) -> Optional[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_override(o)
+        except Exception:  # noqa: BLE001 - the first override Hydra cannot read
+            return o
+    return None

@@ -1,0 +1,128 @@
+"""scripts/bench_prefill.py: several methods in one table on the tiny LLaVA-OV backbone (1 repeat, no
+warm-up, 8 frames), FLOPs ratios against sharp.flops.prefill_tflops computed here, the depth defaults,
+per-method kwargs, the files it writes, the single-method options and the one-line errors."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+
+import sharp
+from sharp.flops import prefill_tflops
+from sharp.harness.config import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import bench_prefill  # noqa: E402
+
+BACKBONE = "tiny_llava_onevision"
+FRAMES = 8
+FAST = ["--backbone", BACKBONE, "--frames", str(FRAMES), "--repeats", "1", "--warmup", "0"]
+METHODS = ["fastv", "pdrop", "feather", "sharp"] + (["framefusion"] if "framefusion" in sharp.method_names() else [])
+# the docstring's 4-layer defaults: PyramidDrop's 7B stages (4, 16, 24) -> (1, 2, 3); the others' defaults fit
+EXPECTED_KWARGS = {"pdrop": {"layers": [1, 2, 3]}}
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return sharp.load_backbone(BACKBONE)
+
+
+@pytest.fixture(scope="module")
+def n_visual(backbone):
+    return backbone.layout(backbone.synthetic_inputs(frames=FRAMES, seed=0)).n_visual
+
+
+def _ratio(bb, n, method, retention, **kwargs):
+    return prefill_tflops(bb, "vanilla", 1.0, visual_tokens=n) / prefill_tflops(bb, method, retention,
+                                                                               visual_tokens=n, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    res = bench_prefill.main([*FAST, "--methods", *METHODS, "--retention", "0.25", "--json", str(out)])
+    return res, out
+
+
+def test_every_method_in_one_table_with_its_flops_ratio(table, backbone, n_visual):
+    res, _ = table
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == METHODS
+    assert res["info"]["n_visual"] == n_visual and res["info"]["repeats"] == 1
+    for m in METHODS:
+        r = rows[m]
+        assert r["kwargs"] == EXPECTED_KWARGS.get(m, {}), m
+        assert r["flops_ratio"] == pytest.approx(_ratio(backbone, n_visual, m, 0.25, **EXPECTED_KWARGS.get(m, {})),
+                                                 rel=1e-9), m
+        assert r["flops_ratio"] > 1
+        assert r["llm_ms"] > 0 and r["total_ms"] >= r["llm_ms"] and r["selection_ms"] > 0
+        assert r["speedup_llm"] == pytest.approx(res["vanilla"]["llm_ms"] / r["llm_ms"])
+        assert r["selection_pct_of_llm"] == pytest.approx(100 * r["selection_ms"] / r["llm_ms"])
+        assert len(r["visual_tokens_per_layer"]) == backbone.num_layers
+        assert r["kept_last_layer"] == r["visual_tokens_per_layer"][-1] < n_visual
+    # pdrop's stages 1, 2, 3 keep R, R^2, R^3 of the original: the trace shows the depth default took
+    assert rows["pdrop"]["visual_tokens_per_layer"] == [n_visual] + [sharp.methods.budget(n_visual, 0.25 ** i)
+                                                                      for i in (1, 2, 3)]
+
+
+def test_table_is_printed_and_written_as_markdown_csv_json(table):
+    res, out = table
+    md = out.with_suffix(".md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method |"))
+    for col in ("speedup (LLM)", "FLOPs ratio", "selection ms", "selection %"):
+        assert col in header
+    for m in ["vanilla", *METHODS]:
+        assert any(line.startswith(f"| {m} |") for line in md.splitlines()), m
+    with open(out.with_suffix(".csv"), newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [r["method"] for r in csv_rows] == ["vanilla", *METHODS]
+    for r, row in zip(csv_rows[1:], res["rows"]):
+        assert float(r["flops_ratio"]) == pytest.approx(row["flops_ratio"], rel=1e-5)
+        assert float(r["selection_ms"]) == pytest.approx(row["selection_ms"], rel=1e-5)
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["rows"]] == METHODS and data["vanilla"]["llm_ms"] > 0
+
+
+def test_per_method_kwargs_and_retention(tmp_path, backbone, n_visual):
+    res = bench_prefill.main([*FAST, "--methods", "fastv", "pdrop", "--method-kwargs", '{"fastv": {"layer": 3}}',
+                              "--kwargs", "pdrop.layers=[2,3]", "pdrop.retention=0.5", "--json", str(tmp_path / "b.json")])
+    fastv, pdrop = res["rows"]
+    assert fastv["kwargs"] == {"layer": 3} and fastv["retention"] == 0.25
+    assert fastv["visual_tokens_per_layer"] == [n_visual] * 3 + [sharp.methods.budget(n_visual, 0.25)]
+    assert pdrop["kwargs"] == {"layers": [2, 3]} and pdrop["retention"] == 0.5
+    assert pdrop["flops_ratio"] == pytest.approx(_ratio(backbone, n_visual, "pdrop", 0.5, layers=[2, 3]), rel=1e-9)
+    assert pdrop["visual_tokens_per_layer"] == [n_visual] * 2 + [sharp.methods.budget(n_visual, 0.5),
+                                                                  sharp.methods.budget(n_visual, 0.25)]
+
+
+def test_single_method_options_still_work(tmp_path, backbone, n_visual, capsys):
+    out = tmp_path / "one.json"
+    res = bench_prefill.main([*FAST, "--method", "fastv", "--retention", "0.5", "--method-kwargs", '{"layer": 1}',
+                              "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "selection overhead" in text and "speedup (LLM prefill)" in text  # the single-method breakdown
+    (row,) = res["rows"]
+    assert row["method"] == "fastv" and row["kwargs"] == {"layer": 1}
+    assert row["flops_ratio"] == pytest.approx(_ratio(backbone, n_visual, "fastv", 0.5, layer=1), rel=1e-9)
+    assert out.is_file() and out.with_suffix(".csv").is_file() and out.with_suffix(".md").is_file()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--methods", "fastv", "nosuch"], "unknown method(s) 'nosuch'; registered methods: "),
+    (["--methods", "fastv", "--kwargs", "pdrop.layers=[1]"], "method 'pdrop' is not benchmarked"),
+    (["--methods", "pdrop", "--kwargs", "pdrop.layers=[4,16,24]"], "every stage layer must be in 1..3"),
+    (["--methods", "fastv", "--method-kwargs", '{"layer": 3}'], "keyed by the listed methods"),
+    (["--method", "fastv", "--method-kwargs", "{layer: 3}"], "is not JSON"),
+])
+def test_bad_arguments_are_one_error_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_prefill.main(["--backbone", BACKBONE, "--frames", "2", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    if "registered methods" in needle:
+        registered = [m for m in sharp.method_names() if not m.startswith("_")]
+        assert err[0].split("registered methods: ")[1].startswith(", ".join(registered))

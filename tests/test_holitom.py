@@ -1,0 +1,515 @@
+"""HoliTom and holitom_sharp (baselines/holitom.py) against independent references.
+
+(a) the DP segmentation equals brute force over every segmentation of small inputs;
+(b) DPC-kNN, its cluster merge and the sequential in-LLM merge on hand-made inputs with results
+    computed by hand (in the comments);
+(c) the pre-LLM stage on a video with repeated frames equals a reference written here (brute-force
+    segmentation, numpy DPC-kNN, the vision tower's own eager attention pooled with F.interpolate);
+(d) the in-LLM stage keeps the top-k of layer k-1's eager map and merges sequentially (masked no-cache
+    forward);
+(e) exact budgets at each stage, Table 3's TFLOPs, Qwen2-VL (temporal patches), errors;
+(f) holitom_sharp with HoliTom's compact positions and ShaRP's original ones: decode equals a masked
+    no-cache reference whose positions are those of the sequence after the pre-LLM stage.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine_reference
+import sharp
+from baselines import holitom as H
+from sharp import flops
+from sharp.methods import budget
+
+from engine_reference import Recorder, generate_with_logits, layer_masks, replay_reference_logits
+
+_BB: dict = {}
+
+
+def backbone(name, impl="eager"):
+    if (name, impl) not in _BB:
+        _BB[name, impl] = sharp.load_backbone(name, attn_implementation=impl)
+    return _BB[name, impl]
+
+
+# -- (a) segmentation -------------------------------------------------------------------------------
+def brute_force_segmentations(sim: list[list[float]], tau: float, max_window: int):
+    """Every split of frames 0..F-1 into consecutive windows (<= max_window frames), with its value
+    sum over windows [a, e] of (e - a) x #{p : sim[t][p] > tau for all t in a..e-1}."""
+    frames, n = len(sim) + 1, len(sim[0])
+    out = []
+    for cuts in itertools.product([0, 1], repeat=frames - 1):
+        windows, start = [], 0
+        for i, cut in enumerate(cuts):
+            if cut:
+                windows.append((start, i))
+                start = i + 1
+        windows.append((start, frames - 1))
+        if any(e - a + 1 > max_window for a, e in windows):
+            continue
+        value = 0
+        for a, e in windows:
+            static = sum(all(sim[t][p] > tau for t in range(a, e)) for p in range(n)) if e > a else 0
+            value += (e - a) * static
+        out.append((value, windows))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dp_segmentation_equals_brute_force(seed):
+    g = np.random.default_rng(seed)
+    frames, n = int(g.integers(2, 8)), int(g.integers(1, 5))
+    sim = g.uniform(0.3, 1.0, size=(frames - 1, n)).round(2)
+    tau = float(g.choice([0.5, 0.65, 0.8]))
+    for max_window in (1024, 2, 3):
+        windows, value = H.segment_windows(torch.tensor(sim), tau, max_window)
+        every = brute_force_segmentations(sim.tolist(), tau, max_window)
+        best = max(v for v, _ in every)
+        assert value == best
+        assert (value, windows) in every  # a valid segmentation that attains the maximum
+        optimal = [w for v, w in every if v == best]
+        if len(optimal) == 1:
+            assert windows == optimal[0]
+
+
+def test_segmentation_hand_example():
+    # 4 frames, 2 positions: p0 similar across every pair, p1 only between frames 2 and 3.
+    # c(0,3) = 3 x 1 = 3 and c(0,1) + c(2,3) = 1 x 1 + 1 x 2 = 3 tie; the DP keeps the first option
+    # found (for frame 3: window [2, 3] (w = 2) is tried before [0, 3] (w = 4), replaced only if larger)
+    sim = torch.tensor([[0.9, 0.1], [0.9, 0.2], [0.9, 0.95]])
+    assert H.segment_windows(sim, 0.8) == ([(0, 1), (2, 3)], 3.0)
+    assert H.segment_windows(sim, 0.8, max_window=2) == ([(0, 1), (2, 3)], 3.0)
+    assert H.segment_windows(sim, 0.95) == ([(0, 0), (1, 1), (2, 2), (3, 3)], 0.0)
+    assert H.static_mask(sim, (2, 3), 0.8).tolist() == [True, True]
+    assert H.static_mask(sim, (0, 3), 0.8).tolist() == [True, False]
+    assert H.rescaled_ratio(0.15, 100, 40) == pytest.approx(0.25)  # 0.15 / (60 / 100)
+    assert H.rescaled_ratio(0.5, 100, 60) == 1.0  # capped
+
+
+def test_group_quotas_by_hand():
+    # sizes 10, 7, 3 at r' = 0.25: shares 2.5, 1.75, 0.75
+    assert H.group_quotas([10, 7, 3], ["dynamic", "dynamic", "static"], 0.25, 0, "official") == [3, 2, 1]
+    # exact, total 5 of 20: cumulative 5 x (10, 17, 20) / 20 = 2.5, 4.25, 5 -> floors 2, 4, 5 -> 2, 2, 1
+    assert H.group_quotas([10, 7, 3], ["dynamic", "dynamic", "static"], 0.25, 5, "exact") == [2, 2, 1]
+    # total 4: 2, 3.4, 4 -> 2, 1, 1
+    assert H.group_quotas([10, 7, 3], ["dynamic", "dynamic", "static"], 0.25, 4, "exact") == [2, 1, 1]
+    assert H.group_quotas([4, 2], ["dynamic", "static"], 1.0, 6, "exact") == [4, 2]
+    # 32 equal frames of 196 at 15 %: 941 = 29 x 19 + 30 x 13, the 30s spread over the video
+    quotas = H.group_quotas([196] * 32, ["dynamic"] * 32, 0.15, 941, "exact")
+    assert sum(quotas) == 941 and set(quotas) == {29, 30}
+    thirty = [i for i, q in enumerate(quotas) if q == 30]
+    assert len(thirty) == 13 and max(b - a for a, b in zip(thirty, thirty[1:])) <= 3
+    # official static rounding is Python's round (half to even): 2 x 0.25 = 0.5 -> 0
+    assert H.group_quotas([2], ["static"], 0.25, 0, "official") == [0]
+
+
+# -- (b) hand-made DPC-kNN and merges -----------------------------------------------------------------
+# Six points on a line, 0, 1, 1.5, 6, 6.5, 9 (embedded as 2x on the first of 4 axes, so dist / sqrt(4)
+# is the 1-D distance), k = 3 nearest (self included):
+#   mean sq. of the 3 nearest: p0 (0,1,1.5) 1.0833, p1 (0,.5,1) .41667, p2 (0,.5,1.5) .8333,
+#   p3 (0,.5,3) 3.0833, p4 (0,.5,2.5) 2.1667, p5 (0,2.5,3) 5.0833
+#   density e^-x: .3385, .6592, .4346, .04581, .11455, .00620 (order p1 > p2 > p0 > p4 > p3 > p5)
+#   delta (dist to the nearest denser point; the densest: the largest distance 9):
+#     p1 9, p2 .5, p0 1, p4 5, p3 .5, p5 2.5
+#   score rho x delta: p1 5.933, p4 .5727, p0 .3385, p2 .2173, p3 .0229, p5 .0155
+POINTS = [0.0, 1.0, 1.5, 6.0, 6.5, 9.0]
+
+
+def _embed(points):
+    x = torch.zeros(len(points), 4)
+    x[:, 0] = 2 * torch.tensor(points)
+    return x
+
+
+def test_dpc_knn_hand_computed():
+    x = _embed(POINTS)
+    gen = torch.Generator().manual_seed(0)
+    centres, dist = H.dpc_knn_centres(x, 2, 3, gen)
+    assert centres.tolist() == [1, 4]
+    torch.testing.assert_close(dist[0, 5], torch.tensor(9.0))
+    assert H.dpc_knn_centres(x, 3, 3, gen)[0].tolist() == [0, 1, 4]
+    # assignment to the nearest centre: p0, p2 -> p1; p3, p5 -> p4
+    # beta 0.6: 0.6 x 1 + 0.4 x mean(0, 1.5) = 0.9; 0.6 x 6.5 + 0.4 x mean(6, 9) = 6.9
+    merged = H.merge_into_centres(x, centres, dist, beta=0.6, mode="beta")
+    torch.testing.assert_close(merged[:, 0] / 2, torch.tensor([0.9, 6.9]))
+    # NO_BETA: mean of the centre and its members: (1 + 0 + 1.5) / 3, (6.5 + 6 + 9) / 3
+    merged = H.merge_into_centres(x, centres, dist, mode="mean")
+    torch.testing.assert_close(merged[:, 0] / 2, torch.tensor([2.5 / 3, 21.5 / 3]))
+    # a centre without members stays itself: centres p0, p1; every other point is nearer p1:
+    # p1 -> 0.6 x 1 + 0.4 x mean(1.5, 6, 6.5, 9) = 2.9
+    lonely = H.merge_into_centres(x, torch.tensor([0, 1]), dist, beta=0.6)
+    torch.testing.assert_close(lonely[:, 0] / 2, torch.tensor([0.0, 2.9]))
+
+
+def test_dpc_tie_break_is_seeded():
+    x = _embed([0.0, 1.0, 2.0, 3.0])  # equally spaced: equal densities at k = 1, the noise decides
+    picks = {H.dpc_knn_centres(x, 1, 1, torch.Generator().manual_seed(s))[0].item() for s in range(20)}
+    assert len(picks) > 1
+    a = H.dpc_knn_centres(x, 1, 1, torch.Generator().manual_seed(3))[0]
+    assert torch.equal(a, H.dpc_knn_centres(x, 1, 1, torch.Generator().manual_seed(3))[0])
+
+
+def test_sequential_merge_hand_computed():
+    # kept 1 = (1, 0), kept 3 = (0, 1); dropped 0 = (2, .1) and 2 = (4, .2) are nearer kept 1,
+    # dropped 4 = (.1, 3) nearer kept 3. In index order:
+    #   kept1 <- ((1, 0) + (2, .1)) / 2 = (1.5, .05); kept1 <- ((1.5, .05) + (4, .2)) / 2 = (2.75, .125)
+    #   kept3 <- ((0, 1) + (.1, 3)) / 2 = (.05, 2)
+    x = torch.tensor([[2.0, 0.1], [1.0, 0.0], [4.0, 0.2], [0.0, 1.0], [0.1, 3.0]])
+    out = H.sequential_merge(x, torch.tensor([1, 3]), torch.tensor([0, 2, 4]))
+    torch.testing.assert_close(out, torch.tensor([[2.75, 0.125], [0.05, 2.0]]))
+    mean = torch.stack([x[[0, 1, 2]].mean(0), x[[3, 4]].mean(0)])
+    assert not torch.allclose(out, mean)  # not a mean: later tokens weigh more
+    # the order matters: dropped 2 before dropped 0 gives ((1 + 4) / 2 + 2) / 2
+    rev = H.sequential_merge(x, torch.tensor([1, 3]), torch.tensor([2, 0, 4]))
+    torch.testing.assert_close(rev[0], torch.tensor([2.25, 0.1]))
+    nothing = torch.tensor([], dtype=torch.long)
+    torch.testing.assert_close(H.sequential_merge(x, torch.tensor([0, 1, 2, 3, 4]), nothing), x)
+
+
+# -- (c) the pre-LLM stage against a reference ---------------------------------------------------------
+def structured_video(bb, seed=5):
+    """8 frames: 0-2 identical, 3 new, 4-7 one picture whose top half changes every frame."""
+    g = np.random.default_rng(seed)
+    h, w = bb.synthetic_frame_size()
+    frames = g.integers(0, 256, size=(8, h, w, 3), dtype=np.uint8)
+    frames[1] = frames[2] = frames[0]
+    for f in (5, 6, 7):
+        frames[f] = frames[4]
+        frames[f, : h // 2] = g.integers(0, 256, size=(h // 2, w, 3), dtype=np.uint8)
+    return bb.pixels_to_inputs(frames, "What happens in the video?")
+
+
+def layer0_visual_input(bb, inputs):
+    """(F, n, d) the LLM's input rows of the video (an unpruned forward, hooked at layer 0)."""
+    seen = {}
+    h = bb.layers[0].register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0] if a else k["hidden_states"]),
+                                               with_kwargs=True)
+    try:
+        with torch.no_grad():
+            bb.model(**inputs)
+    finally:
+        h.remove()
+    layout = bb.layout(inputs)
+    vis = bb.visual_mask(inputs["input_ids"], layout)
+    return seen["x"][0, vis[0]].float().view(layout.frames, layout.tokens_per_frame, -1)
+
+
+def eager_vision_attention_ov(bb, inputs):
+    """(F, n): the last SigLIP layer's eager attention, mean over heads and queries, pooled per frame
+    with F.interpolate (bilinear side -> ceil(side / 2)) as LLaVA-OV pools its features."""
+    pv = inputs["pixel_values_videos"]
+    with torch.no_grad():
+        out = bb.model.model.vision_tower(pv.flatten(0, 1), output_attentions=True)
+    received = out.attentions[-1].mean(dim=(1, 2))  # (F, P)
+    side = math.isqrt(received.shape[1])
+    grid = received.view(-1, 1, side, side)
+    return F.interpolate(grid, size=(math.ceil(side / 2),) * 2, mode="bilinear").flatten(1)
+
+
+def ref_dpc(x: np.ndarray, clusters: int, k: int, noise: np.ndarray):
+    """DPC-kNN in float64 loops; returns (centres ascending, dist). k >= 3 keeps the test well posed:
+    with k <= 2 mutual nearest neighbours have equal densities and the 1e-6 tie-break, quantised by
+    float32 near density 1, decides (the official code's float32 arithmetic, not reproduced here)."""
+    m, d = x.shape
+    assert k >= 3, "ill-posed reference case (k < 3): change the test video or retention"
+    dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)) / math.sqrt(d)
+    rho = np.array([math.exp(-np.mean(np.sort(dist[i])[:k] ** 2)) for i in range(m)]) + noise * 1e-6
+    delta = np.array([min([dist[i, j] for j in range(m) if rho[j] > rho[i]], default=dist.max()) for i in range(m)])
+    centres = sorted(np.argsort(-(rho * delta), kind="stable")[:clusters].tolist())
+    return centres, dist
+
+
+def ref_merge(x: np.ndarray, centres, dist, beta, mode):
+    rows = []
+    members = [i for i in range(len(x)) if i not in centres]
+    nearest = {i: centres[int(np.argmin([dist[i, c] for c in centres]))] for i in members}
+    for c in centres:
+        own = [x[i] for i in members if nearest[i] == c]
+        if not own:
+            rows.append(x[c])
+        elif mode == "mean":
+            rows.append(np.mean([x[c]] + own, axis=0))
+        else:
+            rows.append(beta * x[c] + (1 - beta) * np.mean(own, axis=0))
+    return rows
+
+
+def reference_pre_llm(x: torch.Tensor, attn: torch.Tensor, r: float, tau: float, rounding: str, D: float,
+                      mode: str, beta=0.6, K=7, seed=0):
+    """HoliTom before the LLM, written from the paper / official code with brute-force segmentation.
+    The DPC noise: one generator seeded with ``seed``, drawn (m values) by each DPC run, static set of
+    a window first, then its frames in order (the documented order of baselines/holitom.py)."""
+    frames, n, _ = x.shape
+    xs = x.double().numpy()
+    unit = xs / np.linalg.norm(xs, axis=-1, keepdims=True)
+    sim = (unit[:-1] * unit[1:]).sum(-1)
+    every = brute_force_segmentations(sim.tolist(), tau, 1024)
+    best = max(v for v, _ in every)
+    optimal = [w for v, w in every if v == best]
+    assert len(optimal) == 1, "the test video must have one optimal segmentation"
+    windows = optimal[0]
+    ratio = min(r / ((frames * n - best) / (frames * n)), 1.0)
+    groups = []  # (kind, frame, cells, rows, attention)
+    for a, e in windows:
+        static = [p for p in range(n) if e > a and all(sim[t][p] > tau for t in range(a, e))]
+        if static:
+            groups.append(("static", a, static, xs[a:e + 1][:, static].mean(0), None))
+        dyn = [p for p in range(n) if p not in static]
+        for f in range(a, e + 1):
+            groups.append(("dynamic", f, dyn, xs[f][dyn], attn[f, dyn].double().numpy()))
+    sizes = [len(g[2]) for g in groups]
+    if rounding == "official":
+        quotas = [math.ceil(m * ratio) if g[0] == "dynamic" else round(m * ratio) for m, g in zip(sizes, groups)]
+    else:  # round(r N) in proportion to the sizes: floor of the cumulative share, differenced
+        total = min(budget(frames * n, r), sum(sizes))
+        cumulative = np.cumsum([0] + sizes)
+        quotas = [int(math.floor(total * cumulative[i + 1] / cumulative[-1] + 1e-9))
+                  - int(math.floor(total * cumulative[i] / cumulative[-1] + 1e-9)) for i in range(len(sizes))]
+    gen = torch.Generator().manual_seed(seed)
+    kept = {}
+    for (kind, frame, cells, rows, att), quota in zip(groups, quotas):
+        quota = min(quota, len(cells))
+        if quota == 0:
+            continue
+        if kind == "static":
+            chosen = [(c, rows[i]) for i, c in enumerate(cells)] if quota >= len(cells) else None
+            if chosen is None:
+                noise = torch.rand(len(cells), generator=gen).double().numpy()
+                centres, dist = ref_dpc(rows, quota, min(K, quota), noise)
+                chosen = list(zip([cells[c] for c in centres], ref_merge(rows, centres, dist, beta, mode)))
+        else:
+            dominant = round(quota * (1 - D))
+            top = sorted(np.argsort(-att, kind="stable")[:dominant].tolist())
+            chosen = [(cells[i], rows[i]) for i in top]
+            if quota > dominant:
+                rest = [i for i in range(len(cells)) if i not in top]
+                sub = rows[rest]
+                if quota - dominant >= len(rest):
+                    chosen += [(cells[i], rows[i]) for i in rest]
+                else:
+                    noise = torch.rand(len(rest), generator=gen).double().numpy()
+                    c = quota - dominant
+                    centres, dist = ref_dpc(sub, c, min(K, c), noise)
+                    chosen += list(zip([cells[rest[i]] for i in centres], ref_merge(sub, centres, dist, beta, mode)))
+        for cell, row in chosen:
+            kept[frame * n + cell] = row
+    order = sorted(kept)
+    return order, np.stack([kept[i] for i in order]), windows
+
+
+def scaled_projector_backbone():
+    """tiny_llava_onevision with its projector's output x 300: the random model's video features lie
+    ~1e-3 apart, so DPC-kNN's densities exp(-dist^2) would all be 1 up to the 1e-6 tie-break (any
+    float32 / float64 difference would then decide); scaled they lie ~1 apart."""
+    if "scaled" not in _BB:
+        bb = sharp.load_backbone("tiny_llava_onevision", attn_implementation="eager")
+        with torch.no_grad():
+            bb.model.model.multi_modal_projector.linear_2.weight.mul_(300)
+            bb.model.model.multi_modal_projector.linear_2.bias.mul_(300)
+        _BB["scaled"] = bb
+    return _BB["scaled"]
+
+
+@pytest.mark.parametrize("rounding,D,mode", [("exact", 0.0, "beta"), ("official", 0.5, "mean")])
+def test_pre_llm_stage_equals_reference(rounding, D, mode):
+    bb = scaled_projector_backbone()
+    inputs = structured_video(bb)
+    tau, r = 0.8, 0.3
+    method = sharp.make_method("holitom", r, llm_layer=None, tau=tau, rounding=rounding,
+                               dynamic_cluster_share=D, cluster_merge=mode)
+    recorder = Recorder(method)
+    with sharp.prune(bb, method) as trace, torch.no_grad():
+        bb.model(**inputs)
+    x = layer0_visual_input(bb, inputs)
+    attn = eager_vision_attention_ov(bb, inputs)
+    order, rows, windows = reference_pre_llm(x, attn, r, tau, rounding, D, mode)
+    t = trace.method("holitom")
+    assert t.windows[0] == windows and any(e > a for a, e in windows)  # the test video has static windows
+    assert trace.stage_layers == [0] and trace.kept[0][0].tolist() == order
+    assert trace.visual_tokens_per_layer[0] == len(order)  # layer 0 already sees the reduced sequence
+    # the rows the stage wrote, by original visual index
+    layer, b, origin, got = recorder.merges[0]
+    vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))[0].nonzero().squeeze(1)
+    index = [int((vis == o).nonzero()) for o in origin.tolist()]
+    assert (layer, b) == (0, 0) and index == order
+    torch.testing.assert_close(got.double(), torch.from_numpy(rows), atol=1e-4, rtol=1e-5)
+
+
+# -- (d) the in-LLM stage ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bb_name", ["tiny_llava_onevision", "tiny_qwen2_vl"])
+def test_in_llm_stage_keeps_top_of_previous_map_and_merges_sequentially(bb_name):
+    bb = backbone(bb_name)
+    inputs = bb.synthetic_inputs(frames=8, seed=21)
+    method = sharp.make_method("holitom", 0.5, llm_layer=2, positions="original")
+    recorder = Recorder(method)
+    with sharp.prune(bb, method) as trace, torch.no_grad():
+        bb.model(**inputs)
+    pre, post = (k[0] for k in trace.kept)
+    assert trace.stage_layers == [0, 2] and len(post) == round(0.5 * len(pre))
+    vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))[0]
+    s, vis_pos = vis.shape[0], vis.nonzero().squeeze(1)
+    keys = ~vis.clone()
+    keys[vis_pos[pre]] = True
+    allowed = ((torch.ones(s, s, dtype=torch.bool).tril() & keys[None, :]) | torch.eye(s, dtype=torch.bool))[None, None]
+    _, _, origin0, rows0 = recorder.merges[0]
+    seen = {}
+
+    def inject(module, args, kwargs):
+        h = args[0].clone()
+        h[0, origin0] = rows0.to(h.dtype)
+        return (h,) + tuple(args[1:]), kwargs
+
+    hooks = [bb.layers[0].register_forward_pre_hook(inject, with_kwargs=True),
+             bb.layers[2].register_forward_pre_hook(lambda m, a, k: seen.update(h=a[0].clone()), with_kwargs=True)]
+    try:
+        with torch.no_grad(), layer_masks(bb, {layer: allowed for layer in range(bb.num_layers)}):
+            att = bb.model(**inputs, output_attentions=True).attentions[1][0, :, -1].mean(0)  # layer 1's map
+    finally:
+        for h in hooks:
+            h.remove()
+    scores = att[vis_pos[pre]]
+    expected = pre[torch.topk(scores, len(post)).indices].sort().values
+    assert torch.equal(post, expected)
+    # the merge, by hand: every dropped token in index order into its most similar kept token
+    rows = {int(i): seen["h"][0, vis_pos[i]].double() for i in pre}
+    kept = [int(i) for i in post]
+    for i in [int(i) for i in pre if int(i) not in kept]:
+        sims = [F.cosine_similarity(rows[i], seen["h"][0, vis_pos[j]].double(), dim=0) for j in kept]
+        target = kept[int(torch.stack(sims).argmax())]
+        rows[target] = (rows[target] + rows[i]) / 2
+    _, _, origin2, rows2 = recorder.merges[1]
+    assert torch.equal(origin2, vis_pos[post])
+    torch.testing.assert_close(rows2.double(), torch.stack([rows[j] for j in kept]), atol=1e-5, rtol=1e-5)
+
+
+# -- (e) budgets, FLOPs, Qwen2-VL, errors ------------------------------------------------------------------
+@pytest.mark.parametrize("bb_name,kwargs", [("tiny_llava_onevision", {}),
+                                            ("tiny_qwen2_vl", {"positions": "original"})])
+def test_exact_budgets_at_each_stage(bb_name, kwargs):
+    bb = backbone(bb_name, "sdpa")
+    for seed, r, tau in ((1, 0.25, None), (2, 0.5, 0.5), (3, 0.1, 0.3)):
+        inputs = bb.synthetic_inputs(frames=8, seed=seed, batch_size=2)
+        n = bb.layout(inputs).n_visual
+        method = sharp.make_method("holitom", r, llm_layer=2, tau=tau, **kwargs)
+        with sharp.prune(bb, method) as trace, torch.no_grad():
+            bb.model(**inputs)
+        t = trace.method("holitom")
+        for b in range(2):
+            before = min(budget(n, r), n - int(t.reduced[b]))  # N - R when static merging left fewer
+            assert len(trace.kept[0][b]) == before and len(trace.kept[1][b]) == round(0.5 * before)
+        expected = [len(trace.kept[0][0])] * 2 + [len(trace.kept[1][0])] * 2
+        assert trace.visual_tokens_per_layer == expected
+        if all(n - red >= budget(n, r) for red in t.reduced):  # the nominal schedule is then the measured one
+            assert expected == method.token_schedule(n, bb.num_layers)
+        composed = sharp.make_method("holitom_sharp", r, holitom={"tau": tau, **kwargs},
+                                     sharp={"layer": 2, "cache_dir": ""})
+        with sharp.prune(bb, composed) as trace, torch.no_grad():
+            bb.model(**inputs)
+        pre = len(trace.kept[0][0])
+        assert trace.stage_owners == ["holitom", "sharp"] and trace.stage_layers == [0, 2]
+        assert trace.visual_tokens_per_layer == [pre] * 2 + [min(budget(n, 0.075), pre)] * 2
+        assert all(len(k) == min(budget(n, 0.075), len(p)) for k, p in zip(trace.kept[1], trace.kept[0]))
+
+
+def test_table3_tflops():
+    """15 % before the LLM (941 of 6272), 7.5 % (470) from layer 18: 4.18 TFLOPs (4.27 from layer 19)
+    against Table 3's 4.3; holitom_sharp (ShaRP before layer 18 at 7.5 %) costs the same."""
+    n = 6272
+    dims = flops.lm_dims("llava_onevision_7b")
+    d, m = dims.hidden, dims.ffn
+
+    def paper(schedule):
+        return sum(4 * k * d * d + 2 * k * k * d + 2 * k * d * m for k in schedule) / 1e12
+
+    for layer, value in ((18, 4.18), (19, 4.27)):
+        schedule = [941] * layer + [470] * (dims.num_layers - layer)
+        got = flops.prefill_tflops("llava_onevision_7b", "holitom", 0.15, visual_tokens=n, llm_layer=layer)
+        assert got == pytest.approx(paper(schedule), rel=1e-12) and round(got, 2) == value
+        combo = flops.prefill_tflops("llava_onevision_7b", "holitom_sharp", 0.15, visual_tokens=n,
+                                     sharp={"layer": layer})
+        assert combo == pytest.approx(got, rel=1e-12)
+        assert abs(got - 4.3) / 4.3 < 0.05
+    default = flops.prefill_tflops("llava_onevision_7b", "holitom", 0.15)
+    combo = flops.prefill_tflops("llava_onevision_7b", "holitom_sharp", 0.15)
+    assert default == combo == pytest.approx(4.18, abs=0.005)
+
+
+def test_qwen2_vl_windows_are_temporal_patches():
+    bb = backbone("tiny_qwen2_vl")
+    inputs = structured_video(bb)  # 8 frames -> 4 temporal patches of 2 frames
+    layout = bb.layout(inputs)
+    with sharp.prune(bb, "holitom", 0.5, llm_layer=None, tau=0.8, positions="original") as trace, torch.no_grad():
+        bb.model(**inputs)
+    windows = trace.method("holitom").windows[0]
+    assert sorted(f for a, e in windows for f in range(a, e + 1)) == list(range(layout.frames))  # patches
+    x = layer0_visual_input(bb, inputs)
+    sim = H.consecutive_similarity(x)
+    expected, _ = H.segment_windows(sim, 0.8)
+    assert windows == expected
+    kept = trace.kept[0][0]
+    frames = kept // layout.tokens_per_frame
+    for a, e in windows:  # a window's static tokens sit in its first temporal patch
+        static = H.static_mask(sim, (a, e), 0.8)
+        later = kept[(frames > a) & (frames <= e)] % layout.tokens_per_frame
+        assert not bool(static[later].any())
+    with pytest.raises(ValueError, match="compact"):
+        with sharp.prune(bb, "holitom", 0.5, llm_layer=2), torch.no_grad():
+            bb.model(**inputs)
+
+
+def test_bad_values_fail_before_any_forward():
+    bb = backbone("tiny_llava_onevision", "sdpa")
+    with pytest.raises(ValueError, match="rounding must be one of 'exact', 'official', got 'floor'"):
+        sharp.make_method("holitom", 0.15, rounding="floor")
+    with pytest.raises(ValueError, match="cluster_merge must be one of 'beta', 'mean'"):
+        sharp.make_method("holitom", 0.15, cluster_merge="max")
+    with pytest.raises(ValueError, match="llm_keep must be in"):
+        sharp.make_method("holitom", 0.15, llm_keep=0.0)
+    with pytest.raises(ValueError, match=r"llm_layer must be in 1\.\.3"):
+        with sharp.prune(bb, "holitom", 0.15):  # 18 does not exist in 4 layers
+            pass
+    with pytest.raises(TypeError, match="per-child"):
+        sharp.make_method("holitom_sharp", 0.15, llm_layer=2)
+    combo = sharp.make_method("holitom_sharp", 0.15, holitom={"seed": 3})
+    hol, shp = combo.flat_children()
+    assert (hol.llm_layer, hol.seed, hol.retention, shp.layer, shp.retention) == (None, 3, 0.15, 18, 0.075)
+    inputs = bb.synthetic_inputs(frames=8, seed=4)
+    with pytest.raises(ValueError, match="needs every visual token.*compose holitom first"):
+        with sharp.prune(bb, "holitom+holitom", 0.25, **{"holitom@1": {"llm_layer": None},
+                                                         "holitom@2": {"llm_layer": None}}), torch.no_grad():
+            bb.model(**inputs)
+
+
+# -- (f) mixed positions in holitom_sharp --------------------------------------------------------------------
+def test_holitom_sharp_compact_then_original_positions_decode(monkeypatch):
+    """HoliTom compacts (the LLM sees the shorter sequence 0..len-1), ShaRP keeps the positions it
+    finds (as the official in-LLM stage keeps its kept tokens' positions): every layer's positions are
+    those of the sequence after the pre-LLM stage."""
+    bb = backbone("tiny_llava_onevision")
+    inputs = bb.synthetic_inputs(frames=8, seed=13, batch_size=2)
+    method = sharp.make_method("holitom_sharp", 0.25, sharp={"layer": 2, "cache_dir": ""})
+    recorder = Recorder(method)
+    with sharp.prune(bb, method) as trace:
+        seq, logits = generate_with_logits(bb, inputs, max_new_tokens=4)
+    keys = engine_reference.trace_key_masks(bb, inputs, seq, trace)
+    b, s = seq.shape
+    prompt = inputs["attention_mask"]
+    mask2d = torch.cat([prompt, prompt.new_ones(b, s - prompt.shape[1])], 1)
+    after_pre = keys[0] & mask2d.bool()
+    positions = {layer: (after_pre.long().cumsum(-1) - 1).clamp_min(0) for layer in range(bb.num_layers)}
+    original = engine_reference.layer_masks
+    monkeypatch.setattr(engine_reference, "layer_masks",
+                        lambda bb_, allowed, _positions=None: original(bb_, allowed, positions))
+    ref = replay_reference_logits(bb, inputs, seq, trace, recorder)
+    p = inputs["input_ids"].shape[1]
+    torch.testing.assert_close(logits, ref[:, p - 1: s - 1], atol=2e-4, rtol=1e-4)
+    # re-numbering again after ShaRP's stage (what a compacting second stage would do) is another model
+    monkeypatch.setattr(engine_reference, "layer_masks", original)
+    recompacted = replay_reference_logits(bb, inputs, seq, trace, recorder, compact_layers=range(bb.num_layers))
+    assert not torch.allclose(logits, recompacted[:, p - 1: s - 1], atol=2e-4, rtol=1e-4)

@@ -1,0 +1,375 @@
+"""VisionZip and visionzip_sharp (baselines/visionzip.py) against independent references.
+
+References: the vision tower's own eager attention weights (SigLIP: ``output_attentions``; Qwen2-VL:
+transformers' ``eager_attention_forward`` recorded), its keys recomputed from the layer's input,
+mapped with F.interpolate (LLaVA-OV) or a 4-patch mean (Qwen2-VL); the selection and the merged
+rows by a plain-loop VisionZip over those maps; hand-made groups with hand-computed results.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sharp
+from baselines.visionzip import apportion, split_budget, visionzip_group
+from sharp import flops
+from sharp.methods import budget
+
+NAMES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
+FRAMES = 8
+_BB: dict = {}
+
+
+def backbone(name):
+    if name not in _BB:
+        _BB[name] = sharp.load_backbone(name, attn_implementation="eager", device="cpu")
+    return _BB[name]
+
+
+def is_ov(bb) -> bool:
+    return isinstance(bb, sharp.backbones.LlavaOneVisionBackbone)
+
+
+def native_kwargs(bb) -> dict:
+    """Qwen2-VL has M-RoPE: no compacted positions."""
+    return {} if is_ov(bb) else {"positions": "original"}
+
+
+def video_inputs(bb, seeds=(1,)):
+    """One distinct random video per sample, the same prompt (no padding)."""
+    h, w = bb.synthetic_frame_size()
+    pixels = [bb.video_pixels(np.random.default_rng(s).integers(0, 256, (FRAMES, h, w, 3), dtype=np.uint8))
+              for s in seeds]
+    out = bb._tokenize([bb.build_prompt("What happens?", bb.n_placeholders(**pixels[0]))] * len(seeds))
+    out.update(bb.collate_pixels(pixels))
+    return bb._to_model(out)
+
+
+# -- independent vision references ----------------------------------------------------------------
+
+
+def _pool_ov(x: torch.Tensor, b: int) -> torch.Tensor:
+    """(b*T, P, C) -> (b, T * ceil(s/2)^2, C): LLaVA-OV's bilinear pooling of each frame's s x s grid."""
+    n, p, c = x.shape
+    s = math.isqrt(p)
+    grid = x.reshape(n, s, s, c).permute(0, 3, 1, 2)
+    y = F.interpolate(grid, size=(math.ceil(s / 2), math.ceil(s / 2)), mode="bilinear")
+    return y.permute(0, 2, 3, 1).reshape(b, -1, c)
+
+
+def reference_maps_ov(bb, inputs):
+    """(attention (b, N), keys (b, N, h)) of SigLIP's last layer (OV's feature layer), eager weights."""
+    pv = inputs["pixel_values_videos"]
+    b = pv.shape[0]
+    tower = bb.model.model.vision_tower
+    layer = len(tower.vision_model.encoder.layers) - 1  # vision_feature_layer -1
+    with torch.no_grad():
+        out = tower(pv.flatten(0, 1), output_hidden_states=True, output_attentions=True)
+        block = tower.vision_model.encoder.layers[layer]
+        x = out.hidden_states[layer]
+        k = block.self_attn.k_proj(block.layer_norm1(x)).view(*x.shape[:2], block.self_attn.num_heads, -1).mean(2)
+    received = out.attentions[layer].mean(dim=(1, 2))  # (b*T, P): heads and queries
+    return _pool_ov(received[..., None], b)[..., 0], _pool_ov(k, b)
+
+
+def reference_maps_qwen(bb, inputs, monkeypatch):
+    """(attention (b, N), keys (b, N, h)) of vision block depth-2 (EffiVLM-Bench's block 30 of 32):
+    the eager weights of each temporal patch, heads and queries averaged, 4-patch merger groups."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as mq
+
+    vis = bb.model.model.visual
+    layer = len(vis.blocks) - 2
+    recorded, original = [], mq.eager_attention_forward
+
+    def recording(module, *args, **kwargs):
+        out, weights = original(module, *args, **kwargs)
+        if module is vis.blocks[layer].attn:
+            recorded.append(weights.detach())
+        return out, weights
+
+    captured = {}
+    hook = vis.blocks[layer].register_forward_pre_hook(lambda m, a, kw: captured.update(x=a[0]), with_kwargs=True)
+    monkeypatch.setattr(mq, "eager_attention_forward", recording)
+    try:
+        with torch.no_grad():
+            vis(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
+            block = vis.blocks[layer]
+            qkv = block.attn.qkv(block.norm1(captured["x"])).reshape(captured["x"].shape[0], 3, block.attn.num_heads, -1)
+    finally:
+        hook.remove()
+        monkeypatch.setattr(mq, "eager_attention_forward", original)
+    b = inputs["video_grid_thw"].shape[0]
+    received = torch.cat([w.mean(dim=(0, 1, 2)) for w in recorded])  # (rows,)
+    keys = qkv[:, 1].mean(dim=1)  # (rows, head_dim), before the rotary embedding
+    return received.reshape(b, -1, 4).mean(2), keys.reshape(b, -1, 4, keys.shape[-1]).mean(2)
+
+
+def reference_maps(bb, inputs, monkeypatch):
+    return reference_maps_ov(bb, inputs) if is_ov(bb) else reference_maps_qwen(bb, inputs, monkeypatch)
+
+
+def layer0_input(bb, inputs, prune=None):
+    """The input of decoder layer 0 (after the engine's stage when ``prune`` = (method, retention, kw))."""
+    seen = {}
+    hook_args = {"with_kwargs": True}
+
+    def grab(module, args, kwargs):
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    if prune is None:
+        h = bb.layers[0].register_forward_pre_hook(grab, **hook_args)
+        try:
+            with torch.no_grad():
+                bb.model(**inputs)
+        finally:
+            h.remove()
+        return seen["x"], None
+    method, retention, kw = prune
+    with sharp.prune(bb, method, retention, **kw) as trace:
+        h = bb.layers[0].register_forward_pre_hook(grab, **hook_args)  # after the engine's hook
+        try:
+            with torch.no_grad():
+                bb.model(**inputs)
+        finally:
+            h.remove()
+    return seen["x"], trace
+
+
+def reference_visionzip(att, keys, emb, groups, budgets, ratio):
+    """Plain-loop VisionZip over groups of original indices: (dominant, targets, {target: row})."""
+    dominant, targets, rows = [], [], {}
+    for g, k in zip(groups, budgets):
+        d = math.floor(k * ratio)
+        c = k - d
+        ranked = sorted(g, key=lambda j: -float(att[j]))
+        dom = sorted(ranked[:d])
+        rest = [j for j in g if j not in dom]
+        step = max(1, len(rest) // c)
+        tg = rest[::step][:c]
+        assigned = {t: [] for t in tg}
+        for j in rest:
+            if j not in tg:
+                cos = [float(F.cosine_similarity(keys[j].float(), keys[t].float(), dim=0)) for t in tg]
+                assigned[tg[cos.index(max(cos))]].append(j)
+        for t in tg:
+            extra = torch.stack([emb[j] for j in assigned[t]]).float().mean(0) if assigned[t] else 0.0
+            rows[t] = emb[t].float() + extra
+        dominant += dom
+        targets += tg
+    return sorted(dominant), sorted(targets), rows
+
+
+# -- hand-made groups --------------------------------------------------------------------------------
+
+
+def test_budget_split_and_apportion_by_hand():
+    assert split_budget(25, 54 / 64) == (21, 4)  # 12.8% of a 196-token frame
+    assert split_budget(26, 54 / 64) == (21, 5)
+    assert split_budget(64, 54 / 64) == (54, 10)  # the README's 54 + 10
+    assert split_budget(1, 54 / 64) == (0, 1) and split_budget(4, 1.0) == (4, 0)
+    # 803 = round(0.128 x 6272) over 32 frames of 196: floor(803 (f+1) / 32) - floor(803 f / 32)
+    per_frame = apportion(803, [196] * 32)
+    assert sum(per_frame) == 803 and [f for f, k in enumerate(per_frame) if k == 26] == [10, 21, 31]
+    assert apportion(800, [196] * 32) == [25] * 32
+    assert apportion(26, [16] * 8) == [3, 3, 3, 4, 3, 3, 3, 4]
+    assert apportion(5, [2, 0, 8]) == [1, 0, 4] and apportion(3, [0, 0]) == [0, 0]
+
+
+def _hand_group():
+    attention = torch.tensor([0.10, 0.30, 0.05, 0.02, 0.25, 0.08, 0.20])
+    hidden = torch.tensor([[float(j), 10.0 * j] for j in range(7)])
+    keys = torch.tensor([[1.0, 0.0], [5.0, 5.0], [2.0, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.1, 3.0], [1.0, 1.2]])
+    return attention, keys, hidden
+
+
+def test_group_by_hand():
+    attention, keys, hidden = _hand_group()
+    # k = 4, ratio 1/2: d = 2 dominant = the top-2 attention {1, 4}; rest [0, 2, 3, 5, 6], c = 2 targets
+    # at stride 5 // 2 = 2: rest[0], rest[2] = tokens 0 and 3; token 2 -> 0, 5 -> 3, 6 -> 3 (cos 0.77 > 0.64)
+    res = visionzip_group(attention, keys, hidden, 4, 0.5)
+    assert res.dominant.tolist() == [1, 4] and res.targets.tolist() == [0, 3]
+    assert res.absorbed.tolist() == [[2, 0], [5, 3], [6, 3]]
+    torch.testing.assert_close(res.rows, torch.tensor([[0 + 2.0, 0 + 20.0], [3 + 5.5, 30 + 55.0]]))
+    # token 6 pointing at target 0 instead: target 3 keeps only token 5, target 0 averages 2 and 6
+    keys[6] = torch.tensor([1.0, 0.5])
+    res = visionzip_group(attention, keys, hidden, 4, 0.5)
+    assert res.absorbed.tolist() == [[2, 0], [5, 3], [6, 0]]
+    torch.testing.assert_close(res.rows, torch.tensor([[0 + 4.0, 0 + 40.0], [3 + 5.0, 30 + 50.0]]))
+    # a target nobody joins is unchanged (x_t + 0): every non-target key points at token 0
+    keys[5] = keys[6] = torch.tensor([1.0, 0.0])
+    res = visionzip_group(attention, keys, hidden, 4, 0.5)
+    torch.testing.assert_close(res.rows[1], hidden[3])
+    # ratio 1: attention top-k only, nothing merged; k = n: every token kept, nothing merged
+    res = visionzip_group(attention, keys, hidden, 3, 1.0)
+    assert res.dominant.tolist() == [1, 4, 6] and len(res.targets) == 0 and len(res.absorbed) == 0
+    res = visionzip_group(attention, keys, hidden, 7)
+    assert sorted(res.dominant.tolist() + res.targets.tolist()) == list(range(7)) and len(res.absorbed) == 0
+    with pytest.raises(ValueError, match="budget must be in 0..7"):
+        visionzip_group(attention, keys, hidden, 8)
+
+
+# -- the method against the eager vision attention -----------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("retention,ratio", [(0.5, 54 / 64), (0.25, 0.5)])
+def test_selection_and_rows_equal_eager_reference(name, retention, ratio, monkeypatch):
+    """Dominant set = top-k of the eager vision attention; targets, merged rows = the plain-loop
+    VisionZip on the eager maps and the vanilla input embeddings; two different videos in a batch."""
+    bb = backbone(name)
+    inputs = video_inputs(bb, seeds=(1, 2))
+    layout = bb.layout(inputs)
+    att, keys = reference_maps(bb, inputs, monkeypatch)
+    emb, _ = layer0_input(bb, inputs)
+    got, trace = layer0_input(bb, inputs, ("visionzip", retention, {"dominant_ratio": ratio, **native_kwargs(bb)}))
+    t = trace.method("visionzip")
+    assert t.vision_layer == ("feature" if is_ov(bb) else -2) and t.scope == ("frame" if is_ov(bb) else "video")
+    n, per = layout.n_visual, layout.tokens_per_frame
+    k = budget(n, retention)
+    # OV per frame (budgets divisible by the frames here), Qwen2-VL one group
+    groups = [list(range(f * per, (f + 1) * per)) for f in range(layout.frames)] if is_ov(bb) else [list(range(n))]
+    budgets = [k // len(groups)] * len(groups)
+    assert sum(budgets) == k
+    vis = bb.visual_mask(inputs["input_ids"], layout)
+    start = int(vis[0].nonzero()[0])
+    for b in range(2):
+        dominant, targets, rows = reference_visionzip(att[b], keys[b], emb[b, vis[b]], groups, budgets, ratio)
+        assert t.dominant[b].tolist() == dominant
+        assert t.contextual[b].tolist() == targets
+        kept = trace.kept[0][b].tolist()
+        assert kept == sorted(dominant + targets) and len(kept) == k
+        visual_rows = got[b, start:start + k]  # the pruned layer-0 input: text, kept visual tokens, text
+        for i, j in enumerate(kept):
+            want = rows[j] if j in rows else emb[b, vis[b]][j].float()
+            torch.testing.assert_close(visual_rows[i].float(), want, atol=1e-5, rtol=1e-5)
+    assert trace.stage_layers == [0] and trace.visual_tokens_per_layer == [k] * bb.num_layers
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scope_and_layer_kwargs_change_the_selection(name, monkeypatch):
+    """The other port's grouping and a non-default layer select what their reference says."""
+    bb = backbone(name)
+    inputs = video_inputs(bb)
+    layout = bb.layout(inputs)
+    att, _ = reference_maps(bb, inputs, monkeypatch)
+    k = budget(layout.n_visual, 0.25)
+    d = split_budget(k, 54 / 64)[0]
+    other = "video" if is_ov(bb) else "frame"
+    _, trace = layer0_input(bb, inputs, ("visionzip", 0.25, {"scope": other, **native_kwargs(bb)}))
+    got = trace.method("visionzip").dominant[0].tolist()
+    if other == "video":
+        assert got == sorted(torch.topk(att[0], d).indices.tolist())
+    else:
+        per, k_f = layout.tokens_per_frame, k // layout.frames
+        want = [f * per + j for f in range(layout.frames)
+                for j in torch.topk(att[0, f * per:(f + 1) * per], split_budget(k_f, 54 / 64)[0]).indices.tolist()]
+        assert got == sorted(want)
+    # the default layer's ranking is not the other layer's (the layer choice is tested above)
+    port = len(bb.vision_layers) - 1 if is_ov(bb) else len(bb.vision_layers) - 2
+    _, t2 = layer0_input(bb, inputs, ("visionzip", 0.25, {"vision_layer": 1 - port, **native_kwargs(bb)}))
+    _, t1 = layer0_input(bb, inputs, ("visionzip", 0.25, native_kwargs(bb)))
+    assert t2.method("visionzip").dominant[0].tolist() != t1.method("visionzip").dominant[0].tolist()
+
+
+# -- visionzip_sharp ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_visionzip_sharp_keeps_both_budgets(name):
+    bb = backbone(name)
+    inputs = bb.synthetic_inputs(frames=FRAMES, seed=21)
+    layout = bb.layout(inputs)
+    n = layout.n_visual
+    kw = {"visionzip": native_kwargs(bb), "sharp": {"cache_dir": ""}}
+    with sharp.prune(bb, "visionzip_sharp", 0.2, **kw) as trace, torch.no_grad():
+        bb.model(**inputs)
+    zipped, pruned = trace.kept
+    assert trace.stage_owners == ["visionzip", "sharp"] and trace.stage_layers == [0, 1]
+    assert len(zipped[0]) == budget(n, 0.2) and len(pruned[0]) == budget(n, 0.124)
+    assert bool(torch.isin(pruned[0], zipped[0]).all())
+    assert trace.visual_tokens_per_layer == [budget(n, 0.2)] + [budget(n, 0.124)] * (bb.num_layers - 1)
+    if is_ov(bb):  # per frame: round(0.2 x 128) = 26 over 8 frames of 16 -> 3, 3, 3, 4, 3, 3, 3, 4
+        frames = torch.bincount(zipped[0] // layout.tokens_per_frame, minlength=layout.frames)
+        assert frames.tolist() == [3, 3, 3, 4, 3, 3, 3, 4]
+
+
+def test_visionzip_sharp_child_kwargs():
+    m = sharp.make_method("visionzip_sharp", 0.3, visionzip={"dominant_ratio": 0.5}, sharp={"lam": 0.5})
+    vz, sh = m.flat_children()
+    assert (vz.retention, vz.dominant_ratio, sh.retention, sh.lam, sh.layer) == (0.3, 0.5, 0.124, 0.5, 1)
+    sh = sharp.make_method("visionzip_sharp", 0.2, sharp={"retention": 0.1}).flat_children()[1]
+    assert sh.retention == 0.1
+    with pytest.raises(TypeError, match="visionzip, sharp"):
+        sharp.make_method("visionzip_sharp", 0.2, dominant_ratio=0.5)
+
+
+def test_compact_visionzip_then_sharp_keeps_the_compact_positions():
+    """VisionZip (compact, LLaVA-OV's port) then ShaRP (original): from layer 1 on the kept tokens keep
+    the positions VisionZip numbered 0..len-1, in prefill and in decode."""
+    bb = backbone("tiny_llava_onevision")
+    inputs = bb.synthetic_inputs(frames=FRAMES, seed=22)
+    layout = bb.layout(inputs)
+    vis = bb.visual_mask(inputs["input_ids"], layout)[0]
+    start, s = int(vis.nonzero()[0]), inputs["input_ids"].shape[1]
+    seen = []
+    with sharp.prune(bb, "visionzip_sharp", 0.25, sharp={"cache_dir": ""}) as trace:
+        h = bb.layers[1].register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw["position_embeddings"][0][0].clone()), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                bb.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        finally:
+            h.remove()
+    zipped, pruned = trace.kept[0][0], trace.kept[1][0]
+    k0 = len(zipped)
+    rank = {int(j): start + i for i, j in enumerate(zipped.tolist())}  # position in VisionZip's sequence
+    tail = s - start - layout.n_visual
+    want = list(range(start)) + [rank[int(j)] for j in pruned] + [start + k0 + i for i in range(tail)]
+    probe = torch.zeros(1, 1, bb.text_config.hidden_size)
+    cos = bb.language_model.rotary_emb(probe, torch.tensor([want + [start + k0 + tail]]))[0][0]
+    torch.testing.assert_close(seen[0], cos[:-1])  # prefill, layer 1
+    torch.testing.assert_close(seen[1], cos[-1:])  # first decode step: position = compact length
+
+
+# -- FLOPs (Table 3) ---------------------------------------------------------------------------------
+
+
+def _paper_tflops(schedule):
+    dims = flops.lm_dims("llava_onevision_7b")
+    d, m = dims.hidden, dims.ffn
+    return sum(4 * k * d * d + 2 * k * k * d + 2 * k * d * m for k in schedule) / 1e12
+
+
+def test_table3_tflops():
+    n = 6272  # 32 frames x 196
+    got = flops.prefill_tflops("llava_onevision_7b", "visionzip", 0.128, visual_tokens=n)
+    assert flops.token_schedule("llava_onevision_7b", "visionzip", 0.128, visual_tokens=n) == [803] * 28
+    assert got == pytest.approx(_paper_tflops([803] * 28), rel=1e-12)
+    assert got == pytest.approx(4.3, rel=0.05)  # 4.34
+    exact = flops.prefill_tflops("llava_onevision_7b", "visionzip", 25 / 196, visual_tokens=n)
+    assert round(exact, 2) == 4.32  # the official 25 tokens per frame
+    combo = flops.prefill_tflops("llava_onevision_7b", "visionzip_sharp", 0.2, visual_tokens=n)
+    assert combo == pytest.approx(_paper_tflops([1254] + [778] * 27), rel=1e-12)
+    assert combo == pytest.approx(4.3, rel=0.05)  # 4.29
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+def test_bad_values_are_clear_errors():
+    with pytest.raises(ValueError, match="scope must be one of 'auto', 'frame', 'video', got 'clip'"):
+        sharp.make_method("visionzip", 0.2, scope="clip")
+    with pytest.raises(ValueError, match=r"dominant_ratio must be in \[0, 1\]"):
+        sharp.make_method("visionzip", 0.2, dominant_ratio=1.5)
+    with pytest.raises(ValueError, match="vision_layer must be None .* 'feature', got 'last'"):
+        sharp.make_method("visionzip", 0.2, vision_layer="last")
+    # the OV default on M-RoPE
+    with pytest.raises(ValueError, match="positions='original'"), sharp.prune(backbone("tiny_qwen2_vl"), "visionzip", 0.2):
+        pass
+    with pytest.raises(ValueError, match="vision layer"), sharp.prune(backbone("tiny_llava_onevision"), "visionzip",
+                                                                      0.2, vision_layer=7):
+        pass
