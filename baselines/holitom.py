@@ -36,9 +36,9 @@ Our choices (docs/methods/holitom.md has each next to its equation):
   trailing newline among the visual tokens; here it is text and always kept).
 - The DPC-kNN density tie-break rand x 1e-6 uses a generator seeded with ``seed`` per sample.
 - Averages, distances and merges in float32, cast back to the model dtype.
-- Positions: ``"compact"`` (default): the official LLM sees the shorter sequence numbered 0..len-1
-  (the engine re-numbers after each of the method's stages, so after the in-LLM stage too, where
-  the official code keeps the kept tokens' positions; holitom_sharp's ShaRP stage keeps them).
+- Positions: ``"compact"`` (default): the official LLM sees the shorter sequence numbered 0..len-1,
+  so the pre-LLM stage re-numbers; the in-LLM stage keeps the kept tokens' positions, as the
+  official code (``compacts_at``: layer 0 only); holitom_sharp's ShaRP stage keeps them too.
   Qwen2-VL's M-RoPE has no 1-D re-numbering: pass ``positions="original"`` there.
 - Qwen2-VL (not supported by the official code): frames are temporal patches (2 frames each), the
   vision attention is the last block's, per temporal patch, averaged over the 2x2 merger groups.
@@ -254,6 +254,11 @@ class HoliTom(PruningMethod):
     rounding: str = "exact"  # "exact": round(r N) before the LLM | "official": ceil / round per group
     seed: int = 0  # DPC-kNN tie-break generator (per sample)
     positions: str = "compact"  # the official LLM sees the shorter sequence; Qwen2-VL: "original"
+
+    def compacts_at(self, layer: int) -> bool:
+        """Only the pre-LLM stage re-numbers (the LLM's own numbering of the shorter sequence); the
+        official in-LLM stage keeps the kept tokens' positions."""
+        return self.positions == "compact" and layer == 0
 
     def __post_init__(self):
         super().__post_init__()

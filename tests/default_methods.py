@@ -15,9 +15,9 @@ TINY_KWARGS: dict[str, dict] = {
     "feather": {"layer": 2},
     "sharp": {"cache_dir": ""},
     "holitom": {"llm_layer": 2},  # the in-LLM stage before layer 18 of 28 -> 2 of 4
-    # holitom compacts, ShaRP keeps positions: the generic reference compacts every layer from the
-    # first compacting stage, so the mixed case is checked in tests/test_holitom.py
-    "holitom_sharp": {"holitom": {"positions": "original"}, "sharp": {"layer": 2, "cache_dir": ""}},
+    # holitom compacts its pre-LLM stage only, ShaRP keeps positions (the reference numbers each layer
+    # by its last compacting stage; tests/test_holitom.py checks the mixed case on its own too)
+    "holitom_sharp": {"sharp": {"layer": 2, "cache_dir": ""}},
     # the memory stage drops KV in decode only, which the generic reference cannot replay (it drops
     # layer 3 of tiny_llava_onevision at M = 0.2): tests/test_sharpv.py checks it against its own
     "sharpv": {"memory_threshold": 0.0},

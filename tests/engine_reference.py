@@ -149,7 +149,8 @@ def replay_reference_logits(bb, inputs, sequences, trace, recorder, compact_laye
     """No-cache logits of the unpruned model over prompt + generated tokens in which every layer sees
     only the keys the engine kept for it, the merged rows the methods produced at their stages (layer
     inputs) and after their layers' attention (written into the residual stream before the MLP), and
-    the methods' custom masks on the prompt rows. ``compact_layers``: layers with compacted positions."""
+    the methods' custom masks on the prompt rows. ``compact_layers``: layers with compacted positions
+    (a dict maps each to the layer whose kept set numbers it: its last compacting stage)."""
     b, s = sequences.shape
     p = inputs["input_ids"].shape[1]
     keys = trace_key_masks(bb, inputs, sequences, trace)
@@ -163,7 +164,8 @@ def replay_reference_logits(bb, inputs, sequences, trace, recorder, compact_laye
         if layer in keys:
             a = a & keys[layer][:, None, None, :]
             if layer in compact_layers:
-                visible = keys[layer] & mask2d.bool()
+                numbering = compact_layers[layer] if isinstance(compact_layers, dict) else layer
+                visible = keys[numbering] & mask2d.bool()
                 positions[layer] = (visible.long().cumsum(-1) - 1).clamp_min(0)
         for origin, mask in recorder.masks.get(layer, []):
             a = a & _spread(mask, origin, s)

@@ -38,11 +38,13 @@ def make(name, kwargs, retention, backbone=None):
 
 
 def compact_layers(method, trace, num_layers):
-    """Layers whose positions were compacted (from the first stage of a compacting method on)."""
+    """{layer: the layer of the last compacting stage at or before it}: the kept set that numbers
+    that layer's positions (later non-compacting stages keep those numbers)."""
     leaves = method.flat_children() if isinstance(method, ComposedMethod) else [method]
-    keys = [k for m, k in zip(leaves, _keys(leaves)) if m.positions == "compact"]
-    layers = [layer for layer, owner in zip(trace.stage_layers, trace.stage_owners) if owner in keys]
-    return range(min(layers), num_layers) if layers else ()
+    by_key = dict(zip(_keys(leaves), leaves))
+    stages = [layer for layer, owner in zip(trace.stage_layers, trace.stage_owners) if by_key[owner].compacts_at(layer)]
+    return {layer: max(k for k in stages if k <= layer) for layer in range(num_layers)
+            if any(k <= layer for k in stages)}
 
 
 def _keys(leaves):

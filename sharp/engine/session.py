@@ -505,7 +505,7 @@ class PruningSession:
         index, pad = seq.keep_index(keep)
         new_hidden = gather_seq(hidden, index, 1)
         new = seq.gathered(index, pad)
-        if method.positions == "compact":
+        if method.compacts_at(idx):
             new = self._compact(idx, seq, new, new_hidden, record_kv)
         new = replace(new, mask=create_causal_mask(
             config=self.backbone.text_config, input_embeds=new_hidden, attention_mask=new.attention_mask_2d,

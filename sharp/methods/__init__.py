@@ -11,3 +11,6 @@ from sharp.methods.scorer import ScorerMethod
 
 __all__ = ["PruningMethod", "ScorerMethod", "Selection", "budget", "check_retention", "get_method_class",
            "is_composed_name", "make_method", "method_names", "register_method"]
+
+# last, once the names above exist: registers SharpV (it imports sharp.engine)
+from sharp.methods import sharpv  # noqa: F401

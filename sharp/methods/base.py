@@ -141,6 +141,11 @@ class PruningMethod:
             raise ValueError(f"{self.name}: positions must be one of {', '.join(map(repr, POSITION_MODES))}, "
                              f"got {self.positions!r}")
 
+    def compacts_at(self, layer: int) -> bool:
+        """Whether this method's stage at ``layer`` re-numbers the kept tokens (``positions="compact"``:
+        every stage by default; HoliTom compacts only its pre-LLM stage, as its official code)."""
+        return self.positions == "compact"
+
     # -- where the method acts -------------------------------------------------------------
     def stages(self, num_layers: int) -> list[int]:
         """Decoder-layer indices before which a selection stage runs (sorted). Raise ValueError for a
