@@ -29,6 +29,7 @@ TINY_KWARGS: dict[str, dict] = {
 BACKBONE_KWARGS: dict[tuple[str, str], dict] = {
     ("pdrop", "tiny_qwen2_vl"): {"positions": "original"},
     ("holitom", "tiny_qwen2_vl"): {"positions": "original"},
+    ("holitom_sharp", "tiny_qwen2_vl"): {"holitom": {"positions": "original"}},
     ("visionzip", "tiny_qwen2_vl"): {"positions": "original"},
 }
 

@@ -106,8 +106,8 @@ class PruningSession:
         if uses_mrope(backbone) and any(m.positions == "compact" for m in self.methods):
             raise ValueError(
                 f"positions='compact' needs 1-D RoPE, but {backbone.name} uses multimodal RoPE (M-RoPE): each "
-                f"visual token's position is its (t, h, w) grid cell and PyramidDrop's re-numbering is defined "
-                f"for 1-D positions only; use positions='original' on this backbone")
+                f"visual token's position is its (t, h, w) grid cell and the compact re-numbering (PyramidDrop's, "
+                f"the pre-LLM methods') is defined for 1-D positions only; use positions='original' on this backbone")
         self.prefill_inputs: dict = {}
         self.input_length = 0  # unpruned sequence length of the current prefill
         self._states: list[_CallState] = []
