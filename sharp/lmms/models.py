@@ -594,10 +594,9 @@ class SharpVideoLMM(lmms):
         """Prefill TFLOPs of the method's token schedule; the measured one when the method's kept
         counts depend on the video (``input_dependent_schedule``: FrameFusion, adaptive SharpV)."""
         try:
-            import sharp
             from sharp.flops import prefill_tflops
 
-            if sharp.make_method(self.method, self.retention, **self.method_kwargs).input_dependent_schedule:
+            if self._input_dependent_schedule():
                 return self._measured_tflops(per_layer)
 
             return float(prefill_tflops(self.bb, self.method, self.retention, visual_tokens=n_visual,
@@ -607,6 +606,15 @@ class SharpVideoLMM(lmms):
                 eval_logger.warning(f"{self.model_id}: prefill TFLOPs unavailable for {self.method}: {err}")
                 self._warned.add("tflops")
             return None
+
+    def _input_dependent_schedule(self) -> bool:
+        """Whether the method's kept counts depend on the video (asked once per wrapper)."""
+        if not hasattr(self, "_schedule_is_measured"):
+            import sharp
+
+            method = sharp.make_method(self.method, self.retention, **self.method_kwargs)
+            self._schedule_is_measured = bool(method.input_dependent_schedule)
+        return self._schedule_is_measured
 
     def _measured_tflops(self, per_layer: list[int]) -> Optional[float]:
         """Paper-convention TFLOPs of the visual tokens each layer really processed (adaptive methods)."""
