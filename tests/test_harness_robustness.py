@@ -7,7 +7,6 @@ with a copy of the synthetic task whose first video is corrupt; lmms-eval's task
 per include path (as tests/test_sweep_smoke.py does; no task or model is stubbed)."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import subprocess
@@ -22,6 +21,7 @@ from sharp.harness import parallel
 from sharp.harness.config import PACKAGE_DIR, REPO_ROOT, compose
 from sharp.harness.resources import HarnessError
 from sharp.harness.runner import run_cell
+import lmms_helpers
 
 RUN = [sys.executable, str(REPO_ROOT / "run.py")]
 N_DOCS = 6
@@ -29,20 +29,8 @@ N_DOCS = 6
 
 @pytest.fixture(scope="module", autouse=True)
 def memoised_task_index():
-    from lmms_eval.tasks import TaskManager
-
-    original = TaskManager.initialize_tasks
-    memo = {}
-
-    def initialize_tasks(self, include_path=None, include_defaults=True):
-        key = (tuple([include_path] if isinstance(include_path, str) else include_path or ()), include_defaults)
-        if key not in memo:
-            memo[key] = original(self, include_path=include_path, include_defaults=include_defaults)
-        return copy.deepcopy(memo[key])
-
-    TaskManager.initialize_tasks = initialize_tasks
-    yield
-    TaskManager.initialize_tasks = original
+    with lmms_helpers.memoised_task_index():
+        yield
 
 
 @pytest.fixture(scope="module")

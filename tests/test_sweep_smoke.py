@@ -44,6 +44,7 @@ from sharp.harness.config import compose, load_sweep
 from sharp.harness.sweep import plan
 from sharp.lmms.args import flatten_kwargs
 from sharp.methods import budget
+import lmms_helpers
 
 TINY = {"table1": "tiny_llava_onevision", "table2": "tiny_qwen2_vl"}
 LIMIT = 2
@@ -79,25 +80,17 @@ def results_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def memoised_task_index():
-    """lmms-eval's task index built once per include path (see the module docstring)."""
-    from lmms_eval.tasks import TaskManager
+    """lmms-eval's task index built once per include path (see the module docstring); the heap is
+    frozen after each build so lmms-eval's per-cell gc.collect() calls stay cheap."""
 
-    original = TaskManager.initialize_tasks
-    memo = {}
+    def freeze():
+        gc.collect()
+        gc.freeze()
 
-    def initialize_tasks(self, include_path=None, include_defaults=True):
-        key = (tuple([include_path] if isinstance(include_path, str) else include_path or ()), include_defaults)
-        if key not in memo:
-            memo[key] = original(self, include_path=include_path, include_defaults=include_defaults)
-            gc.collect()
-            gc.freeze()
-        return dict(memo[key])  # TaskManager only reads it
-
-    TaskManager.initialize_tasks = initialize_tasks
     try:
-        yield
+        with lmms_helpers.memoised_task_index(copy_index=dict, after_build=freeze):  # TaskManager only reads it
+            yield
     finally:
-        TaskManager.initialize_tasks = original
         gc.unfreeze()
 
 

@@ -16,7 +16,6 @@ tests/test_sweep_smoke.py (a copy of the same index; no task or model is stubbed
 """
 from __future__ import annotations
 
-import copy
 import json
 import sys
 
@@ -30,6 +29,7 @@ from sharp.harness.config import REPO_ROOT, compose, load_sweep
 from sharp.harness.runner import run_cell
 from sharp.harness.sweep import plan
 from sharp.methods import budget
+import lmms_helpers
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
@@ -50,20 +50,8 @@ def _merge(base: dict, extra: dict) -> dict:
 @pytest.fixture(scope="module")
 def memoised_task_index():
     """lmms-eval's task index built once per include path (see the module docstring)."""
-    from lmms_eval.tasks import TaskManager
-
-    original = TaskManager.initialize_tasks
-    memo = {}
-
-    def initialize_tasks(self, include_path=None, include_defaults=True):
-        key = (tuple([include_path] if isinstance(include_path, str) else include_path or ()), include_defaults)
-        if key not in memo:
-            memo[key] = original(self, include_path=include_path, include_defaults=include_defaults)
-        return copy.deepcopy(memo[key])
-
-    TaskManager.initialize_tasks = initialize_tasks
-    yield
-    TaskManager.initialize_tasks = original
+    with lmms_helpers.memoised_task_index():
+        yield
 
 
 @pytest.fixture(scope="module")
