@@ -105,6 +105,52 @@ def test_static_video_keeps_one_token():
     assert sum(len(k) for k in hand_keep("ratio", 1.0, x=torch.ones(12, 2))) == 1
 
 
+def test_k_scales_the_adaptive_ratio_and_changes_the_selection():
+    # Fig. 5's K: r_t = ||T_t||_2 / (K sqrt(f)); the summary's value K = 2 is the default
+    scores = frame_scores(HAND_X, HAND_FRAME, HAND_CELL, 4, w=1.0)
+    torch.testing.assert_close(adaptive_ratios(scores, k_scale=2.0), torch.tensor(HAND_R), atol=1e-6, rtol=0)
+    # K = 1 doubles r_t: 0.6472, 0.7071, 0 -> round(2.59) = 3, round(2.83) = 3, 0 tokens
+    torch.testing.assert_close(adaptive_ratios(scores, k_scale=1.0), 2 * torch.tensor(HAND_R), atol=1e-6, rtol=0)
+    default = sharp.make_method("sharpv", 0.5)
+    assert default.K == 2.0
+    m = sharp.make_method("sharpv", 0.5, K=1.0)
+    kept = keep_top_per_frame(scores, m.frame_budgets(scores, m.frame_ratios(scores), 0)).tolist()
+    # frame 0: I = 2 S (T := S): the three 0.3204 tokens tie below 1.169 -> cells 3, 0, 1;
+    # frame 1: I = T + S = sqrt 2 + S1 for cell 0, S1 for the others -> cells 0, 1, 2
+    assert sorted(kept) == [0, 1, 3, 4, 5, 6]
+    assert sorted(kept) != sorted(sum(hand_keep("ratio", 1.0), []))  # K changes the selection
+    # K = 4 halves r_t: round(0.65) = 1, round(0.71) = 1 -> the same top-1 here; K = 8: none, then one kept
+    m8 = sharp.make_method("sharpv", 0.5, K=8.0)
+    assert int(m8.frame_budgets(scores, m8.frame_ratios(scores), 0).sum()) == 1
+
+
+def test_f_as_frames_reads_the_frame_count():
+    # adaptive_f="frames": r_t = ||T_t||_2 / (K sqrt(F)), F = 3 frames here (n_t = 4 tokens)
+    scores = frame_scores(HAND_X, HAND_FRAME, HAND_CELL, 4, w=1.0)
+    expected = torch.tensor(HAND_R) * math.sqrt(4 / 3)  # 0.3737, 0.4082, 0
+    torch.testing.assert_close(adaptive_ratios(scores, f="frames"), expected, atol=1e-6, rtol=0)
+    m = sharp.make_method("sharpv", 0.5, adaptive_f="frames")
+    k = m.frame_budgets(scores, m.frame_ratios(scores), 0)
+    assert k.tolist() == [round(0.3737 * 4), round(0.4082 * 4), 0] == [1, 2, 0]
+    kept = keep_top_per_frame(scores, k).tolist()
+    assert sorted(kept) == [3, 4, 5]  # frame 1: sqrt 2 + S1 (cell 0), then the first S1 tie (cell 1)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_k_and_f_change_the_selection_through_the_engine(name):
+    bb = backbone(name)
+    inputs = bb.synthetic_inputs(frames=8, seed=3)
+    counts = {}
+    for kw in ({}, {"K": 4.0}, {"adaptive_f": "frames"}):
+        with sharp.prune(bb, "sharpv", memory_threshold=0.0, **kw) as trace, torch.no_grad():
+            bb.model(**inputs)
+        counts[tuple(kw)] = trace.visual_tokens_per_layer[0]  # kept by the stage (all: no kept list)
+    assert counts[("K",)] < counts[()]  # K = 4 halves every r_t
+    layout = bb.layout(inputs)
+    if layout.tokens_per_frame != layout.frames:  # sqrt(n_t / F) != 1
+        assert counts[("adaptive_f",)] != counts[()]
+
+
 def test_split_budget_by_hand():
     assert split_budget(6, [4, 4, 4]) == [2, 2, 2]
     assert split_budget(5, [4, 4, 4]) == [2, 2, 1]  # ties go to the earlier frames
@@ -258,10 +304,52 @@ def test_similarity_equals_hand_loop_and_drops_follow_m():
                 torch.no_grad():
             bb.model(**inputs)
         m = trace.method("sharpv")
-        assert m.similarity[0].tolist() == pytest.approx(ref, abs=1e-5)
+        assert len(m.similarity) == bb.num_layers  # per layer: one similarity per sample
+        assert [row[0] for row in m.similarity] == pytest.approx(ref, abs=1e-5)
         below = [layer for layer in range(1, bb.num_layers) if ref[layer] < m_value]
         assert m.dropped_layers == below and len(below) == 2  # the two least similar layers
     assert token != pytest.approx(mean, abs=1e-3)
+
+
+def layer_outputs(bb, inputs):
+    """Vanilla run: every decoder layer's output (b, s, d)."""
+    got = {}
+
+    def keep(m, a, kw, out, i):
+        got[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+
+    hooks = [layer.register_forward_hook(lambda m, a, kw, out, i=i: keep(m, a, kw, out, i), with_kwargs=True)
+             for i, layer in enumerate(bb.layers)]
+    try:
+        with torch.no_grad():
+            bb.model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_memory_features_output_reads_each_layers_output(name):
+    bb = backbone(name)
+    inputs = bb.synthetic_inputs(frames=8, seed=2)
+    vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))[0]
+    v0 = layer_inputs(bb, inputs)[0][0][vis].double()
+    outs = layer_outputs(bb, inputs)
+    ref = []
+    for layer in range(bb.num_layers):  # V_l = layer l's OUTPUT, against V_0 = layer 0's input
+        v = outs[layer][0][vis].double()
+        ref.append(float(np.mean([float(v[i] @ v0[i] / (v[i].norm() * v0[i].norm())) for i in range(len(v))])))
+    with sharp.prune(bb, "sharpv", visual=False, memory_threshold=1.0, memory_features="output") as trace, \
+            torch.no_grad():
+        bb.model(**inputs)
+    m = trace.method("sharpv")
+    assert [row[0] for row in m.similarity] == pytest.approx(ref, abs=1e-5)
+    assert ref[0] < 1.0  # layer 0's output is not V_0 ...
+    assert m.dropped_layers == list(range(1, bb.num_layers))  # ... but layer 0 is never dropped (M = 1)
+    with sharp.prune(bb, "sharpv", visual=False, memory_threshold=1.0) as t_in, torch.no_grad():
+        bb.model(**inputs)
+    assert [row[0] for row in t_in.method("sharpv").similarity][1:] != pytest.approx(ref[1:], abs=1e-4)
 
 
 def memory_reference_logits(bb, inputs, sequences, kept_visual, dropped_layers):
@@ -407,6 +495,10 @@ def test_fixed_mode_at_full_retention_without_memory_is_identity(name):
     ({"memory_threshold": 1.5}, r"memory_threshold must be in \[0, 1\].*1.5"),
     ({"w": -1.0}, "w must be a finite number >= 0"),
     ({"nominal_retention": 0.0}, r"nominal_retention must be in \(0, 1\]"),
+    ({"K": 0.0}, "K must be a finite number > 0"),
+    ({"K": float("inf")}, "K must be a finite number > 0"),
+    ({"adaptive_f": "cells"}, "adaptive_f must be one of 'tokens', 'frames', got 'cells'"),
+    ({"memory_features": "middle"}, "memory_features must be one of 'input', 'output', got 'middle'"),
 ])
 def test_bad_values_fail_with_the_valid_ones(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -14,9 +14,11 @@ tokens x_{t,i} (i = grid cell), all in float32:
     I_{t,i} = T_{t,i} + w S_{t,i}                                          importance (w = 1)
 
 ``mode="adaptive"`` (the paper's): the frame's kept count follows the L2 norm of its temporal
-scores, n_t = tokens of frame t:
+scores, n_t = tokens of frame t, F = frames of the video:
 
-    r_t = ||T_t||_2 / (2 sqrt(n_t))     (= RMS(T_t) / 2, in [0, 1] because Dissim <= 2)
+    r_t = ||T_t||_2 / (K sqrt(f))       K = ``K`` (2, the summary's constant; Fig. 5 ablates K)
+    f = n_t (``adaptive_f="tokens"``, default: r_t = RMS(T_t) x 2/K, in [0, 1] at K = 2 since Dissim <= 2)
+    f = F   (``adaptive_f="frames"``: r_t = RMS(T_t) sqrt(n_t / F) x 2/K; r_t n_t is capped at n_t)
     ``adaptive_rule="ratio"`` (default): keep the top round(r_t n_t) tokens of the frame by I;
     ``adaptive_rule="threshold"``: keep the tokens with I_{t,i} > r_t (r_t read as a score threshold).
 
@@ -26,18 +28,21 @@ each frame (FLOPs-matched tables).
 
 **Memory SharpV** (after the prefill, before decoding; ``memory_threshold`` M = 0.2, 0 = off): for
 every decoder layer l, V_l = the visual tokens' rows of layer l's INPUT (the rows its keys and
-values are computed from), V_0 = those of layer 0 (the features entering the LLM):
+values are computed from; ``memory_features="input"``, default) or of its OUTPUT (``"output"``),
+V_0 = the rows entering layer 0 (the features entering the LLM):
 
     sim_l = mean_i cos(V_l[i], V_0[i])          (``similarity="token"``, default)
     sim_l = cos(mean_i V_l[i], mean_i V_0[i])   (``similarity="mean"``)
 
 and every layer l >= 1 with sim_l < M in every sample of the batch loses its visual KV-cache entries
-(``session.drop_kv``; the text entries stay).
+(``session.drop_kv``; the text entries stay). Layer 0 is never dropped (its cache length gives
+generate's positions).
 
 Every reading of the summary's text is written next to its formula in docs/sharpv.md. Results:
 ``trace.method("sharpv")``: per sample ``frame_kept``, ``frame_ratio``, ``spatial``, ``temporal``,
-``importance``, ``kept_share``; memory stage: ``similarity`` (b, L), ``memory_layers`` (one dict per
-layer), ``dropped_layers``, ``kv_bytes_before`` / ``kv_bytes_after`` / ``kv_bytes_saved``.
+``importance``, ``kept_share``; memory stage: ``similarity`` (a list over the L layers of the
+per-sample sim_l), ``memory_features``, ``memory_layers`` (one dict per layer), ``dropped_layers``,
+``kv_bytes_before`` / ``kv_bytes_after`` / ``kv_bytes_saved``.
 """
 from __future__ import annotations
 
@@ -55,8 +60,11 @@ from sharp.methods.registry import register_method
 
 MODES = ("adaptive", "fixed")
 ADAPTIVE_RULES = ("ratio", "threshold")
+ADAPTIVE_FS = ("tokens", "frames")  # f of r_t: tokens of the frame | frames of the video
 SIMILARITIES = ("token", "mean")
-MAX_DISSIM = 2.0  # || u - v ||_2 of two unit vectors is at most 2: the "2" of r_t
+MEMORY_FEATURES = ("input", "output")  # V_l: layer l's input rows | its output rows
+MAX_DISSIM = 2.0  # || u - v ||_2 of two unit vectors is at most 2
+DEFAULT_K = MAX_DISSIM  # K of r_t = ||T_t|| / (K sqrt(f)): the summary's "2" (= the largest Dissim)
 NOMINAL_RETENTION = 0.12  # the summary's reported average kept share on LLaVA-OV (adaptive FLOPs)
 
 
@@ -119,11 +127,20 @@ def frame_scores(x: torch.Tensor, frame: torch.Tensor, cell: torch.Tensor, cells
     return FrameScores(rows, spatial, temporal, temporal + w * spatial, frames)
 
 
-def adaptive_ratios(scores: FrameScores) -> torch.Tensor:
-    """(F,) r_t = ||T_t||_2 / (2 sqrt(n_t)) over each frame's present tokens (first frame: T_0 = S_0)."""
+def adaptive_ratios(scores: FrameScores, k_scale: float = DEFAULT_K, f: str = "tokens") -> torch.Tensor:
+    """(F,) r_t = ||T_t||_2 / (K sqrt(f)) over each frame's present tokens (first frame: T_0 = S_0).
+
+    k_scale: K (the summary's 2, Fig. 5's ablated K); f: ``"tokens"`` -> f = n_t, the frame's present
+    tokens (then r_t = RMS(T_t) x 2 / K); ``"frames"`` -> f = F, the sample's frame count (rows of
+    ``scores``), the same for every frame (then r_t = RMS(T_t) sqrt(n_t / F) x 2 / K).
+    """
     present = scores.present
-    squares = (scores.temporal.square() * present).sum(dim=1)
-    return squares.sqrt() / (MAX_DISSIM * present.sum(dim=1).float().sqrt())
+    norms = (scores.temporal.square() * present).sum(dim=1).sqrt()
+    if f == "frames":
+        count = torch.full_like(norms, float(present.shape[0]))
+    else:
+        count = present.sum(dim=1).float()
+    return norms / (k_scale * count.sqrt())
 
 
 def keep_top_per_frame(scores: FrameScores, k: torch.Tensor) -> torch.Tensor:
@@ -190,19 +207,26 @@ class SharpV(PruningMethod):
     mode: str = "adaptive"  # "adaptive": per-frame counts from ||T_t|| | "fixed": retention x N_vis
     w: float = 1.0  # I = T + w S
     adaptive_rule: str = "ratio"  # r_t is the frame's kept share | "threshold": keep I > r_t
+    K: float = DEFAULT_K  # r_t = ||T_t||_2 / (K sqrt(f)) (Fig. 5's K; the summary's 2)
+    adaptive_f: str = "tokens"  # f of r_t: "tokens" = n_t, the frame's tokens | "frames" = F, the video's frames
     visual: bool = True  # Visual SharpV (the stage before layer 0); False: memory stage only
     memory_threshold: float = 0.2  # M: drop a layer's visual KV when sim_l < M; 0 = no memory stage
     similarity: str = "token"  # sim_l: mean of per-token cosines | "mean": cosine of the token means
+    memory_features: str = "input"  # V_l: layer l's input rows (its K/V come from them) | "output"
     nominal_retention: float = NOMINAL_RETENTION  # adaptive mode's FLOPs schedule (kept share assumed)
 
     def __post_init__(self):
         super().__post_init__()
-        for key, valid in (("mode", MODES), ("adaptive_rule", ADAPTIVE_RULES), ("similarity", SIMILARITIES)):
+        for key, valid in (("mode", MODES), ("adaptive_rule", ADAPTIVE_RULES), ("adaptive_f", ADAPTIVE_FS),
+                           ("similarity", SIMILARITIES), ("memory_features", MEMORY_FEATURES)):
             if getattr(self, key) not in valid:
                 raise ValueError(f"sharpv: {key} must be one of {', '.join(map(repr, valid))}, "
                                  f"got {getattr(self, key)!r}")
         if not math.isfinite(self.w) or self.w < 0:
             raise ValueError(f"sharpv: w must be a finite number >= 0 (I = T + w S), got {self.w!r}")
+        if not math.isfinite(self.K) or self.K <= 0:
+            raise ValueError(f"sharpv: K must be a finite number > 0 (r_t = ||T_t|| / (K sqrt(f)); the summary's "
+                             f"2), got {self.K!r}")
         if not 0.0 <= self.memory_threshold <= 1.0:
             raise ValueError(f"sharpv: memory_threshold must be in [0, 1] (a cosine threshold; 0 = no memory "
                              f"stage), got {self.memory_threshold!r}")
@@ -224,8 +248,32 @@ class SharpV(PruningMethod):
         return [0] if self.visual else []
 
     def score_layers(self, num_layers: int) -> list[int]:
-        """Memory stage: every layer's prefill input (V_l); none without it."""
+        """Memory stage: every layer's prefill input (V_l, or the rows of its output); none without it."""
         return list(range(num_layers)) if self.memory else []
+
+    def install(self, session) -> None:
+        """``memory_features="output"``: a forward hook on every decoder layer keeps its prefill output
+        (b, s_l, d) in the method's per-prefill state (V_l is read from it after the prefill)."""
+        if not (self.memory and self.memory_features == "output"):
+            return
+        for idx, layer in enumerate(session.backbone.layers):
+            session.add_hook(layer, self._output_hook(session, idx), pre=False)
+
+    def _output_hook(self, session, idx: int):
+        def hook(module, args, kwargs, output):
+            try:
+                phase = session.phase
+            except IndexError:  # no forward in progress
+                return None
+            if phase == "prefill":
+                out = output[0] if isinstance(output, tuple) else output
+                state = session.method_state(self)
+                if not hasattr(state, "outputs"):
+                    state.outputs = {}
+                state.outputs[idx] = out.detach()
+            return None
+
+        return hook
 
     # -- Visual SharpV -------------------------------------------------------------------------
     def select(self, ctx) -> Selection:
@@ -237,7 +285,7 @@ class SharpV(PruningMethod):
             cell = tokens.row * ctx.layout.grid[1] + tokens.col
             scores = frame_scores(ctx.visual_hidden_states(b), tokens.frame, cell, ctx.layout.tokens_per_frame,
                                   self.w)
-            ratios = adaptive_ratios(scores)
+            ratios = self.frame_ratios(scores)
             k = self.frame_budgets(scores, ratios, ctx.budget(self.retention)[b])
             keep.append(keep_top_per_frame(scores, k))
             for key, dense in (("spatial", scores.spatial), ("temporal", scores.temporal),
@@ -250,6 +298,10 @@ class SharpV(PruningMethod):
         for key, value in record.items():
             setattr(ctx.trace, key, value)
         return Selection(keep)
+
+    def frame_ratios(self, scores: FrameScores) -> torch.Tensor:
+        """(F,) r_t = ||T_t||_2 / (K sqrt(f)) with this method's K and f (``adaptive_f``)."""
+        return adaptive_ratios(scores, self.K, self.adaptive_f)
 
     def frame_budgets(self, scores: FrameScores, ratios: torch.Tensor, k_fixed: int) -> torch.Tensor:
         """(F,) long: how many tokens each frame keeps (mode and rule as configured)."""
@@ -277,8 +329,10 @@ class SharpV(PruningMethod):
             return
         cuda_sync(session.backbone.device)
         t0 = time.perf_counter()
-        trace.similarity = self.layer_similarities(session)  # (b, L)
-        trace.memory_layers = [self.drop_degraded_layer(session, layer, trace.similarity[:, layer])
+        sims = self.layer_similarities(session)  # (b, L)
+        trace.similarity = sims.T.tolist()  # per layer l: [sim_l of each sample]
+        trace.memory_features = self.memory_features
+        trace.memory_layers = [self.drop_degraded_layer(session, layer, sims[:, layer])
                                for layer in range(session.num_layers)]
         trace.dropped_layers = [r["layer"] for r in trace.memory_layers if r["bytes_saved"] > 0]
         trace.kv_bytes_before = sum(r["bytes_before"] for r in trace.memory_layers)
@@ -311,21 +365,28 @@ class SharpV(PruningMethod):
         return row
 
     def degraded(self, sims: torch.Tensor, layer: int) -> torch.Tensor:
-        """(b,) bool: sim_l < M; layer 0 is V_0 itself and never degrades."""
+        """(b,) bool: sim_l < M. Layer 0 is never dropped: with ``memory_features="input"`` its V_0 is
+        the reference itself (sim_0 = 1); with ``"output"`` its sim_0 is logged, but the engine reads the
+        sequence length (generate's positions) from layer 0's cache, which must stay whole."""
         return torch.zeros_like(sims, dtype=torch.bool) if layer == 0 else sims < self.memory_threshold
 
     def layer_similarities(self, session) -> torch.Tensor:
-        """(b, L) float32 sim_l per sample: layer l's recorded visual input rows against the same
-        tokens' rows at layer 0 (matched by original visual index; sim_0 = 1)."""
+        """(b, L) float32 sim_l per sample: layer l's visual rows (its recorded input, or with
+        ``memory_features="output"`` its output) against the same tokens' rows entering layer 0
+        (V_0, matched by original visual index). Input reading: sim_0 = 1 by definition."""
         hidden0, seq0 = session.recorded_input(0)
         b = hidden0.shape[0]
+        outputs = getattr(session.method_state(self), "outputs", {}) if self.memory_features == "output" else None
+        first = 0 if outputs is not None else 1
         out = torch.ones(b, session.num_layers)
         for i in range(b):
             pos0 = seq0.visual_positions(i)
             row_of = torch.full((session.layout.n_visual,), -1, dtype=torch.long, device=pos0.device)
             row_of[seq0.visual_index[i, pos0]] = pos0
-            for layer in range(1, session.num_layers):
-                hidden, seq = session.recorded_input(layer)
+            for layer in range(first, session.num_layers):
+                hidden, seq = session.recorded_input(layer)  # the output has the input's rows
+                if outputs is not None:
+                    hidden = outputs[layer]
                 pos = seq.visual_positions(i)
                 v_0 = hidden0[i, row_of[seq.visual_index[i, pos]]]
                 out[i, layer] = degradation_similarity(hidden[i, pos], v_0, self.similarity)
