@@ -20,8 +20,10 @@ count), of which a uniform per-frame grid is counted INSIDE k:
    ``grid_stride`` (official [::3, ::3]: 25 of a 14 x 14 frame, 12.8%), in sequence (= frame, row,
    col) order;
 2. the grid may take at most c = floor(``grid_share`` x k) tokens: if |G| <= c all of G is kept,
-   otherwise G is thinned uniformly and deterministically to the c entries G[floor(i |G| / c)],
-   i = 0..c-1 (equal spacing along the frame-major order, so each frame keeps about c / frames);
+   otherwise G is thinned to a SPATIAL sub-grid (:func:`spatial_subgrid`): frame t gets
+   q_t = floor((t+1) c / F) - floor(t c / F) points and keeps an a x b lattice of its grid rows and
+   columns (a x b <= q_t, the most even coverage a / rows ~ b / cols; the a rows and b columns equally
+   spaced and centred among the grid's), i.e. a coarser stride in both directions;
 3. the remaining k - |grid| tokens are the top de-RoPE scores among the tokens not kept by step 2
    (thinned-out grid candidates compete on their score).
 
@@ -54,11 +56,62 @@ def grid_count(n_visual: int, frame_grid: tuple[int, int], stride: int) -> int:
     return (n_visual // (h * w)) * math.ceil(h / stride) * math.ceil(w / stride)
 
 
-def thin_uniform(n: int, c: int) -> torch.Tensor:
-    """c of n indices, equally spaced: floor(i n / c), i = 0..c-1 (all n when c >= n)."""
-    if c >= n:
+def centred(n: int, k: int) -> torch.Tensor:
+    """k of n positions, equally spaced and centred: floor((2i + 1) n / (2k)), i = 0..k-1 (all n when
+    k >= n; k = 1 gives the middle one, floor(n / 2))."""
+    if k >= n:
         return torch.arange(n)
-    return torch.div(torch.arange(c) * n, c, rounding_mode="floor")
+    return torch.div((2 * torch.arange(k) + 1) * n, 2 * k, rounding_mode="floor")
+
+
+def frame_quotas(cap: int, frames: int) -> list[int]:
+    """``cap`` grid points over ``frames`` frames, evenly: q_t = floor((t+1) cap / F) - floor(t cap / F)
+    (each floor(cap / F) or one more, the extra points spread over the video; q_t in {0, 1} when
+    cap < F, on equally spaced frames)."""
+    return [(t + 1) * cap // frames - t * cap // frames for t in range(frames)]
+
+
+def lattice_shape(rows: int, cols: int, q: int) -> tuple[int, int]:
+    """(a, b): a of a frame's ``rows`` grid rows by b of its ``cols`` grid columns, a x b <= q points,
+    as evenly spread as possible: maximise the smaller coverage min(a / rows, b / cols), then the point
+    count a b, then prefer fewer rows (q >= 1; (0, 0) when q = 0)."""
+    if q <= 0 or rows == 0 or cols == 0:
+        return 0, 0
+    best = None
+    for a in range(1, rows + 1):
+        b = min(cols, q // a)
+        if b == 0:
+            break
+        key = (min(a / rows, b / cols), a * b, -a)
+        if best is None or key > best[0]:
+            best = (key, a, b)
+    return best[1], best[2]
+
+
+def spatial_subgrid(frame: torch.Tensor, row: torch.Tensor, col: torch.Tensor, cap: int) -> torch.Tensor:
+    """At most ``cap`` of the grid candidates, as a spatial sub-grid of every frame.
+
+    frame, row, col: (m,) of the candidates (one sample). The frames that have candidates, in order,
+    get q_t = :func:`frame_quotas`(cap, F) points; frame t keeps the lattice of a of its R distinct
+    candidate rows by b of its C distinct columns (:func:`lattice_shape`), each chosen :func:`centred`
+    (equally spaced, centred), i.e. a coarser stride of the stride grid along both axes; a frame whose
+    quota covers all its candidates keeps them all. Returns indices into the candidates, ascending.
+    """
+    if cap >= len(frame):
+        return torch.arange(len(frame), device=frame.device)
+    frames = torch.unique(frame, sorted=True)
+    chosen = []
+    for f, q in zip(frames.tolist(), frame_quotas(cap, len(frames))):
+        own = (frame == f).nonzero().flatten()
+        if q >= len(own):
+            chosen.append(own)
+            continue
+        rows, cols = torch.unique(row[own], sorted=True), torch.unique(col[own], sorted=True)
+        a, b = lattice_shape(len(rows), len(cols), q)
+        on = torch.isin(row[own], rows[centred(len(rows), a).to(rows.device)]) & \
+            torch.isin(col[own], cols[centred(len(cols), b).to(cols.device)])
+        chosen.append(own[on])
+    return torch.cat(chosen).sort().values
 
 
 @register_method
@@ -133,7 +186,8 @@ class Feather(ScorerMethod):
                 grid = cand
             else:
                 k = ctx.budget(self.retention)[b]
-                grid = cand[thin_uniform(len(cand), int(self.grid_share * k))]
+                vt = ctx.visual_tokens(b)
+                grid = cand[spatial_subgrid(vt.frame[cand], vt.row[cand], vt.col[cand], int(self.grid_share * k))]
                 rest = s.clone()
                 rest[grid] = float("-inf")
                 top = torch.topk(rest, k - len(grid)).indices

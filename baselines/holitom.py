@@ -61,6 +61,8 @@ CLUSTER_MERGES = ("beta", "mean")
 PAPER_TAU = 0.80  # T at 15 / 20 / 25 %
 PAPER_TAU_LOW = 0.65  # T at 10 % and below
 TIE_BREAK = 1e-6  # DPC density noise: density + rand x 1e-6
+# tokens per frame (temporal patch) of the named backbones' layouts: the official rounding's nominal schedule
+_TOKENS_PER_FRAME = {"llava_onevision_7b": 196, "qwen2_vl_7b": 180, "tiny_llava_onevision": 16, "tiny_qwen2_vl": 16}
 
 
 # -- 1. temporal segmentation ------------------------------------------------------------------
@@ -253,6 +255,9 @@ class HoliTom(PruningMethod):
     llm_keep: float = 0.5  # 1 - HOLITOM_r: kept share of the current visual tokens at llm_layer
     rounding: str = "exact"  # "exact": round(r N) before the LLM | "official": ceil / round per group
     seed: int = 0  # DPC-kNN tie-break generator (per sample)
+    # LLaVA-OV: the in-LLM stage ranks and merges the trailing image_newline with the visual tokens, as
+    # the official image span does (False: the newline is text, never ranked); no newline elsewhere
+    llm_newline: bool = True
     positions: str = "compact"  # the official LLM sees the shorter sequence; Qwen2-VL: "original"
 
     def compacts_at(self, layer: int) -> bool:
@@ -304,16 +309,41 @@ class HoliTom(PruningMethod):
         return ["feature"]  # the official attention: the last SigLIP layer OV keeps (its features' layer)
 
     def token_schedule(self, n_visual: int, num_layers: int, backbone=None) -> list[int]:
-        """budget(N, r) from layer 0, then round(llm_keep x that) from ``llm_layer`` (nominal: a video
-        whose static merging alone leaves fewer tokens keeps N - R; the trace has the measured counts)."""
+        """Nominal counts of a video without static windows (a video whose static merging removes
+        tokens keeps fewer; the trace has the measured counts). From layer 0: ``"exact"`` budget(N, r);
+        ``"official"`` F x ceil(n r) with n the tokens per frame of the named backbone's paper layout
+        (budget(N, r) for an unknown layout). From ``llm_layer``: the official span count
+        round(llm_keep x (kept + 1)) on LLaVA-OV (the kept tokens and the trailing image_newline, which
+        is assumed merged away), round(llm_keep x kept) elsewhere."""
         stages = self.stages(num_layers)
-        before = budget(n_visual, self.retention)
-        after = self.llm_count(before)
+        before = self.nominal_before_llm(n_visual, backbone)
+        after = self.llm_count(before + int(self._has_newline(backbone)))
         return [after if len(stages) > 1 and layer >= stages[1] else before for layer in range(num_layers)]
 
-    def llm_count(self, n_current: int) -> int:
-        """Kept visual tokens of the in-LLM stage: round(llm_keep x n) (at least 1)."""
-        return max(1, min(n_current, round(self.llm_keep * n_current)))
+    def nominal_before_llm(self, n_visual: int, backbone=None) -> int:
+        """Kept tokens before the LLM of a video without static windows (see :meth:`token_schedule`)."""
+        per_frame = _TOKENS_PER_FRAME.get(backbone if isinstance(backbone, str) else getattr(backbone, "name", None))
+        if self.rounding == "official" and per_frame and n_visual % per_frame == 0:
+            return (n_visual // per_frame) * min(per_frame, math.ceil(per_frame * self.retention))
+        return budget(n_visual, self.retention)
+
+    def _has_newline(self, backbone) -> bool:
+        """Whether the in-LLM span has LLaVA-OV's trailing newline (a named or loaded backbone)."""
+        if not self.llm_newline or backbone is None:
+            return False
+        if isinstance(backbone, str):
+            from sharp.backbones.base import backbone_family
+
+            try:
+                return backbone_family(backbone) == "llava_onevision"
+            except (KeyError, ValueError):
+                return False
+        return getattr(backbone, "family", None) == "llava_onevision"
+
+    def llm_count(self, n_span: int) -> int:
+        """Kept tokens of the in-LLM stage's span (the current visual tokens, plus OV's newline):
+        round(llm_keep x n) (the official round(image_tokens x (1 - HOLITOM_r)); at least 1)."""
+        return max(1, min(n_span, round(self.llm_keep * n_span)))
 
     # -- the stages ---------------------------------------------------------------------------------
     def select(self, ctx) -> Selection:
@@ -331,7 +361,7 @@ class HoliTom(PruningMethod):
         frames, per_frame = layout.frames, layout.tokens_per_frame
         attention = ctx.vision("feature").attention  # (b, N_vis) float32, original order
         hidden = ctx.hidden_states.clone()
-        keep, windows, reduced, ratios = [], [], [], []
+        keep, windows, reduced, ratios, content = [], [], [], [], []
         for b in range(ctx.batch_size):
             tokens = ctx.visual_tokens(b)
             if len(tokens) != ctx.n_visual:
@@ -339,23 +369,30 @@ class HoliTom(PruningMethod):
                                  f"got {len(tokens)}: compose holitom first")
             x = ctx.hidden_states[b, tokens.positions].view(frames, per_frame, -1)
             attn = attention[b, tokens.index].view(frames, per_frame)
-            kept_index, rows, info = self.plan_sample(x, attn, ctx.n_visual)
+            kept_index, rows, info = self.plan_sample(x, attn, ctx.n_visual, official_order=self.compacts_at(0))
             hidden[b, tokens.positions[kept_index]] = rows.to(hidden.dtype)
             keep.append(kept_index)
+            content.append(info["content"])
             windows.append(info["windows"])
             reduced.append(info["reduced"])
             ratios.append(info["ratio"])
         t = ctx.trace
         t.tau, t.windows, t.reduced, t.ratio = self.threshold, windows, reduced, ratios
         t.kept_before_llm = [len(k) for k in keep]
+        t.content = content  # per sample: whose row (ORIGINAL index) each kept slot carries, slot order
         return Selection(keep_visual=keep, hidden_states=hidden)
 
-    def plan_sample(self, x: torch.Tensor, attention: torch.Tensor, n_visual: int
+    def plan_sample(self, x: torch.Tensor, attention: torch.Tensor, n_visual: int, official_order: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """One video: x (F, n, d) LLM input features, attention (F, n) vision attention.
 
-        Returns (kept flat indices f n + p, ascending; their rows (k, d) float32; info with the
-        windows, R and r')."""
+        Returns (kept flat indices f n + p, ascending = the slots the engine keeps; the rows (k, d)
+        float32 written into those slots; info with the windows, R, r' and ``content``, the flat index
+        of the token whose row each slot carries). ``official_order=False``: slot i carries its own
+        token's row (cell order). ``official_order=True`` (compact positions, where the slot order IS the
+        LLM's order): the rows come in the official order, per window [static tokens, then dynamic
+        tokens frame by frame], each set in cell order (with D > 0 a frame's dominant tokens before its
+        contextual ones): the same slots, the window's rows permuted."""
         frames, per_frame = x.shape[:2]
         tau = self.threshold
         similarity = consecutive_similarity(x)
@@ -371,10 +408,15 @@ class HoliTom(PruningMethod):
             cells, merged = self.reduce_group(group, quota, generator)
             index.append(group.frame * per_frame + cells)
             rows.append(merged)
-        index = torch.cat(index)
+        index = torch.cat(index)  # the official order (groups in window order, see reduce_group)
         rows = torch.cat(rows)
+        info = {"windows": windows, "reduced": reduced, "ratio": ratio}
+        if official_order:
+            info["content"] = index
+            return index.sort().values, rows, info
         order = torch.argsort(index)
-        return index[order], rows[order], {"windows": windows, "reduced": reduced, "ratio": ratio}
+        info["content"] = index[order]
+        return index[order], rows[order], info
 
     @staticmethod
     def groups(x: torch.Tensor, attention: torch.Tensor, similarity: torch.Tensor, windows: list, tau: float
@@ -392,14 +434,15 @@ class HoliTom(PruningMethod):
         return out
 
     def reduce_group(self, group: _Group, quota: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cells kept, their rows float32) of one group keeping ``quota`` tokens."""
+        """(cells kept, their rows float32) of one group keeping ``quota`` tokens, in the official order:
+        static centres ascending; dynamic: the dominant tokens ascending, then the clusters ascending."""
         empty = (group.cells[:0], group.x[:0])
         if quota <= 0:
             return empty
         if group.kind == "static":
             return self._clusters(group.cells, group.x, quota, generator)
         dominant = round(quota * (1 - self.dynamic_cluster_share))
-        top = torch.topk(group.attention, dominant).indices if dominant > 0 else group.cells[:0]
+        top = torch.topk(group.attention, dominant).indices.sort().values if dominant > 0 else group.cells[:0]
         cells, rows = [group.cells[top]], [group.x[top]]
         if quota > dominant:
             rest = torch.ones(len(group.cells), dtype=torch.bool, device=group.cells.device)
@@ -418,21 +461,45 @@ class HoliTom(PruningMethod):
         return cells[centres], merge_into_centres(x, centres, dist, self.beta, self.cluster_merge)
 
     def select_in_llm(self, ctx) -> Selection:
-        """Top round(llm_keep x n) by the last token's attention of layer llm_layer-1, then the
-        sequential merge of the dropped tokens into the kept ones (the stage's input rows)."""
-        scores = ctx.gather_visual(ctx.last_token_attention(layer=self.llm_layer - 1))  # (b, n_max)
+        """The official image span (the current visual tokens, plus LLaVA-OV's trailing image_newline
+        with ``llm_newline``): its top round(llm_keep x span) by the last token's attention of layer
+        llm_layer-1, then the sequential merge of the other span tokens into the kept ones (the
+        stage's input rows). The engine cannot remove the newline (text): kept, it is a merge target
+        like a kept visual token; dropped, it is merged into its target and stays in the sequence."""
+        scores = ctx.last_token_attention(layer=self.llm_layer - 1)  # (b, s)
         hidden = ctx.hidden_states.clone()
-        keep = []
+        keep, newline_kept = [], []
         for b, n in enumerate(ctx.visual_counts):
-            top = torch.topk(scores[b, :n], self.llm_count(n)).indices.sort().values
-            dropped = torch.ones(n, dtype=torch.bool, device=top.device)
-            dropped[top] = False
             positions = ctx.visual_positions(b)
-            rows = sequential_merge(hidden[b, positions], top, dropped.nonzero().squeeze(1))
-            hidden[b, positions[top]] = rows.to(hidden.dtype)
-            keep.append(top)
+            newline = self.newline_position(ctx, b)
+            span = positions if newline is None else torch.cat([positions, positions.new_tensor([newline])])
+            top = torch.topk(scores[b, span].float(), self.llm_count(len(span))).indices.sort().values
+            if not bool((top < n).any()):  # (span of 2, k = 1, the newline first: keep a visual token)
+                top = torch.topk(scores[b, positions].float(), 1).indices
+            dropped = torch.ones(len(span), dtype=torch.bool, device=top.device)
+            dropped[top] = False
+            rows = sequential_merge(hidden[b, span], top, dropped.nonzero().squeeze(1))
+            hidden[b, span[top]] = rows.to(hidden.dtype)
+            keep.append(top[top < n])
+            newline_kept.append(None if newline is None else bool((top == n).any()))
         ctx.trace.kept_in_llm = [len(k) for k in keep]
+        ctx.trace.newline_kept = newline_kept  # per sample: the newline among the kept (None: no newline)
         return Selection(keep_visual=keep, hidden_states=hidden)
+
+    def newline_position(self, ctx, b: int) -> Optional[int]:
+        """Sequence position of LLaVA-OV's trailing image_newline in sample b's current sequence (the row
+        whose unpruned position follows the video's last visual token), or None: another family, or
+        ``llm_newline=False``."""
+        if not self.llm_newline or ctx.backbone.family != "llava_onevision":
+            return None
+        positions = ctx.visual_positions(b)
+        first = int(positions[0])
+        # unpruned position of the video's first visual token, then of the newline after its N tokens
+        newline_origin = int(ctx.seq.origin[b, first]) - int(ctx.seq.visual_index[b, first]) + ctx.n_visual
+        candidate = int(positions[-1]) + 1  # only (removed) visual tokens lie between
+        if candidate >= ctx.seq.origin.shape[1] or int(ctx.seq.origin[b, candidate]) != newline_origin:
+            return None
+        return candidate
 
 
 @register_method

@@ -322,7 +322,7 @@ def test_pre_llm_stage_equals_reference(rounding, D, mode):
     inputs = structured_video(bb)
     tau, r = 0.8, 0.3
     method = sharp.make_method("holitom", r, llm_layer=None, tau=tau, rounding=rounding,
-                               dynamic_cluster_share=D, cluster_merge=mode)
+                               dynamic_cluster_share=D, cluster_merge=mode, positions="original")
     recorder = Recorder(method)
     with sharp.prune(bb, method) as trace, torch.no_grad():
         bb.model(**inputs)
@@ -341,19 +341,112 @@ def test_pre_llm_stage_equals_reference(rounding, D, mode):
     torch.testing.assert_close(got.double(), torch.from_numpy(rows), atol=1e-4, rtol=1e-5)
 
 
-# -- (d) the in-LLM stage ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bb_name", ["tiny_llava_onevision", "tiny_qwen2_vl"])
-def test_in_llm_stage_keeps_top_of_previous_map_and_merges_sequentially(bb_name):
-    bb = backbone(bb_name)
-    inputs = bb.synthetic_inputs(frames=8, seed=21)
-    method = sharp.make_method("holitom", 0.5, llm_layer=2, positions="original")
+def official_order(order, rows, windows, x, tau, D=0.0):
+    """The official token order of the pre-LLM output (``holitom/llava_arch.py``, ``holitom``): per
+    window [its static tokens, then frame by frame its dynamic tokens], each set in spatial order (with
+    D > 0 a frame's dominant tokens before its contextual ones; D = 0 here). ``order``/``rows``: the
+    reference's kept ORIGINAL indices (ascending) and rows. Returns the indices in official order."""
+    frames, n, _ = x.shape
+    xs = x.double().numpy()
+    unit = xs / np.linalg.norm(xs, axis=-1, keepdims=True)
+    sim = (unit[:-1] * unit[1:]).sum(-1)
+    out = []
+    for a, e in windows:
+        static = {p for p in range(n) if e > a and all(sim[t][p] > tau for t in range(a, e))}
+        out += [i for i in order if i // n == a and i % n in static]
+        for f in range(a, e + 1):
+            out += [i for i in order if i // n == f and i % n not in static]
+    assert sorted(out) == list(order)
+    return out
+
+
+def test_compact_positions_put_a_windows_static_tokens_before_its_dynamic_tokens():
+    """With compact positions (the official LLM numbers the shorter sequence 0..len-1 in its own order)
+    the k kept slots carry the rows in the official order: a window's static tokens first, then its
+    dynamic tokens frame by frame. Frames 4-7 of the test video form a window whose static cells are
+    the bottom half, so in frame 4 the official order differs from the cell order."""
+    bb = scaled_projector_backbone()
+    inputs = structured_video(bb)
+    tau, r = 0.8, 0.3
+    method = sharp.make_method("holitom", r, llm_layer=None, tau=tau, positions="compact")
     recorder = Recorder(method)
     with sharp.prune(bb, method) as trace, torch.no_grad():
         bb.model(**inputs)
+    x = layer0_visual_input(bb, inputs)
+    order, rows, windows = reference_pre_llm(x, eager_vision_attention_ov(bb, inputs), r, tau, "exact", 0.0, "beta")
+    assert trace.method("holitom").windows[0] == windows
+    assert trace.kept[0][0].tolist() == order  # the same slots (cells) are kept ...
+    official = official_order(order, rows, windows, x, tau)
+    assert official != order  # (the test video's window 4-7 has static cells after dynamic ones)
+    _, _, origin, got = recorder.merges[0]
+    assert origin.tolist() == sorted(origin.tolist())  # slot order = sequence order
+    by_index = dict(zip(order, rows))
+    expected = np.stack([by_index[i] for i in official])  # ... but their rows come in the official order
+    torch.testing.assert_close(got.double(), torch.from_numpy(expected), atol=1e-4, rtol=1e-5)
+    assert trace.method("holitom").content[0].tolist() == official
+
+
+# -- (d) the in-LLM stage ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bb_name", ["tiny_llava_onevision", "tiny_qwen2_vl"])
+@pytest.mark.parametrize("seed,keep,newline_like_video", [  # OV: the newline dropped / kept / kept and absorbing
+    (21, 0.5, False), (21, 0.75, False), (3, 0.75, False), (1, 0.5, True)])
+def test_in_llm_stage_keeps_top_of_previous_map_and_merges_sequentially(bb_name, seed, keep, newline_like_video):
+    """The official in-LLM stage (``holitom/modeling_qwen2.py``) ranks the image SPAN: on LLaVA-OV the
+    current visual tokens AND the trailing image_newline (``image_tokens`` counts it), keeps the top
+    round(0.5 x span) and merges every other span token, the newline included, into its most similar
+    kept one. The engine cannot remove the newline (text): when it is not kept it is still merged
+    into its target, and stays in the sequence unchanged."""
+    bb = backbone(bb_name)
+    inputs = bb.synthetic_inputs(frames=8, seed=seed)
+    if newline_like_video and bb.family != "llava_onevision":
+        pytest.skip("no image_newline on this backbone")
+    if newline_like_video:  # the newline's embedding := the last visual token's, so tokens merge into it
+        vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))[0]
+        last = layer0_input_rows(bb, inputs)[0, vis][-1]
+        newline_param = bb.model.model.image_newline
+        saved = newline_param.detach().clone()
+        with torch.no_grad():
+            newline_param.copy_(last)
+        try:
+            _check_in_llm_stage(bb, inputs, keep, seed, absorbing=True)
+        finally:
+            with torch.no_grad():
+                newline_param.copy_(saved)
+        return
+    _check_in_llm_stage(bb, inputs, keep, seed, absorbing=False)
+
+
+def layer0_input_rows(bb, inputs):
+    """(b, s, d) the unpruned input of decoder layer 0."""
+    seen = {}
+    h = bb.layers[0].register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0] if a else k["hidden_states"]),
+                                               with_kwargs=True)
+    try:
+        with torch.no_grad():
+            bb.model(**inputs)
+    finally:
+        h.remove()
+    return seen["x"]
+
+
+def _check_in_llm_stage(bb, inputs, keep, seed, absorbing):
+    method = sharp.make_method("holitom", 0.5, llm_layer=2, positions="original", llm_keep=keep)
+    recorder = Recorder(method)
+    pruned_in = {}
+    with sharp.prune(bb, method) as trace, torch.no_grad():
+        h = bb.layers[2].register_forward_pre_hook(  # after the engine's hook: the stage's output sequence
+            lambda m, a, k: pruned_in.update(h=(a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+        try:
+            bb.model(**inputs)
+        finally:
+            h.remove()
     pre, post = (k[0] for k in trace.kept)
-    assert trace.stage_layers == [0, 2] and len(post) == round(0.5 * len(pre))
     vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))[0]
     s, vis_pos = vis.shape[0], vis.nonzero().squeeze(1)
+    has_newline = bb.family == "llava_onevision"
+    newline = int(vis_pos[-1]) + 1  # OV: the image_newline follows the last visual placeholder
+    if has_newline:
+        assert int(inputs["input_ids"][0, newline]) == bb.video_token_id and not bool(vis[newline])
     keys = ~vis.clone()
     keys[vis_pos[pre]] = True
     allowed = ((torch.ones(s, s, dtype=torch.bool).tril() & keys[None, :]) | torch.eye(s, dtype=torch.bool))[None, None]
@@ -373,19 +466,32 @@ def test_in_llm_stage_keeps_top_of_previous_map_and_merges_sequentially(bb_name)
     finally:
         for h in hooks:
             h.remove()
-    scores = att[vis_pos[pre]]
-    expected = pre[torch.topk(scores, len(post)).indices].sort().values
-    assert torch.equal(post, expected)
-    # the merge, by hand: every dropped token in index order into its most similar kept token
-    rows = {int(i): seen["h"][0, vis_pos[i]].double() for i in pre}
-    kept = [int(i) for i in post]
-    for i in [int(i) for i in pre if int(i) not in kept]:
-        sims = [F.cosine_similarity(rows[i], seen["h"][0, vis_pos[j]].double(), dim=0) for j in kept]
-        target = kept[int(torch.stack(sims).argmax())]
-        rows[target] = (rows[target] + rows[i]) / 2
+    span = vis_pos[pre].tolist() + ([newline] if has_newline else [])  # sequence positions, ascending
+    k = round(keep * len(span))  # the official round(image_tokens x (1 - HOLITOM_r)) over the span
+    top = sorted(torch.topk(att[span], k).indices.tolist())
+    kept_span = [span[i] for i in top]
+    newline_kept = has_newline and newline in kept_span
+    assert torch.equal(post, pre[[i for i in top if i < len(pre)]])
+    assert len(post) == k - int(newline_kept)
+    assert trace.method("holitom").newline_kept == ([newline_kept] if has_newline else [None])
+    if has_newline:  # the cases cover both: the newline merged away, and kept as a merge target
+        assert newline_kept == (absorbing or (keep == 0.75 and seed == 21))
+    # the merge, by hand: every dropped span token in index order into its most similar kept one
+    rows = {p: seen["h"][0, p].double() for p in span}
+    for p in [p for p in span if p not in kept_span]:
+        sims = [F.cosine_similarity(rows[p], seen["h"][0, q].double(), dim=0) for q in kept_span]
+        target = kept_span[int(torch.stack(sims).argmax())]
+        rows[target] = (rows[target] + rows[p]) / 2
     _, _, origin2, rows2 = recorder.merges[1]
     assert torch.equal(origin2, vis_pos[post])
-    torch.testing.assert_close(rows2.double(), torch.stack([rows[j] for j in kept]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows2.double(), torch.stack([rows[p] for p in vis_pos[post].tolist()]),
+                               atol=1e-5, rtol=1e-5)
+    if has_newline:  # the newline row the next layer sees: merged into (kept) or unchanged (dropped)
+        after = pruned_in["h"][0, -(s - newline)]  # text after the video is never pruned
+        expected = rows[newline] if newline_kept else seen["h"][0, newline].double()
+        if absorbing:  # some dropped tokens are merged into the kept newline
+            assert not torch.allclose(rows[newline], seen["h"][0, newline].double())
+        torch.testing.assert_close(after.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 # -- (e) budgets, FLOPs, Qwen2-VL, errors ------------------------------------------------------------------
@@ -400,13 +506,18 @@ def test_exact_budgets_at_each_stage(bb_name, kwargs):
         with sharp.prune(bb, method) as trace, torch.no_grad():
             bb.model(**inputs)
         t = trace.method("holitom")
+        newline = bb.family == "llava_onevision"  # the in-LLM span: the kept tokens and OV's newline
+        assert all((kept is None) != newline for kept in t.newline_kept)
         for b in range(2):
             before = min(budget(n, r), n - int(t.reduced[b]))  # N - R when static merging left fewer
-            assert len(trace.kept[0][b]) == before and len(trace.kept[1][b]) == round(0.5 * before)
+            span = round(0.5 * (before + int(newline)))
+            assert len(trace.kept[0][b]) == before and len(trace.kept[1][b]) == span - int(bool(t.newline_kept[b]))
         expected = [len(trace.kept[0][0])] * 2 + [len(trace.kept[1][0])] * 2
         assert trace.visual_tokens_per_layer == expected
-        if all(n - red >= budget(n, r) for red in t.reduced):  # the nominal schedule is then the measured one
-            assert expected == method.token_schedule(n, bb.num_layers)
+        # the nominal schedule is the measured one when static merging left the budget and the newline
+        # (OV) was merged away
+        if all(n - red >= budget(n, r) for red in t.reduced) and not t.newline_kept[0]:
+            assert expected == method.token_schedule(n, bb.num_layers, backbone=bb)
         composed = sharp.make_method("holitom_sharp", r, holitom={"tau": tau, **kwargs},
                                      sharp={"layer": 2, "cache_dir": ""})
         with sharp.prune(bb, composed) as trace, torch.no_grad():
@@ -418,8 +529,9 @@ def test_exact_budgets_at_each_stage(bb_name, kwargs):
 
 
 def test_table3_tflops():
-    """15 % before the LLM (941 of 6272), 7.5 % (470) from layer 18: 4.18 TFLOPs (4.27 from layer 19)
-    against Table 3's 4.3; holitom_sharp (ShaRP before layer 18 at 7.5 %) costs the same."""
+    """15 % before the LLM (941 of 6272), half of the official span (471) from layer 18: 4.18 TFLOPs
+    (4.27 from layer 19) against Table 3's 4.3; holitom_sharp (ShaRP before layer 18 at 7.5 %, 470) the
+    same to 0.01; the official rounding (Table 3's sweep): 960 / 480, 4.27."""
     n = 6272
     dims = flops.lm_dims("llava_onevision_7b")
     d, m = dims.hidden, dims.ffn
@@ -428,16 +540,71 @@ def test_table3_tflops():
         return sum(4 * k * d * d + 2 * k * k * d + 2 * k * d * m for k in schedule) / 1e12
 
     for layer, value in ((18, 4.18), (19, 4.27)):
-        schedule = [941] * layer + [470] * (dims.num_layers - layer)
+        # in the LLM: round(0.5 x 942) = 471 of the official span (941 tokens + OV's newline, merged away)
+        schedule = [941] * layer + [471] * (dims.num_layers - layer)
         got = flops.prefill_tflops("llava_onevision_7b", "holitom", 0.15, visual_tokens=n, llm_layer=layer)
         assert got == pytest.approx(paper(schedule), rel=1e-12) and round(got, 2) == value
         combo = flops.prefill_tflops("llava_onevision_7b", "holitom_sharp", 0.15, visual_tokens=n,
-                                     sharp={"layer": layer})
-        assert combo == pytest.approx(got, rel=1e-12)
-        assert abs(got - 4.3) / 4.3 < 0.05
+                                     sharp={"layer": layer})  # ShaRP: 7.5 % of the ORIGINAL count, 470
+        assert combo == pytest.approx(paper([941] * layer + [470] * (dims.num_layers - layer)), rel=1e-12)
+        assert abs(got - 4.3) / 4.3 < 0.05 and abs(combo - 4.3) / 4.3 < 0.05
     default = flops.prefill_tflops("llava_onevision_7b", "holitom", 0.15)
     combo = flops.prefill_tflops("llava_onevision_7b", "holitom_sharp", 0.15)
-    assert default == combo == pytest.approx(4.18, abs=0.005)
+    assert default == pytest.approx(4.18, abs=0.005) and combo == pytest.approx(4.18, abs=0.005)
+    # Table 3's cells (rounding="official"): 960 before the LLM, round(961 / 2) = 480 inside it
+    official = flops.prefill_tflops("llava_onevision_7b", "holitom", 0.15, visual_tokens=n, rounding="official")
+    assert official == pytest.approx(paper([960] * 18 + [480] * 10), rel=1e-12) and round(official, 2) == 4.27
+
+
+def table3_method(name):
+    """The method of Table 3's sweep cell ``name`` (configs/sweep/table3.yaml), as the harness makes it;
+    HoliTom itself (the first child of holitom_sharp)."""
+    from sharp.harness.config import cell_from_cfg, cell_overrides, compose, load_sweep
+
+    sweep = load_sweep("table3")
+    index = [c["method"] for c in sweep["cells"]].index(name)
+    cell = cell_from_cfg(compose(cell_overrides(sweep, index)))
+    method = sharp.make_method(cell.method, cell.retention, **cell.method_kwargs)
+    return method.flat_children()[0] if name == "holitom_sharp" else method
+
+
+def official_counts(frames, n, r, tau_windows):
+    """The official code's counts on one video, written from ``holitom/llava_arch.py`` and
+    ``holitom/modeling_qwen2.py``: windows [(a, e, #static)] -> R = sum (e - a) #static;
+    r' = min(r / ((N - R) / N), 1); per window round(#static r') static tokens (``merge_tokens_by_density``)
+    and per frame ceil(#dynamic r') dynamic ones (``merge_tokens_by_attention_density``); inside the LLM,
+    round(0.5 x (kept + 1)) of the span (the kept tokens and OV's trailing newline)."""
+    total = frames * n
+    reduced = sum((e - a) * m for a, e, m in tau_windows)
+    ratio = min(r / ((total - reduced) / total), 1)
+    before = sum(round(m * ratio) + (e - a + 1) * math.ceil((n - m) * ratio) for a, e, m in tau_windows)
+    return before, round(0.5 * (before + 1))
+
+
+@pytest.mark.parametrize("name", ["holitom", "holitom_sharp"])
+def test_table3_cells_keep_the_official_counts(name):
+    """Table 3's HoliTom cells at the 7B layout (32 frames x 196): frames 0-15 share cells 0-97 (one
+    static window), every other token random. The sweep cell's method keeps the official count."""
+    method = table3_method(name)
+    frames, n, static = 32, 196, 98
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(frames, n, 64, generator=g)
+    x[1:16, :static] = x[0, :static]
+    attention = torch.rand(frames, n, generator=g)
+    kept, _, info = method.plan_sample(x, attention, frames * n)
+    windows = [(0, 15)] + [(f, f) for f in range(16, 32)]
+    assert info["windows"] == windows
+    before, _ = official_counts(frames, n, 0.15, [(0, 15, static)] + [(f, f, 0) for f in range(16, 32)])
+    assert len(kept) == before == 19 + 16 * 20 + 16 * 39  # r' = 0.1959: 19 static, 20 and 39 per frame
+    # no static window: 32 x ceil(196 x 0.15) = 960, then round(961 / 2) = 480 from layer 18 (nominal schedule)
+    before, inside = official_counts(frames, n, 0.15, [(f, f, 0) for f in range(frames)])
+    assert (before, inside) == (960, 480)
+    schedule = flops.token_schedule("llava_onevision_7b", name, 0.15, visual_tokens=frames * n,
+                                    **({"rounding": "official"} if name == "holitom" else
+                                       {"holitom": {"rounding": "official"}}))
+    assert schedule[:18] == [before] * 18
+    if name == "holitom":
+        assert method.token_schedule(frames * n, 28, "llava_onevision_7b") == [before] * 18 + [inside] * 10
 
 
 def test_qwen2_vl_windows_are_temporal_patches():

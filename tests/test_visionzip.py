@@ -373,3 +373,28 @@ def test_bad_values_are_clear_errors():
     with pytest.raises(ValueError, match="vision layer"), sharp.prune(backbone("tiny_llava_onevision"), "visionzip",
                                                                       0.2, vision_layer=7):
         pass
+
+
+# -- Table 3's cell: the port's exact count -----------------------------------------------------------
+
+
+def test_table3_cell_keeps_the_ports_800_tokens():
+    """HoliTom's OV port (``scripts/eval_ov-7b_visionzip.sh``) keeps SPATIAL_TOKENS = 25 per frame, of
+    which int(25 x 54 / 64) = 21 dominant and 4 contextual: 32 x 25 = 800 of 32 x 196 (12.76 %, the
+    table's "12.8 %"). The Table 3 sweep cell must keep exactly that, frame by frame."""
+    from sharp.harness.config import cell_from_cfg, cell_overrides, compose, load_sweep
+    from baselines.visionzip import apportion, split_budget
+
+    sweep = load_sweep("table3")
+    index = [c["method"] for c in sweep["cells"]].index("visionzip")
+    cell = cell_from_cfg(compose(cell_overrides(sweep, index)))
+    frames, per_frame, spatial_tokens = 32, 196, 25  # the port's settings (official formula below)
+    official_total = frames * spatial_tokens
+    official_split = (int(spatial_tokens * 54 / 64), spatial_tokens - int(spatial_tokens * 54 / 64))
+    assert (official_total, official_split) == (800, (21, 4))
+    n = frames * per_frame
+    k = budget(n, cell.retention)
+    assert k == official_total
+    per = apportion(k, [per_frame] * frames)
+    assert per == [spatial_tokens] * frames and {split_budget(q, 54 / 64) for q in per} == {official_split}
+    assert flops.token_schedule("llava_onevision_7b", "visionzip", cell.retention, visual_tokens=n) == [800] * 28
