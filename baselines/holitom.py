@@ -18,22 +18,26 @@ pooled, F frames x n tokens x d; Qwen2-VL: F temporal patches):
    round(n_static r') centres, each merged as beta x centre + (1 - beta) x mean(assigned)
    (:func:`merge_into_centres`, beta = 0.6).
 
-Inside the LLM (a stage at layer ``llm_layer`` = 18): keep the top round(``llm_keep`` x n) current
-visual tokens by the last token's attention in layer 17's map (``ctx.last_token_attention(17)``,
-no N x N matrix), and merge every dropped token into its most similar kept token (cosine of the
+Inside the LLM (a stage at layer ``llm_layer`` = 18), on the official image span (the current visual
+tokens, plus LLaVA-OV's trailing image_newline with ``llm_newline``; L tokens): keep the top
+round(``llm_keep`` x L) by the last token's attention in layer 17's map (``ctx.last_token_attention(17)``,
+no N x N matrix), and merge every other span token into its most similar kept one (cosine of the
 layer's input) SEQUENTIALLY in index order: kept <- (kept + dropped) / 2 (:func:`sequential_merge`).
 
 Our choices (docs/methods/holitom.md has each next to its equation):
-- Token order: the engine keeps tokens in sequence order. A window's static tokens sit at their
-  cell in the window's FIRST frame (a static cell has no dynamic token there), the official order
-  being [window's static tokens, then its dynamic tokens frame by frame]: the static tokens stay at
-  the start of their window. Dynamic tokens stay at their own cells.
+- Token order: the engine keeps tokens' slots in sequence order. A window's static tokens take the
+  slots of their cells in the window's FIRST frame (a static cell has no dynamic token there), dynamic
+  tokens their own cells. With compact positions (the slot order is the LLM's order) the rows are
+  written into the window's slots in the official order [window's static tokens, then its dynamic
+  tokens frame by frame] (``plan_sample(official_order=True)``; ``trace.content``); with original
+  positions each slot carries its own token.
 - Budgets (``rounding``): ``"exact"`` (default) keeps exactly budget(N, r) = round(r N) tokens
   before the LLM (at most N - R), dividing them among the groups (each window's static set, each
   frame's dynamic set) in proportion to their sizes (cumulative rounding); ``"official"``: ceil per frame and
   round per static set as the official code (a few tokens more, e.g. 960 instead of 941 at 15%).
-  Inside the LLM: round(llm_keep x the current count) per sample (the official code counts OV's
-  trailing newline among the visual tokens; here it is text and always kept).
+  Inside the LLM: round(llm_keep x L) of the span per sample, the official count. OV's newline is
+  ranked and merged like a span token, but the engine cannot remove a text row: a newline outside
+  the top-k is merged into its target and still stays in the sequence (one token more than official).
 - The DPC-kNN density tie-break rand x 1e-6 uses a generator seeded with ``seed`` per sample.
 - Averages, distances and merges in float32, cast back to the model dtype.
 - Positions: ``"compact"`` (default): the official LLM sees the shorter sequence numbered 0..len-1,

@@ -379,7 +379,7 @@ def test_bad_values_are_clear_errors():
 
 
 def test_table3_cell_keeps_the_ports_800_tokens():
-    """HoliTom's OV port (``scripts/eval_ov-7b_visionzip.sh``) keeps SPATIAL_TOKENS = 25 per frame, of
+    """HoliTom's OV port (``visionzip/llava_arch.py``) with SPATIAL_TOKENS = 25 keeps 25 per frame, of
     which int(25 x 54 / 64) = 21 dominant and 4 contextual: 32 x 25 = 800 of 32 x 196 (12.76 %, the
     table's "12.8 %"). The Table 3 sweep cell must keep exactly that, frame by frame."""
     from sharp.harness.config import cell_from_cfg, cell_overrides, compose, load_sweep
