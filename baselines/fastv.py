@@ -7,13 +7,14 @@ round(retention x N_vis). Kept tokens keep their original positions.
 from dataclasses import dataclass
 
 from sharp.methods import ScorerMethod, register_method
+from sharp.methods.settings import layer_kwarg
 
 
 @register_method
 @dataclass
 class FastV(ScorerMethod):
     name = "fastv"
-    layer: int = 2  # K: the first layer that sees the pruned sequence
+    layer: int = layer_kwarg(2, scaling="fixed")  # K: the first layer that sees the pruned sequence (FastV's K = 2)
 
     def stages(self, num_layers: int) -> list[int]:
         if not 1 <= self.layer < num_layers:

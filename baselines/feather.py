@@ -35,12 +35,13 @@ score of layer 15 (the grid is not protected). ``retention`` and ``grid_share`` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 import torch
 
 from sharp.methods import ScorerMethod, Selection, budget, register_method
+from sharp.methods.settings import layer_kwarg
 
 SCHEDULES = ("paper", "official")
 OFFICIAL_TOP = 0.3  # official stage 1: fastv_ratio 0.7 -> keep the top 30% (plus the grid)
@@ -118,12 +119,12 @@ def spatial_subgrid(frame: torch.Tensor, row: torch.Tensor, col: torch.Tensor, c
 @dataclass
 class Feather(ScorerMethod):
     name = "feather"
-    layer: int = 2  # paper mode: K, the first layer that sees the pruned sequence (scores with K-1)
+    layer: int = layer_kwarg(2, scaling="fixed")  # paper mode: K, the first layer that sees the pruned sequence (scores with K-1)
     # "paper": one stage at `layer` | "official": two stages at `layers` (a field cannot be named
     # `stages`: that is the engine's hook)
     schedule: str = "paper"
     # official mode's two stage layers (typing.Union: the base's type check reads it)
-    layers: Union[list, tuple] = field(default_factory=lambda: [8, 16])  # noqa: UP007
+    layers: Union[list, tuple] = layer_kwarg(default_factory=lambda: [8, 16], scaling="relative")  # noqa: UP007
     grid_stride: int = 3  # uniform grid: rows / cols [::grid_stride, ::grid_stride] of each frame
     grid_share: float = 0.5  # paper mode: the largest share of the budget the grid may take
 

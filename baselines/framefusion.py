@@ -133,7 +133,7 @@ class _Progress:
 @dataclass
 class FrameFusion(PruningMethod):
     name = "framefusion"
-    similarity_lower_bound: float = 0.6  # merge when cos >= this (0.5 in the official Qwen2-VL example)
+    similarity_lower_bound: float = 0.6  # merge when cos >= this (Qwen2-VL: 0.5, configs/method/framefusion.yaml)
     ratio_lower_bound: float = 0.1  # merging ends after a step that merges less than this share
     queries: Optional[int] = None  # query rows of the pruning score (None: 1, Qwen2-VL 4, as official)
 

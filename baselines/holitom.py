@@ -59,6 +59,7 @@ import torch
 from sharp.engine.attention import cuda_sync
 from sharp.engine.compose import ComposedMethod
 from sharp.methods import PruningMethod, Selection, budget, register_method
+from sharp.methods.settings import LayerRule, layer_kwarg
 
 ROUNDINGS = ("exact", "official")
 CLUSTER_MERGES = ("beta", "mean")
@@ -246,6 +247,7 @@ class HoliTom(PruningMethod):
     """HoliTom with the official defaults (README: RETAIN_RATIO, T, HOLITOM_k=18, HOLITOM_r=0.5)."""
 
     name = "holitom"
+    official_positions = "compact"  # the official LLM sees the shorter sequence (auto: on 1-D RoPE)
     identity_at_full_retention: ClassVar[bool] = False  # static windows are averaged even at R = 1
     # before the LLM at most N - R tokens are left: below the budget when static merging removed more
     input_dependent_schedule: ClassVar[bool] = True
@@ -255,14 +257,13 @@ class HoliTom(PruningMethod):
     beta: float = 0.6  # BETA: centre weight of a merged cluster
     cluster_merge: str = "beta"  # "beta": beta centre + (1-beta) mean | "mean": NO_BETA=1
     dynamic_cluster_share: float = 0.0  # D: share of a frame's dynamic budget given to DPC-kNN clusters
-    llm_layer: Optional[int] = 18  # HOLITOM_k: the in-LLM stage runs before this layer; None: no stage
+    llm_layer: Optional[int] = layer_kwarg(18, scaling="relative")  # HOLITOM_k: the in-LLM stage runs before this layer; None: no stage
     llm_keep: float = 0.5  # 1 - HOLITOM_r: kept share of the current visual tokens at llm_layer
     rounding: str = "exact"  # "exact": round(r N) before the LLM | "official": ceil / round per group
     seed: int = 0  # DPC-kNN tie-break generator (per sample)
     # LLaVA-OV: the in-LLM stage ranks and merges the trailing image_newline with the visual tokens, as
     # the official image span does (False: the newline is text, never ranked); no newline elsewhere
     llm_newline: bool = True
-    positions: str = "compact"  # the official LLM sees the shorter sequence; Qwen2-VL: "original"
 
     def compacts_at(self, layer: int) -> bool:
         """Only the pre-LLM stage re-numbers (the LLM's own numbering of the shorter sequence); the
@@ -518,3 +519,5 @@ class HoliTomSharp(ComposedMethod):
     name = "holitom_sharp"
     parts: ClassVar[tuple[str, ...]] = ("holitom", "sharp")
     child_defaults: ClassVar[dict] = {"holitom": {"llm_layer": None}, "sharp": {"retention": 0.075, "layer": 18}}
+    # ShaRP's layer here is HoliTom's HOLITOM_k, a depth: it maps like HoliTom's llm_layer
+    child_layer_rules: ClassVar[dict] = {"sharp": {"layer": LayerRule("relative")}}

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from sharp.methods import ScorerMethod, budget, register_method
+from sharp.methods.settings import layer_kwarg
 
 SCHEDULES = ("paper", "official")
 _DEFAULT_LAYERS = {"paper": (4, 16, 24), "official": (8, 16, 24)}
@@ -42,12 +43,12 @@ OFFICIAL_LAMBDA = 0.5  # official ratios 0.5, 0.25, 0.125
 @dataclass
 class PyramidDrop(ScorerMethod):
     name = "pdrop"
+    official_positions = "compact"  # the official code re-numbers the kept tokens (auto: on 1-D RoPE)
     # decoder layers before which a stage runs (None: the schedule's own, paper (4, 16, 24) / official (8, 16, 24))
-    layers: Optional[Union[list, tuple]] = None
+    layers: Optional[Union[list, tuple]] = layer_kwarg(None, scaling="relative", value_of="stage_layers")
     schedule: str = "paper"  # "paper": ratios R, R^2, R^3 | "official": 0.5, 0.25, 0.125
     # kept share of the ORIGINAL visual count after each stage (None: the schedule's own)
     ratios: Optional[Union[list, tuple]] = None
-    positions: str = "compact"  # the official code re-numbers positions; Qwen2-VL needs "original"
 
     def __post_init__(self):
         super().__post_init__()

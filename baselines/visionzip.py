@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from sharp.engine.compose import ComposedMethod
 from sharp.methods import PruningMethod, Selection, register_method
+from sharp.methods.settings import fit_vision_layer
 
 SCOPES = ("auto", "frame", "video")
 # the official 54 dominant : 10 contextual split (README, HoliTom's DOMINANT_RATIO default 54/64)
@@ -166,15 +167,15 @@ class VisionZip(PruningMethod):
     (Table 3: 12.8%, about 25 of 196 per frame). See docs/methods/visionzip.md."""
 
     name = "visionzip"
+    # HoliTom's LLaVA-OV port numbers the reduced sequence 0..len-1 (auto: on 1-D RoPE); on Qwen2-VL
+    # (M-RoPE) auto keeps the kept tokens' own positions, as EffiVLM-Bench's port
+    official_positions = "compact"
     dominant_ratio: float = DOMINANT_RATIO  # dominant share of each group's budget (54 / 64)
     # "auto": each port's grouping (LLaVA-OV per frame, Qwen2-VL the whole video) | "frame" | "video"
     scope: str = "auto"
     # vision layer of the scores and keys: None = each port's (LLaVA-OV "feature", Qwen2-VL -2),
     # an int (negative from the end) or "feature" (typing.Union: the base's type check reads it)
     vision_layer: Optional[Union[int, str]] = None  # noqa: UP007, UP045
-    # HoliTom's LLaVA-OV port numbers the reduced sequence 0..len-1; Qwen2-VL (M-RoPE, EffiVLM-Bench's
-    # port: the kept tokens' own positions) needs positions="original"
-    positions: str = "compact"
 
     def __post_init__(self):
         super().__post_init__()
@@ -192,17 +193,22 @@ class VisionZip(PruningMethod):
         return [0]  # before the LLM: on the input embeddings
 
     def vision_layers(self) -> list[int | str]:
-        # the family is not known here: with the default, both ports' layers are captured (the maps are
-        # computed only for the one that is read)
-        return [self.vision_layer] if self.vision_layer is not None else list(PORT_VISION_LAYER.values())
+        if self.vision_layer is None:
+            raise ValueError("visionzip: vision_layer=None is each port's layer for the backbone's family: "
+                             "resolve the method for a backbone (sharp.resolve_method; sharp.prune does)")
+        return [self.vision_layer]
 
-    def resolved_vision_layer(self, backbone) -> int | str:
-        if self.vision_layer is not None:
-            return self.vision_layer
-        return PORT_VISION_LAYER[self._family(backbone, "vision_layer")]
-
-    def resolved_scope(self, backbone) -> str:
-        return self.scope if self.scope != "auto" else PORT_SCOPE[self._family(backbone, "scope")]
+    def backbone_settings(self, backbone) -> dict:
+        """The port's choices on the backbone's family for ``vision_layer=None`` and ``scope="auto"``
+        (LLaVA-OV: "feature" per frame; Qwen2-VL: block -2 over the video; a port layer beyond a
+        smaller tower becomes its nearest layer, :func:`~sharp.methods.settings.fit_vision_layer`)."""
+        out = super().backbone_settings(backbone)
+        if self.vision_layer is None:
+            port = PORT_VISION_LAYER[self._family(backbone, "vision_layer")]
+            out["vision_layer"] = fit_vision_layer(port, backbone.vision_layers)
+        if self.scope == "auto":
+            out["scope"] = PORT_SCOPE[self._family(backbone, "scope")]
+        return out
 
     @staticmethod
     def _family(backbone, what: str) -> str:
@@ -223,7 +229,7 @@ class VisionZip(PruningMethod):
         budgets = ctx.budget(self.retention)
         if budgets == ctx.visual_counts:
             return Selection.unchanged()
-        layer, scope = self.resolved_vision_layer(ctx.backbone), self.resolved_scope(ctx.backbone)
+        layer, scope = self.vision_layers()[0], self.scope  # resolved for the backbone (backbone_settings)
         maps = ctx.vision(layer)
         hidden = ctx.hidden_states.clone()  # (b, s, D): the contextual rows are written into it
         results = [self.zip_sample(ctx, maps, b, k, scope, hidden) for b, k in enumerate(budgets)]

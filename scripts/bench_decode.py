@@ -97,7 +97,7 @@ def run_once(bb, inputs, new_tokens: int, prune=None) -> dict:
         row["dropped_layers"] = getattr(m, "dropped_layers", [])
         row["kv_bytes_saved"] = getattr(m, "kv_bytes_saved", 0)
         sims = getattr(m, "similarity", None)
-        row["similarity"] = [round(float(x), 4) for x in sims[0]] if sims is not None else None
+        row["similarity"] = [round(float(row[0]), 4) for row in sims] if sims is not None else None
     return row
 
 

@@ -33,14 +33,11 @@ Methods and their settings:
 * ``--method-kwargs JSON``: with ``--method``, that method's kwargs (``'{"layer": 3}'``); with
   ``--methods``, kwargs keyed by method (``'{"pdrop": {"layers": [2, 8, 12]}}'``). ``--kwargs``
   applies on top.
-* Defaults per backbone depth where a method's defaults (set for the 28-layer 7B models) do not
-  fit (``DEPTH_KWARGS``): 4 layers (tiny/toy backbones) = ``scripts/retention_curve.py``'s
-  ``TOY_KWARGS`` (PyramidDrop before layers 1, 2, 3); 16 layers (mid-size backbones) = PyramidDrop
-  before layers 2, 8, 12 (the 7B stages 4, 16, 24 halved, as the README's earlier rows). FastV,
-  FEATHER and ShaRP prune before layers 2 / 2 / 1 at every depth, as in the paper; FrameFusion's
-  defaults (a per-layer stopping rule) need no change. Qwen2-VL (M-RoPE,
-  any depth): ``retention_curve.py``'s ``MROPE_KWARGS`` (PyramidDrop keeps the original positions).
-  Given kwargs replace these defaults key by key; composed names get no depth defaults.
+* Every method is resolved for the backbone by ``sharp.resolve_method``, as ``run.py`` resolves it:
+  unset layers follow the backbone's depth (16 layers: PyramidDrop before 2, 9, 14; HoliTom's
+  in-LLM stage before 10), positions are automatic (compact where the official code compacts, on
+  1-D RoPE only), the method config's per-backbone values apply; given kwargs win. The table's
+  kwargs column shows the given kwargs and the resolved changes.
 
 Outputs: the Markdown table on stdout, and ``bench_prefill.md`` / ``.csv`` / ``.json`` in
 ``results/bench_prefill/<backbone>/`` (or, with ``--json FILE``, FILE and the ``.csv`` / ``.md`` of
@@ -64,19 +61,11 @@ for _path in (REPO, REPO / "scripts"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from retention_curve import MROPE_KWARGS, TOY_KWARGS  # noqa: E402
-
 import sharp  # noqa: E402
 from sharp.flops import lm_dims, prefill_tflops, schedule_tflops  # noqa: E402
 
 # the engine's own trace.stage_times keys; every other key is a method's step inside select / mask
 ENGINE_KEYS = ("prefill", "llm", "forward", "select", "mask")
-
-# decoder depth -> method -> kwargs replacing 7B defaults that do not fit that depth (docstring)
-DEPTH_KWARGS: dict[int, dict[str, dict]] = {
-    4: TOY_KWARGS,
-    16: {"pdrop": {"layers": [2, 8, 12]}},
-}
 
 CSV_FIELDS = ["method", "retention", "kwargs", "n_visual", "kept_last_layer", "tflops", "flops_ratio",
               "flops_ratio_trace", "llm_ms", "total_ms", "speedup_llm", "speedup_total", "selection_ms",
@@ -170,16 +159,6 @@ def check_names(methods: list[str]) -> None:
         raise BenchError(f"--methods lists a method twice: {methods}; accepted: each method once")
 
 
-def depth_kwargs(method: str, bb) -> dict:
-    """The documented kwargs of ``method`` at the backbone's depth and RoPE (``DEPTH_KWARGS``, ``MROPE_KWARGS``)."""
-    from sharp.engine.session import uses_mrope
-
-    out = dict(DEPTH_KWARGS.get(bb.num_layers, {}).get(method, {}))
-    if uses_mrope(bb):
-        out.update(MROPE_KWARGS.get(method, {}))
-    return out
-
-
 def _set(d: dict, path: list[str], value) -> None:
     for key in path[:-1]:
         d = d.setdefault(key, {})
@@ -189,8 +168,9 @@ def _set(d: dict, path: list[str], value) -> None:
 
 
 def method_settings(args, methods: list[str], bb, n_visual: int) -> list[dict]:
-    """(method, retention, kwargs) of every benchmarked method, checked by ``make_method`` and the
-    FLOPs counter (stage layers outside the model fail here, before any timing)."""
+    """(method, retention, kwargs, the resolved method and its changes) of every benchmarked method,
+    resolved for the backbone (``sharp.resolve_method``: a bad kwarg or a layer outside the model fails
+    here, before any timing)."""
     try:
         given = json.loads(args.method_kwargs) if args.method_kwargs else {}
     except json.JSONDecodeError as err:
@@ -207,8 +187,7 @@ def method_settings(args, methods: list[str], bb, n_visual: int) -> list[dict]:
                              f"methods ({', '.join(methods)}); got key(s) {bad}")
     settings = []
     for method in methods:
-        kwargs = {} if "+" in method else depth_kwargs(method, bb)
-        kwargs.update(given.get(method, {}))
+        kwargs = dict(given.get(method, {}))
         settings.append({"method": method, "retention": args.retention, "kwargs": kwargs})
     by_name = {s["method"]: s for s in settings}
     for item in args.kwargs or []:
@@ -218,7 +197,8 @@ def method_settings(args, methods: list[str], bb, n_visual: int) -> list[dict]:
         if "retention" in s["kwargs"]:
             s["retention"] = s["kwargs"].pop("retention")
         try:
-            prefill_tflops(bb, s["method"], s["retention"], visual_tokens=n_visual, **s["kwargs"])
+            resolved = sharp.resolve_method(s["method"], bb, s["retention"], **s["kwargs"])
+            s["pruner"], s["settings"] = resolved.method, resolved.changes
         except (TypeError, ValueError) as err:
             raise BenchError(f"{s['method']} (retention {s['retention']}, kwargs {s['kwargs']}) on {bb.name} "
                              f"({bb.num_layers} layers): {err} (set kwargs with --kwargs {s['method']}.KEY=VALUE)") from None
@@ -228,15 +208,15 @@ def method_settings(args, methods: list[str], bb, n_visual: int) -> list[dict]:
 # ----------------------------------------------------------------------------- measuring
 def bench_method(bb, inputs, n_visual: int, setting: dict, vanilla: dict, repeats: int, warmup: int) -> dict:
     """One row: the method's prefill timings, TFLOPs and selection overhead against ``vanilla``."""
-    method, retention, kwargs = setting["method"], setting["retention"], setting["kwargs"]
-    total, llm, stages, trace = _time_prefill(
-        bb, inputs, repeats, warmup, prune_ctx=lambda: sharp.prune(bb, method, retention, **kwargs))
-    tflops = prefill_tflops(bb, method, retention, visual_tokens=n_visual, **kwargs)
+    method, retention, kwargs, pruner = setting["method"], setting["retention"], setting["kwargs"], setting["pruner"]
+    total, llm, stages, trace = _time_prefill(bb, inputs, repeats, warmup, prune_ctx=lambda: sharp.prune(bb, pruner))
+    tflops = prefill_tflops(bb, pruner, visual_tokens=n_visual)
     tflops_trace = schedule_tflops(list(trace.visual_tokens_per_layer), lm_dims(bb))
     # selection overhead = the engine-timed stage (scoring + method selection) + custom masks
     select_ms = stages.get("select", 0.0) + stages.get("mask", 0.0)
     return {
-        "backbone": bb.name, "method": method, "retention": retention, "kwargs": kwargs, "n_visual": n_visual,
+        "backbone": bb.name, "method": method, "retention": retention, "kwargs": kwargs,
+        "settings": setting["settings"], "n_visual": n_visual,
         "kept_last_layer": trace.visual_tokens_per_layer[-1],
         "visual_tokens_per_layer": list(trace.visual_tokens_per_layer),
         "vanilla_total_ms": vanilla["total_ms"], "vanilla_llm_ms": vanilla["llm_ms"],
@@ -254,8 +234,10 @@ def bench_method(bb, inputs, n_visual: int, setting: dict, vanilla: dict, repeat
 
 
 # ----------------------------------------------------------------------------- reporting
-def _kwargs_text(kwargs: dict) -> str:
-    return json.dumps(kwargs, separators=(",", ":")) if kwargs else ""
+def _kwargs_text(kwargs: dict, changes: list[str]) -> str:
+    """The given kwargs, then what resolving changed from the paper's defaults (layers, positions)."""
+    given = [json.dumps(kwargs, separators=(",", ":"))] if kwargs else []
+    return "; ".join(given + changes)
 
 
 def _steps_text(steps: dict) -> str:
@@ -277,7 +259,7 @@ def markdown_table(rows: list[dict], vanilla: dict, info: dict) -> str:
     lines = [caption, "", header, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|", vanilla_row]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['retention']:g} | {_kwargs_text(r['kwargs'])} | {r['kept_last_layer']} | "
+            f"| {r['method']} | {r['retention']:g} | {_kwargs_text(r['kwargs'], r.get('settings') or [])} | {r['kept_last_layer']} | "
             f"{r['tflops']:.4g} | {r['llm_ms']:.1f} | {r['total_ms']:.1f} | {r['speedup_llm']:.2f}x | "
             f"{r['speedup_total']:.2f}x | {r['flops_ratio']:.2f}x | {r['flops_ratio_trace']:.2f}x | "
             f"{r['selection_ms']:.1f} | {r['selection_pct_of_llm']:.1f}% | {_steps_text(r['method_steps_ms'])} |")

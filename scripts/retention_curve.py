@@ -39,34 +39,18 @@ import sharp  # noqa: E402
 from sharp import toy  # noqa: E402
 
 RETENTIONS = (0.5, 0.25, 0.1, 0.05)
-# Kwargs for the 4-layer toys where a method's defaults are set for the 28-layer 7B models:
-# PyramidDrop's stages (4, 16, 24) become one per layer after layer 0 (FastV and FEATHER prune
-# before layer 2 on both, as in the paper); HoliTom's in-LLM stage and holitom_sharp's ShaRP stage (before
-# layer 18 of 28) come before layer 2.
-# Qwen2-VL's M-RoPE has no compacted positions: PyramidDrop and VisionZip keep the original ones there.
-TOY_KWARGS = {"pdrop": {"layers": [1, 2, 3]}, "holitom": {"llm_layer": 2}, "holitom_sharp": {"sharp": {"layer": 2}}}
-MROPE_KWARGS = {"pdrop": {"positions": "original"}, "visionzip": {"positions": "original"},
-                "visionzip_sharp": {"visionzip": {"positions": "original"}},
-                "holitom": {"positions": "original"}, "holitom_sharp": {"holitom": {"positions": "original"}}}
+# Every method runs with its defaults resolved for the backbone (sharp.resolve_method: the paper's
+# 28-layer layers mapped to the toy's depth, automatic positions), exactly as `python run.py` runs it;
+# the settings that differ from the paper's are written next to each row.
 
 
-def toy_kwargs(method: str, bb) -> dict:
-    """The documented kwargs of ``method`` on a toy backbone (empty for other backbones)."""
-    if not bb.name.startswith("toy_"):
-        return {}
-    from sharp.engine.session import uses_mrope
-
-    extra = MROPE_KWARGS.get(method, {}) if uses_mrope(bb) else {}
-    return {**TOY_KWARGS.get(method, {}), **extra}
-
-
-def _tflops(bb, method: str, retention: float, res, kwargs: dict) -> float:
-    """Prefill TFLOPs of the method's token schedule, or, when its kept counts depend on the video
-    (FrameFusion, adaptive SharpV), the mean over the videos of their measured schedules."""
-    if sharp.make_method(method, retention, **kwargs).input_dependent_schedule:
+def _tflops(bb, method, res) -> float:
+    """Prefill TFLOPs of the (resolved) method's token schedule, or, when its kept counts depend on the
+    video (FrameFusion, adaptive SharpV), the mean over the videos of their measured schedules."""
+    if method.input_dependent_schedule:
         dims = sharp.flops.lm_dims(bb)
         return float(np.mean([sharp.flops.schedule_tflops(c, dims) for c in res.layer_counts]))
-    return sharp.flops.prefill_tflops(bb, method, retention, visual_tokens=res.n_visual, **kwargs)
+    return sharp.flops.prefill_tflops(bb, method, visual_tokens=res.n_visual)
 
 
 def _layer_share(res) -> float:
@@ -89,12 +73,12 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
         t0 = time.time()
         row = {"method": method, "retention": retention}
         try:
-            kwargs = toy_kwargs(method, bb)
-            res = toy.evaluate(bb, docs, method, retention, store=store, batch_size=batch_size, **kwargs)
+            resolved = sharp.resolve_method(method, bb, retention)
+            res = toy.evaluate(bb, docs, resolved.method, retention, store=store, batch_size=batch_size)
             n_visual = res.n_visual
             row.update(accuracy=res.accuracy, kept_tokens=res.kept_tokens,
                        budget=budget(res.n_visual, retention), n_visual=res.n_visual,
-                       tflops=_tflops(bb, method, retention, res, kwargs),
+                       tflops=_tflops(bb, resolved.method, res), settings="; ".join(resolved.changes),
                        layer_share=_layer_share(res),
                        **{f"acc_{q}": res.per_qtype.get(q, float("nan")) for q in QTYPES},
                        seconds=round(time.time() - t0, 1), error="")
@@ -123,7 +107,7 @@ def write_outputs(rows: list[dict], info: dict, out: Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     fields = ["method", "retention", "accuracy", "kept_tokens", "layer_share", "budget", "n_visual", "tflops",
-              *[f"acc_{q}" for q in QTYPES], "seconds", "error"]
+              *[f"acc_{q}" for q in QTYPES], "settings", "seconds", "error"]
     with open(out / "retention_curve.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -142,6 +126,11 @@ def write_outputs(rows: list[dict], info: dict, out: Path) -> dict:
     by = {(r["method"], r["retention"]): r for r in rows}
     for m in info["methods"]:
         lines.append(f"| {m} | " + " | ".join(_fmt_acc(by[m, r]) if (m, r) in by else "" for r in rets) + " |")
+    lines += ["", f"Settings on {info['backbone']} that differ from the paper's 7B defaults "
+              "(`sharp.resolve_method`, as `python run.py` runs them):", ""]
+    for m in info["methods"]:
+        settings = next((by[m, r].get("settings") for r in rets if (m, r) in by and by[m, r].get("settings")), "")
+        lines.append(f"- {m}: {settings or 'none'}")
     lines += ["", "Prefill MFLOPs (= TFLOPs x 1e6, paper convention) of the video tokens:", "",
               "| method | 1.0 | " + " | ".join(f"{r:g}" for r in rets) + " |", "|---|---:|" + "---:|" * len(rets)]
     for m in info["methods"]:

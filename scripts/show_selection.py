@@ -11,14 +11,13 @@ every registered method but vanilla) and, with ``--ablation``, per ShaRP Table 5
 (configs/sweep/table5.yaml). Each row: the sampled frames with the tokens kept after the method's
 last stage outlined, the dropped ones dimmed; ShaRP's frame segments under its rows; for a
 synthetic doc (``--doc``), a band over the frames where the asked event happens and whether the
-greedy answer is right. Method kwargs: ``--kwargs '{"pdrop": {"layers": [1, 2, 3]}}'``; on the toy
-backbones the documented toy kwargs of scripts/retention_curve.py are the defaults. A method that
+greedy answer is right. Every method runs with its settings resolved for the backbone, as ``run.py``
+runs it (``sharp.resolve_method``); ``--kwargs '{"pdrop": {"layers": [1, 2, 3]}}'`` sets some. A method that
 fails (e.g. a layer outside the model) is drawn as an error row and makes the exit status 1.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -30,14 +29,6 @@ if str(REPO) not in sys.path:
 import sharp  # noqa: E402
 from sharp.figures import selection, video  # noqa: E402
 from sharp.methods.base import check_retention  # noqa: E402
-
-
-def toy_kwargs(method: str, bb) -> dict:
-    """scripts/retention_curve.py's documented kwargs of ``method`` on a toy backbone."""
-    spec = importlib.util.spec_from_file_location("retention_curve", REPO / "scripts" / "retention_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.toy_kwargs(method, bb)
 
 
 def parse_kwargs(text: str) -> dict:
@@ -81,9 +72,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
     given = parse_kwargs(args.kwargs)
     bb = sharp.load_backbone(args.backbone, device=args.device)
-    is_toy = args.backbone.startswith("toy_")
-    method_kwargs = {m: {**(toy_kwargs(m, bb) if is_toy else {}), **given.get(m, {})}
-                     for m in {*methods, "sharp"}}
+    # each method resolved for the backbone as run.py resolves it (sharp.resolve_method), given kwargs on top
+    method_kwargs = {m: dict(given.get(m, {})) for m in {*methods, "sharp"}}
     vid = video.load_video(bb, video=args.video, question=args.question, doc_id=args.doc)
     rows = selection.run_selections(bb, vid, methods, args.retention, method_kwargs, ablation=args.ablation, log=print)
     out = Path(args.out) if args.out else REPO / "results" / "figures" / f"selection_{args.backbone}.png"

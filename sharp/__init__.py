@@ -3,10 +3,11 @@ from sharp.backbones import Backbone, VisualLayout, backbone_names, load_backbon
 from sharp.engine import ComposedMethod, PruningSession, StageContext, Trace, compose, prune
 from sharp.methods import (PruningMethod, ScorerMethod, Selection, get_method_class, make_method, method_names,
                            register_method)
+from sharp.methods.settings import BackboneFacts, Resolved, resolve_method
 from sharp import flops
 
 __all__ = [
     "Backbone", "ComposedMethod", "VisualLayout", "backbone_names", "load_backbone", "PruningSession",
     "StageContext", "Trace", "compose", "prune", "PruningMethod", "ScorerMethod", "Selection", "get_method_class",
-    "make_method", "method_names", "register_method", "flops",
+    "make_method", "method_names", "register_method", "flops", "BackboneFacts", "Resolved", "resolve_method",
 ]

@@ -68,12 +68,13 @@ def schedule_tflops(schedule: list[int], dims: LMDims, convention: str = "paper"
 
 
 def token_schedule(backbone, method, retention: float, visual_tokens: int | None = None, **method_kwargs) -> list[int]:
-    """Visual tokens per decoder layer in prefill for ``method`` at ``retention``."""
-    from sharp.methods import PruningMethod, make_method
+    """Visual tokens per decoder layer in prefill for ``method`` at ``retention`` on ``backbone``, with
+    the method's settings for that backbone (``sharp.resolve_method``: unset layers follow its depth)."""
+    from sharp.methods.settings import resolve_method
 
     dims = lm_dims(backbone)
     n = visual_tokens if visual_tokens is not None else default_visual_tokens(backbone)
-    m = method if isinstance(method, PruningMethod) else make_method(method, retention, **method_kwargs)
+    m = resolve_method(method, backbone, retention, **method_kwargs).method
     return m.token_schedule(n, dims.num_layers, backbone=backbone)
 
 

@@ -19,3 +19,8 @@ def cache_root() -> Path:
 def cache_dir(name: str) -> Path:
     """The sub-folder ``name`` of the cache root (not created)."""
     return cache_root() / name
+
+
+def config_dir() -> Path:
+    """The Hydra configs of the checkout (``configs/``: methods' per-backbone settings, sweeps)."""
+    return Path(__file__).resolve().parents[1] / "configs"

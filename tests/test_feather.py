@@ -241,7 +241,7 @@ def test_bad_kwargs(kwargs, match):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"layer": 0}, r"layer must be in 1\.\.3"), ({"layer": 4}, r"layer must be in 1\.\.3"),
-    ({"schedule": "official"}, r"layers must be in 1\.\.3"),  # the 7B layers (8, 16) on 4 layers
+    ({"schedule": "official", "layers": [8, 16]}, r"layers must be in 1\.\.3"),  # explicit 7B layers on 4 layers
     ({"schedule": "official", "layers": [0, 2]}, r"layers must be in 1\.\.3")])
 def test_layer_outside_the_model(kwargs, match):
     bb = backbone("tiny_llava_onevision")

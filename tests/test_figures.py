@@ -25,7 +25,7 @@ from sharp.figures import attention, curves, selection, video
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from default_methods import COMPOSITIONS, TINY_KWARGS, kwargs_for  # noqa: E402
+from default_methods import COMPOSITIONS, TINY_KWARGS  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "results"
 RETENTION = 0.25
@@ -46,9 +46,9 @@ def every_method() -> list[str]:
 
 
 def kwargs_of(backbone: str) -> dict:
-    """The tiny kwargs (4-layer models: the toys too), PosC cache off."""
-    tiny = backbone.replace("toy_", "tiny_")
-    out = {m: kwargs_for(m, TINY_KWARGS.get(m, {}), tiny) for m in every_method()}
+    """The tests' kwargs on top of each method's resolved defaults (``sharp.prune`` resolves them for the
+    backbone), PosC cache off."""
+    out = {m: dict(TINY_KWARGS.get(m, {})) for m in every_method()}
     out["fastv+sharp"] = COMPOSITIONS["fastv+sharp"]
     out["sharp"] = {**out["sharp"], "cache_dir": ""}
     return out

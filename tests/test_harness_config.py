@@ -29,7 +29,9 @@ def test_default_config_is_the_offline_cell():
 
 def test_method_override_takes_method_defaults_and_retention():
     cfg = compose(["method=fastv"])
-    assert cfg.retention == 0.25 and method_kwargs(cfg) == {"layer": 2}
+    # only what the user set: the config's kwargs repeat the method's (7B) defaults, resolved per backbone
+    assert cfg.retention == 0.25 and method_kwargs(cfg) == {}
+    assert method_kwargs(compose(["method=fastv", "method.kwargs.layer=3"])) == {"layer": 3}
     cfg = compose(["method=fastv", "retention=0.1", "+method_kwargs.layer=3", "results_dir=/tmp/x"])
     cell = cell_from_cfg(cfg)
     assert cell.retention == 0.1 and cell.method_kwargs == {"layer": 3}
@@ -198,7 +200,7 @@ def test_table5_variants_get_their_own_folders():
     cell = cell_from_cfg(compose(cell_overrides(sweep, 2)))
     assert cell.relpath() == Path("llava_onevision_7b/sharp-posc+segm/r0.235")
     assert {k: cell.method_kwargs[k] for k in ("posc", "segm", "regd")} == {"posc": True, "segm": True, "regd": False}
-    assert cell.method_kwargs["lam"] == 0.6  # the paper defaults of configs/method/sharp.yaml stay
+    assert "lam" not in cell.method_kwargs  # the paper defaults of configs/method/sharp.yaml are not "set"
 
 
 def test_sweep_cell_resolution_inside_hydra(tmp_path):

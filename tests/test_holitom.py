@@ -626,7 +626,7 @@ def test_qwen2_vl_windows_are_temporal_patches():
         later = kept[(frames > a) & (frames <= e)] % layout.tokens_per_frame
         assert not bool(static[later].any())
     with pytest.raises(ValueError, match="compact"):
-        with sharp.prune(bb, "holitom", 0.5, llm_layer=2), torch.no_grad():
+        with sharp.prune(bb, "holitom", 0.5, llm_layer=2, positions="compact"), torch.no_grad():
             bb.model(**inputs)
 
 
@@ -639,7 +639,7 @@ def test_bad_values_fail_before_any_forward():
     with pytest.raises(ValueError, match="llm_keep must be in"):
         sharp.make_method("holitom", 0.15, llm_keep=0.0)
     with pytest.raises(ValueError, match=r"llm_layer must be in 1\.\.3"):
-        with sharp.prune(bb, "holitom", 0.15):  # 18 does not exist in 4 layers
+        with sharp.prune(bb, "holitom", 0.15, llm_layer=18):  # an explicit 18 does not exist in 4 layers
             pass
     with pytest.raises(TypeError, match="per-child"):
         sharp.make_method("holitom_sharp", 0.15, llm_layer=2)

@@ -18,7 +18,7 @@ import torch
 import sharp
 from sharp.engine import ComposedMethod
 
-from default_methods import kwargs_for, method_cases
+from default_methods import method_cases, resolved
 from engine_reference import Recorder, generate_with_logits, replay_reference_logits
 
 BACKBONES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
@@ -33,8 +33,8 @@ def backbone(name, impl="eager"):
     return _BB[name, impl]
 
 
-def make(name, kwargs, retention, backbone=None):
-    return sharp.make_method(name, retention, **(kwargs_for(name, kwargs, backbone) if backbone else kwargs))
+def make(name, kwargs, retention, backbone):
+    return resolved(name, kwargs, retention, backbone)
 
 
 def compact_layers(method, trace, num_layers):

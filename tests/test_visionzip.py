@@ -367,8 +367,9 @@ def test_bad_values_are_clear_errors():
         sharp.make_method("visionzip", 0.2, dominant_ratio=1.5)
     with pytest.raises(ValueError, match="vision_layer must be None .* 'feature', got 'last'"):
         sharp.make_method("visionzip", 0.2, vision_layer="last")
-    # the OV default on M-RoPE
-    with pytest.raises(ValueError, match="positions='original'"), sharp.prune(backbone("tiny_qwen2_vl"), "visionzip", 0.2):
+    # the official compact numbering, asked for explicitly on M-RoPE
+    with pytest.raises(ValueError, match="positions='compact' needs 1-D RoPE"), \
+            sharp.prune(backbone("tiny_qwen2_vl"), "visionzip", 0.2, positions="compact"):
         pass
     with pytest.raises(ValueError, match="vision layer"), sharp.prune(backbone("tiny_llava_onevision"), "visionzip",
                                                                       0.2, vision_layer=7):

@@ -379,6 +379,11 @@ class Backbone(abc.ABC):
         return {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in inputs.items()}
 
     # -- vision tower (pre-LLM methods) ----------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def vision_depth(cls, vision_config: dict) -> int:
+        """Vision-encoder layers of a config.json's ``vision_config`` (read before a model is built)."""
+
     @property
     @abc.abstractmethod
     def vision_layers(self) -> torch.nn.ModuleList:

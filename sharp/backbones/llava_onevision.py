@@ -116,6 +116,10 @@ class LlavaOneVisionBackbone(Backbone):
         return mean, std
 
     # -- vision tower ----------------------------------------------------------------------
+    @classmethod
+    def vision_depth(cls, vision_config: dict) -> int:
+        return int(vision_config["num_hidden_layers"])  # SigLIP encoder layers
+
     @property
     def vision_layers(self) -> torch.nn.ModuleList:
         return self.model.model.vision_tower.vision_model.encoder.layers

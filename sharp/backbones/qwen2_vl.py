@@ -130,6 +130,10 @@ class Qwen2VLBackbone(Backbone):
         return mean, std
 
     # -- vision tower ----------------------------------------------------------------------
+    @classmethod
+    def vision_depth(cls, vision_config: dict) -> int:
+        return int(vision_config["depth"])  # ViT blocks
+
     @property
     def vision_layers(self) -> torch.nn.ModuleList:
         return self.model.model.visual.blocks

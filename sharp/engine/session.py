@@ -39,7 +39,8 @@ from sharp.engine.context import StageContext
 from sharp.engine.sequence import SeqState, gather_seq
 from sharp.engine.trace import Trace
 from sharp.methods.base import PruningMethod, Selection
-from sharp.methods.registry import child_keys, make_method
+from sharp.methods.registry import child_keys
+from sharp.methods.settings import resolve_method
 
 
 class _ProbeDone(Exception):
@@ -103,6 +104,9 @@ class PruningSession:
         self.after_attention_owners = self._after_attention_owners()  # layer -> [owner, ...]
         self.score_layers = self._score_layers()
         self.vision_layer_ids = self._vision_layers()
+        if any(m.positions == "auto" for m in self.methods):
+            raise ValueError("positions='auto' is decided for a backbone: resolve the method first "
+                             "(sharp.resolve_method(method, backbone); sharp.prune does)")
         if uses_mrope(backbone) and any(m.positions == "compact" for m in self.methods):
             raise ValueError(
                 f"positions='compact' needs 1-D RoPE, but {backbone.name} uses multimodal RoPE (M-RoPE): each "
@@ -657,17 +661,16 @@ def prune(backbone, method: str | PruningMethod = "vanilla", retention: float = 
     """Prune visual tokens of ``backbone.model`` inside the block; yields the :class:`Trace`.
 
     ``method`` is a registered name (``sharp.method_names()``), a ``+``-joined composition
-    (``"visionzip+sharp"``) or a method instance (``sharp.compose(m1, m2)`` included); ``retention``
+    (``"visionzip+sharp"``) or a method instance (``sharp.compose(m1, m2)`` included), resolved for the
+    backbone by :func:`sharp.methods.settings.resolve_method` (unset layers follow its depth, automatic
+    positions; an instance's automatic settings are filled in a copy); ``retention``
     in (0, 1] is the kept share of the ORIGINAL visual tokens; ``method_kwargs`` override the method's
     defaults (e.g. ``layer=3``; for a composition, per child: ``sharp={"layer": 2, "retention": 0.1}``).
     Leaving the block (also by an exception) removes every hook.
     """
-    if isinstance(method, PruningMethod):
-        if method_kwargs:
-            raise TypeError("pass method kwargs to the method instance, not to prune()")
-        m = method
-    else:
-        m = make_method(method, retention, **method_kwargs)
+    if isinstance(method, PruningMethod) and method_kwargs:
+        raise TypeError("pass method kwargs to the method instance, not to prune()")
+    m = resolve_method(method, backbone, retention, **method_kwargs).method
     session = PruningSession(backbone, m)
     try:
         session.install()

@@ -5,10 +5,9 @@ Every bad value gives one :class:`HarnessError` line naming the value and the ac
 
 - run options of ``configs/config.yaml``: ``limit``, ``batch_size``, ``num_processes``, ``strict``,
   ``overwrite``, ``log_samples``, ``seed``, ``bootstrap_iters``, ``device`` (:func:`run_options`);
-- the method: made from the config (names and types of its kwargs, checked by the method class) and
-  asked for its layers on the backbone's decoder depth, read from the backbone config without
-  loading weights (:func:`check_method_layers`; the method's own ``stages`` raises for a layer
-  outside the model, the engine's range check is repeated for the layers it returns);
+- the method: resolved for the backbone from its config file, without loading weights
+  (:func:`sharp.methods.settings.resolve_method`: names, types and values of its kwargs, compact
+  positions on M-RoPE, layers outside the model), in ``sharp.harness.runner.validate_method``;
 - Hydra's own composition errors (unknown key, unknown config-group option, override syntax), turned
   into one line by :func:`hydra_error_line`.
 """
@@ -128,38 +127,6 @@ def run_options(cfg) -> RunOptions:
     device = check_device(cfg.get("device"), num_processes)
     check_processes(num_processes, device)
     return RunOptions(batch_size=batch_size, num_processes=num_processes, strict=strict, device=device)
-
-
-# ----------------------------------------------------------------------------- methods
-def check_method_layers(method, num_layers: int, backbone: str) -> None:
-    """Ask the method for the layers it acts on, as ``sharp.prune`` will (``stages``, ``score_layers``,
-    ``after_attention_layers``); a ValueError/TypeError or a layer outside ``0..num_layers-1`` is one
-    HarnessError line."""
-    where = f"method {method.name!r} on {backbone} ({num_layers} decoder layers)"
-    children = method.flat_children() if hasattr(method, "flat_children") else [method]
-    for m in children:
-        for hook in ("stages", "score_layers", "after_attention_layers"):
-            fn = getattr(m, hook, None)
-            if fn is None:
-                continue
-            try:
-                layers = list(fn(num_layers))
-            except (TypeError, ValueError) as err:
-                raise HarnessError(f"{where}: {err}") from None
-            bad = [k for k in layers if not (_is_int(k) and 0 <= k < num_layers)]
-            if bad:
-                raise HarnessError(f"{where}: {m.name}.{hook}() gives layer(s) {bad}; accepted values: "
-                                   f"0..{num_layers - 1}")
-
-
-def backbone_layers(backbone: str) -> Optional[int]:
-    """Decoder layers of a registered backbone, from its config file (no weights loaded)."""
-    from sharp.flops import lm_dims
-
-    try:
-        return int(lm_dims(backbone).num_layers)
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 # ----------------------------------------------------------------------------- Hydra

@@ -11,10 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 from sharp.harness.cells import Cell, format_retention
 from sharp.harness.resources import HarnessError
 from sharp.lmms.args import flatten_kwargs
+from sharp.paths import config_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]          # .../sharp
 REPO_ROOT = PACKAGE_DIR.parent                             # checkout root (configs/, run.py, results/)
-CONFIG_DIR = REPO_ROOT / "configs"
+CONFIG_DIR = config_dir()
 SWEEP_DIR = CONFIG_DIR / "sweep"
 
 
@@ -134,9 +135,42 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def method_kwargs(cfg: DictConfig) -> dict:
-    """``method.kwargs`` with the run's ``method_kwargs`` merged in (``+method_kwargs.sharp.lam=0.5``
-    changes one kwarg of the child ``sharp`` and keeps the others)."""
-    return deep_merge(dict(to_plain(cfg.method.get("kwargs")) or {}), dict(to_plain(cfg.get("method_kwargs")) or {}))
+    """The kwargs the user SET for the cell's method: the run's ``method_kwargs`` merged into the values of
+    ``method.kwargs`` that differ from the method's defaults (``method.kwargs`` repeats the paper's 7B
+    defaults, tests/test_harness_config.py keeps them equal; a Hydra override of one counts as set).
+    ``+method_kwargs.sharp.lam=0.5`` changes one kwarg of the child ``sharp`` and keeps the others. The
+    rest is the method's defaults resolved for the backbone (``sharp.resolve_method``)."""
+    configured = dict(to_plain(cfg.method.get("kwargs")) or {})
+    name = method_name(cfg)
+    try:
+        from sharp.methods import make_method
+        from sharp.methods.settings import method_settings
+
+        defaults = method_settings(make_method(name))
+    except (TypeError, ValueError):  # an unknown or planned method: the cell check names it
+        defaults = {}
+    return deep_merge(changed_values(configured, defaults), dict(to_plain(cfg.get("method_kwargs")) or {}))
+
+
+_UNSET = object()
+
+
+def changed_values(values: dict, defaults: dict) -> dict:
+    """The entries of ``values`` that differ from ``defaults`` (nested dicts compared key by key)."""
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key, _UNSET)
+        if isinstance(value, dict) and isinstance(default, dict):
+            inner = changed_values(value, default)
+            if inner:
+                out[key] = inner
+        elif _normal(value) != _normal(default):
+            out[key] = value
+    return out
+
+
+def _normal(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def method_name(cfg: DictConfig) -> str:

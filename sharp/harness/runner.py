@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from sharp.harness import cells as C
 from sharp.harness import parallel
 from sharp.harness.catalog import backbone_family, check_backbone, check_method, lmms_method_ids
-from sharp.harness.checks import RunOptions, backbone_layers, check_method_layers, check_retention, run_options
+from sharp.harness.checks import RunOptions, check_retention, run_options
 from sharp.harness.config import REPO_ROOT, cell_from_cfg, include_paths, resolve_sweep_cell, results_root
 from sharp.harness.io import atomic_write_json, atomic_write_jsonl
 from sharp.harness.resources import HarnessError, explain, preflight
@@ -44,31 +44,34 @@ def ensure_registered(model_id: str) -> None:
         register()
 
 
-def validate_cell(cfg: DictConfig, cell: C.Cell) -> RunOptions:
+def validate_cell(cfg: DictConfig, cell: C.Cell):
     """Before anything is loaded or written: the run options are valid, the backbone is registered (and
     its config agrees on the family), the method is implemented (not only planned), accepts its kwargs
-    and acts on layers the backbone has. Returns the run options."""
+    and acts on layers the backbone has. Returns the run options and the resolved method (or None)."""
     options = run_options(cfg)
     check_backbone(cell.backbone, cfg.backbone.get("family"))
     check_method(cell.method)
-    validate_method(cell)
-    return options
+    return options, validate_method(cell)
 
 
-def validate_method(cell: C.Cell) -> None:
+def validate_method(cell: C.Cell):
+    """The cell's method resolved for its backbone (``sharp.resolve_method``: depth-mapped layers,
+    automatic positions, the config's per-backbone values, the user's kwargs), or None for a backbone
+    loaded from another checkpoint (its depth is known once it loads; the kwargs are checked here)."""
     from sharp.methods import make_method
+    from sharp.methods.settings import resolve_method
 
     retention = check_retention(cell.retention, cell.method)
     if cell.method == "vanilla" and retention != 1.0:
         raise HarnessError(f"retention={cell.retention} with method=vanilla; accepted values: 1 "
                            "(vanilla keeps every visual token)")
     try:
-        method = make_method(cell.method, retention, **cell.method_kwargs)
+        if "checkpoint" in cell.backbone_overrides:
+            make_method(cell.method, retention, **cell.method_kwargs)
+            return None
+        return resolve_method(cell.method, cell.backbone, retention, **cell.method_kwargs)
     except (TypeError, ValueError) as err:
-        raise HarnessError(str(err)) from None
-    num_layers = None if "checkpoint" in cell.backbone_overrides else backbone_layers(cell.backbone)
-    if num_layers is not None:
-        check_method_layers(method, num_layers, cell.backbone)
+        raise HarnessError(f"{err} (method {cell.method!r} on backbone {cell.backbone!r})") from None
 
 
 def _sanitize_samples(samples: list[dict], failures: Optional[dict] = None) -> list[dict]:
@@ -110,7 +113,7 @@ def run_cell(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Opti
     return None."""
     cfg = resolve_sweep_cell(cfg)
     cell = cell_from_cfg(cfg)
-    options = validate_cell(cfg, cell)
+    options, resolved = validate_cell(cfg, cell)
     w = parallel.world()
     if options.num_processes > 1 and not w.parallel:
         return _run_parallel(cfg, cell, options, overrides)
@@ -149,6 +152,8 @@ def run_cell(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Opti
         _print(f"[sharp] running {cell.backbone} {cell.method} r={cell.retention:g} tasks={','.join(cell.tasks)}"
                + (f" batch={options.batch_size}" if options.batch_size > 1 else "")
                + (f" processes={w.size}" if w.parallel else "") + f" -> {out_dir}")
+        if resolved is not None:
+            _print(f"[sharp] settings: {resolved.describe()}")
 
     try:
         results, requests, busy_s = _evaluate(cfg, cell, options, w)
@@ -180,7 +185,8 @@ def run_cell(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Opti
         cell_key=cell.key(), config=OmegaConf.to_container(cfg, resolve=True), results=results, samples=samples,
         requests=requests, repo=str(REPO_ROOT), files=files, started=started, finished=_now(),
         wall_s=time.time() - t0,
-        extra={"model": {"lmms_eval_model": _model_id(cfg, cell), "model_args": _model_kwargs(cfg, cell, options),
+        extra={"method_settings": _settings(resolved),
+               "model": {"lmms_eval_model": _model_id(cfg, cell), "model_args": _model_kwargs(cfg, cell, options),
                          "model_args_string": format_model_args(_model_kwargs(cfg, cell, options))},
                "run": {"batch_size": options.batch_size, "num_processes": w.size, "strict": options.strict},
                "throughput": {"requests_per_s": (len(requests) / slowest) if slowest else None,
@@ -199,6 +205,14 @@ def run_cell(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Opti
     if not parallel.has_parent():
         report(summary, out_dir)
     return summary
+
+
+def _settings(resolved) -> Optional[dict]:
+    """What the summary records of the method that ran: every kwarg on this backbone and what differs
+    from the paper's 7B defaults (None for a backbone loaded from another checkpoint: see the log)."""
+    if resolved is None:
+        return None
+    return {"kwargs": resolved.settings, "changes": resolved.changes, "num_layers": resolved.backbone.num_layers}
 
 
 def _cpu(options: RunOptions) -> bool:

@@ -208,8 +208,10 @@ class SharpVideoLMM(lmms):
         if "pretrained" in backbone_overrides:
             backbone_overrides["checkpoint"] = backbone_overrides.pop("pretrained")
         self.backbone_name = self._check_backbone(_coerce(backbone))
-        self.method, self.retention, self.method_kwargs = self._check_method(
-            _coerce(method), retention, kwargs, check_layers="checkpoint" not in backbone_overrides)
+        self.method, self.retention, self.method_kwargs = self._check_method(_coerce(method), retention, kwargs)
+        # the method made once for the backbone (sharp.resolve_method); a backbone loaded from another
+        # checkpoint is resolved once it has loaded (its depth comes with it)
+        self.pruner = None if "checkpoint" in backbone_overrides else self._resolve(self.backbone_name)
         self._batch_size = self._check_batch_size(batch_size)
         if not isinstance(strict, bool):
             raise ModelArgsError(f"{self.model_id}: strict={strict!r}; accepted values: true, false")
@@ -242,6 +244,8 @@ class SharpVideoLMM(lmms):
             raise
         self.bb.model.eval()
         self._device = next(self.bb.model.parameters()).device
+        if self.pruner is None:
+            self.pruner = self._resolve(self.bb)
 
     # ---------------------------------------------------------------- argument checks
     def _check_backbone(self, backbone: Optional[str]) -> str:
@@ -264,7 +268,19 @@ class SharpVideoLMM(lmms):
                 "the same video layout share a left-padded batch; the paper's numbers are batch 1)")
         return bs
 
-    def _check_method(self, method: Optional[str], retention: Any, kwargs: dict, check_layers: bool = True):
+    def _resolve(self, backbone):
+        """The method with its settings on ``backbone`` (a name before loading, else the Backbone)."""
+        from sharp.methods.settings import resolve_method
+
+        try:
+            resolved = resolve_method(self.method, backbone, self.retention, **self.method_kwargs)
+        except (ValueError, TypeError) as err:
+            raise ModelArgsError(f"{self.model_id}: {err}") from None
+        eval_logger.info(f"{self.model_id}: {resolved.describe()}")
+        self.method_settings = resolved.settings
+        return resolved.method
+
+    def _check_method(self, method: Optional[str], retention: Any, kwargs: dict):
         from sharp import methods as M
 
         if self.fixed_method is not None:
@@ -290,18 +306,9 @@ class SharpVideoLMM(lmms):
             raise ModelArgsError(f"{self.model_id}: retention={retention} with method 'vanilla'; accepted values: 1 "
                                  "(vanilla keeps every visual token)")
         try:
-            made = M.make_method(method, retention, **kwargs)
+            M.make_method(method, retention, **kwargs)
         except (ValueError, TypeError) as err:
             raise ModelArgsError(f"{self.model_id}: {err}") from None
-        if check_layers:  # a layer outside the model fails here, before the weights load
-            from sharp.harness.checks import backbone_layers, check_method_layers
-
-            num_layers = backbone_layers(self.backbone_name)
-            if num_layers is not None:
-                try:
-                    check_method_layers(made, num_layers, self.backbone_name)
-                except HarnessError as err:
-                    raise ModelArgsError(f"{self.model_id}: {err}") from None
         return method, retention, kwargs
 
     def _setup_data_parallel(self, backbone_overrides: dict) -> None:
@@ -530,7 +537,7 @@ class SharpVideoLMM(lmms):
             torch.cuda.reset_peak_memory_stats(self._device)
         t0 = time.perf_counter()
         with torch.inference_mode(), _Timer(self.bb.model, sync=cuda) as timer, \
-                sharp.prune(self.bb, method=self.method, retention=self.retention, **self.method_kwargs) as trace:
+                sharp.prune(self.bb, self.pruner) as trace:
             extra = {}
             if eos is not None:
                 extra["eos_token_id"] = eos
@@ -599,8 +606,7 @@ class SharpVideoLMM(lmms):
             if self._input_dependent_schedule():
                 return self._measured_tflops(per_layer)
 
-            return float(prefill_tflops(self.bb, self.method, self.retention, visual_tokens=n_visual,
-                                        convention="paper", **self.method_kwargs))
+            return float(prefill_tflops(self.bb, self.pruner, visual_tokens=n_visual, convention="paper"))
         except Exception as err:  # noqa: BLE001 - a counter gap must not kill an evaluation
             if "tflops" not in self._warned:
                 eval_logger.warning(f"{self.model_id}: prefill TFLOPs unavailable for {self.method}: {err}")
@@ -609,12 +615,7 @@ class SharpVideoLMM(lmms):
 
     def _input_dependent_schedule(self) -> bool:
         """Whether the method's kept counts depend on the video (asked once per wrapper)."""
-        if not hasattr(self, "_schedule_is_measured"):
-            import sharp
-
-            method = sharp.make_method(self.method, self.retention, **self.method_kwargs)
-            self._schedule_is_measured = bool(method.input_dependent_schedule)
-        return self._schedule_is_measured
+        return bool(self.pruner.input_dependent_schedule)
 
     def _measured_tflops(self, per_layer: list[int]) -> Optional[float]:
         """Paper-convention TFLOPs of the visual tokens each layer really processed (adaptive methods)."""

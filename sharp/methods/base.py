@@ -27,7 +27,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from sharp.engine import PruningSession, StageContext
 
-POSITION_MODES = ("original", "compact")
+POSITION_MODES = ("auto", "original", "compact")
 
 
 def check_retention(retention: float) -> float:
@@ -108,9 +108,14 @@ class PruningMethod:
     """Base class. Subclasses are dataclasses with a class attribute ``name``.
 
     Every method has ``retention`` (kept share of the ORIGINAL visual tokens) and ``positions``:
-    ``"original"`` (kept tokens keep their RoPE positions, default) or ``"compact"`` (kept tokens
-    are re-numbered 0..len-1 after each of this method's stages and decode positions shift by the
-    number dropped, as PyramidDrop's official code; 1-D RoPE backbones only).
+    ``"original"`` (kept tokens keep their RoPE positions), ``"compact"`` (kept tokens are re-numbered
+    0..len-1 after each of this method's stages and decode positions shift by the number dropped, as
+    PyramidDrop's official code; 1-D RoPE backbones only) or ``"auto"`` (default): the official code's
+    numbering (``official_positions``) on 1-D RoPE, ``"original"`` on multimodal RoPE, decided by
+    :func:`sharp.methods.settings.resolve_method` for the backbone (``sharp.prune`` resolves it).
+
+    Decoder-layer kwargs are declared with :func:`sharp.methods.settings.layer_kwarg`, whose rule maps
+    the paper's 28-layer value to a backbone of another depth when the user leaves it unset.
     """
 
     name: ClassVar[str] = ""
@@ -120,8 +125,10 @@ class PruningMethod:
     # then a NOMINAL schedule and the trace's ``visual_tokens_per_layer`` is the measured one (read it on
     # the instance: a method whose mode decides, e.g. SharpV's adaptive threshold, may use a property)
     input_dependent_schedule: ClassVar[bool] = False
+    # what the official code does with the kept tokens' RoPE positions on 1-D RoPE ("auto" there)
+    official_positions: ClassVar[str] = "original"
     retention: float = 1.0
-    positions: str = "original"
+    positions: str = "auto"
 
     def __post_init__(self):
         self.check_fields()
@@ -140,6 +147,15 @@ class PruningMethod:
         if self.positions not in POSITION_MODES:
             raise ValueError(f"{self.name}: positions must be one of {', '.join(map(repr, POSITION_MODES))}, "
                              f"got {self.positions!r}")
+
+    def backbone_settings(self, backbone) -> dict[str, Any]:
+        """Values of this method's automatic settings on ``backbone`` (a
+        :class:`~sharp.methods.settings.BackboneFacts`): {field: value} for the fields left at a value that
+        means "the official choice for this backbone". Base: ``positions="auto"``; a subclass with such
+        fields of its own extends the dict (VisionZip: its port's vision layer and grouping)."""
+        if self.positions != "auto":
+            return {}
+        return {"positions": "original" if backbone.mrope else self.official_positions}
 
     def compacts_at(self, layer: int) -> bool:
         """Whether this method's stage at ``layer`` re-numbers the kept tokens (``positions="compact"``:

@@ -39,6 +39,7 @@ from sharp.methods.base import PruningMethod, Selection, budget
 from sharp.methods.posc import POSC_KEYS, BiasCache, default_cache_dir, positional_bias
 from sharp.methods.regd import ABSORB_MODES, CLUSTER_MODES, DEDUP_MODES, FILL_MODES, regd as run_regd
 from sharp.methods.registry import register_method
+from sharp.methods.settings import layer_kwarg
 from sharp.methods.segm import segment_mask, token_segments
 
 SCORE_AT = ("previous", "stage")
@@ -65,7 +66,7 @@ class ShaRP(PruningMethod):
     tau_filter: float = 0.7
     tau_merge: float = 0.8
     tau_cluster: float = 0.4
-    layer: int = 1  # the first layer that sees the pruned sequence
+    layer: int = layer_kwarg(1, scaling="fixed", lowest=0)  # the first layer that sees the pruned sequence
     # readings of ambiguous text (docs/sharp.md)
     score_at: str = "stage"  # "stage": layer's own map, after SegM (Sec. 4.3) | "previous": layer-1's (FastV)
     posc_space: str = "prob"  # Eq. 5 on post-softmax scores | "logit": pre-softmax (Eq. 2's a~)

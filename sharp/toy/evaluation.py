@@ -40,13 +40,13 @@ def _per_qtype(docs: Sequence[dict], right: Sequence[bool]) -> dict:
     return {q: 100.0 * sum(v) / len(v) for q, v in per.items()}
 
 
-def _generate(bb, inputs: dict, method: str, retention: float, max_new_tokens: int,
-              **method_kwargs) -> tuple[list[str], Optional[list], list]:
-    """Greedy answers (text up to ``<|im_end|>``, padding removed) of one batch, the kept visual
-    indices of the last stage per sample (None without pruning) and each sample's per-layer counts."""
+def _generate(bb, inputs: dict, method, max_new_tokens: int) -> tuple[list[str], Optional[list], list]:
+    """Greedy answers (text up to ``<|im_end|>``, padding removed) of one batch with the resolved
+    ``method``, the kept visual indices of the last stage per sample (None without pruning) and each
+    sample's per-layer counts."""
     import sharp
 
-    with torch.no_grad(), sharp.prune(bb, method, retention, **method_kwargs) as trace:
+    with torch.no_grad(), sharp.prune(bb, method) as trace:
         out = bb.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                 pad_token_id=bb.tokenizer.pad_token_id, eos_token_id=bb.tokenizer.eos_token_id)
     texts = bb.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
@@ -61,9 +61,14 @@ def evaluate(bb, docs: Sequence[dict], method: str = "vanilla", retention: float
     """Accuracy (%) of greedy generation of the answer letter through ``sharp.prune``.
 
     The answer is parsed with the lmms-eval task's own parser; ``batch_size`` 1 is what the harness
-    runs (larger batches are left-padded: faster, equal up to float rounding).
+    runs (larger batches are left-padded: faster, equal up to float rounding). ``method`` (a name or an
+    instance) is resolved for ``bb`` once (``sharp.resolve_method``), as ``run.py`` does.
     """
+    import sharp
     from sharp.synthetic.lmms_task.utils import extract_letter  # the task's own answer parser
+
+    name = method if isinstance(method, str) else getattr(method, "label", None) or method.name
+    method = sharp.resolve_method(method, bb, retention, **method_kwargs).method
 
     store = store if store is not None else cached_pixels(bb, docs, cache_dir)
     t0 = time.time()
@@ -73,14 +78,14 @@ def evaluate(bb, docs: Sequence[dict], method: str = "vanilla", retention: float
         idx = list(range(s, min(s + batch_size, len(docs))))
         inputs = make_batch(bb, docs, store, idx)
         n_visual = bb.layout(inputs).n_visual
-        texts, kept, per_layer = _generate(bb, inputs, method, retention, max_new_tokens, **method_kwargs)
+        texts, kept, per_layer = _generate(bb, inputs, method, max_new_tokens)
         layer_counts += per_layer
         preds += [extract_letter(text, docs[i]["options"]) for i, text in zip(idx, texts)]
         kept_counts += [int(kept[j].numel()) if kept is not None else n_visual for j in range(len(idx))]
     answers = [d["answer"] for d in docs]
     right = [p == a for p, a in zip(preds, answers)]
     return EvalResult(
-        method=method, retention=float(retention), n=len(docs), accuracy=_percent(right),
+        method=name, retention=float(retention), n=len(docs), accuracy=_percent(right),
         per_qtype=_per_qtype(docs, right), n_visual=n_visual,
         kept_tokens=float(np.mean(kept_counts)) if kept_counts else 0.0,
         kept_counts=kept_counts, layer_counts=layer_counts, preds=preds, answers=answers, seconds=time.time() - t0)
