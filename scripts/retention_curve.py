@@ -59,7 +59,8 @@ def _layer_share(res) -> float:
 
 
 def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int, cache_dir=None,
-        data_seed: int = 0, weights_dir=None, log=print) -> tuple[list[dict], dict]:
+        data_seed: int = 0, weights_dir=None, log=print, method_kwargs=None) -> tuple[list[dict], dict]:
+    """``method_kwargs``: {method: kwargs} set on top of the resolved defaults (e.g. SharpV's fixed mode)."""
     from sharp.methods import budget
     from sharp.synthetic import QTYPES, ensure_split
 
@@ -73,7 +74,7 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
         t0 = time.time()
         row = {"method": method, "retention": retention}
         try:
-            resolved = sharp.resolve_method(method, bb, retention)
+            resolved = sharp.resolve_method(method, bb, retention, **(method_kwargs or {}).get(method, {}))
             res = toy.evaluate(bb, docs, resolved.method, retention, store=store, batch_size=batch_size)
             n_visual = res.n_visual
             row.update(accuracy=res.accuracy, kept_tokens=res.kept_tokens,
@@ -204,6 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--weights-dir", default=None, help="toy weights from this folder (e.g. a retrained copy)")
     ap.add_argument("--out", default=None, help="default: results/retention_curve/<backbone>")
+    ap.add_argument("--method-kwargs", default="{}", help='JSON {method: kwargs}, e.g. \'{"sharpv": {"mode": "fixed"}}\'')
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -218,8 +220,15 @@ def main(argv=None) -> int:
     n = args.n or DEFAULT_N.get(args.split, 200)
     out = Path(args.out) if args.out else REPO / "results" / "retention_curve" / args.backbone
     t0 = time.time()
+    try:
+        given = json.loads(args.method_kwargs)
+    except json.JSONDecodeError as err:
+        ap.error(f"--method-kwargs {args.method_kwargs!r} is not JSON ({err}); accepted: {{\"method\": {{...}}}}")
+    if not isinstance(given, dict) or any(not isinstance(v, dict) for v in given.values()):
+        ap.error(f"--method-kwargs {args.method_kwargs!r}: accepted: a JSON object of method name -> kwargs object")
     rows, info = run(args.backbone, methods, args.retentions, n, args.split, args.batch_size, args.cache_dir,
-                     weights_dir=args.weights_dir)
+                     weights_dir=args.weights_dir, method_kwargs=given)
+    info["method_kwargs"] = given
     if args.weights_dir:
         info["weights_dir"] = str(args.weights_dir)
     info["seconds"] = round(time.time() - t0, 1)
