@@ -90,5 +90,6 @@ def test_run_py_refuses_explicit_compact_on_mrope_before_loading():
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: visionzip: positions='compact' needs 1-D RoPE")
+    assert len(lines) == 1 and lines[0].startswith("error: method 'visionzip' on toy_qwen2_vl (4 decoder layers): visionzip: "
+                                                    "positions='compact' needs 1-D RoPE")
     assert "Traceback" not in proc.stderr and "running" not in proc.stdout

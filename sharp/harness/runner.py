@@ -59,7 +59,7 @@ def validate_method(cell: C.Cell):
     automatic positions, the config's per-backbone values, the user's kwargs), or None for a backbone
     loaded from another checkpoint (its depth is known once it loads; the kwargs are checked here)."""
     from sharp.methods import make_method
-    from sharp.methods.settings import resolve_method
+    from sharp.methods.settings import BackboneFacts, resolve_method
 
     retention = check_retention(cell.retention, cell.method)
     if cell.method == "vanilla" and retention != 1.0:
@@ -71,7 +71,10 @@ def validate_method(cell: C.Cell):
             return None
         return resolve_method(cell.method, cell.backbone, retention, **cell.method_kwargs)
     except (TypeError, ValueError) as err:
-        raise HarnessError(f"{err} (method {cell.method!r} on backbone {cell.backbone!r})") from None
+        if "checkpoint" in cell.backbone_overrides:
+            raise HarnessError(str(err)) from None
+        depth = BackboneFacts.of(cell.backbone).num_layers
+        raise HarnessError(f"method {cell.method!r} on {cell.backbone} ({depth} decoder layers): {err}") from None
 
 
 def _sanitize_samples(samples: list[dict], failures: Optional[dict] = None) -> list[dict]:
