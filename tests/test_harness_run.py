@@ -88,7 +88,7 @@ def test_fastv_run_killed_midway_then_completed(tmp_path):
         proc.wait()
     assert not (cell_dir / C.SUMMARY).exists()  # nothing counts as finished
     assert C.status(C.Cell("toy_llava_onevision", "fastv", 0.25, ["sharp_synthetic"],
-                           method_kwargs={"layer": 2}, limit=4), tmp_path)[0] == "partial"
+                           limit=4), tmp_path)[0] == "partial"
 
     done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
@@ -98,7 +98,8 @@ def test_fastv_run_killed_midway_then_completed(tmp_path):
     before, after = s["tokens"]["visual_before"], s["tokens"]["visual_after"]
     assert after == sharp.methods.budget(int(before), 0.25)
     assert s["tokens"]["retention_measured"] == pytest.approx(0.25, abs=0.01)
-    assert s["requests"] == 4 and s["cell"]["method_kwargs"] == {"layer": 2}
+    assert s["requests"] == 4 and s["cell"]["method_kwargs"] == {}  # nothing set: the resolved defaults ran
+    assert s["method_settings"]["kwargs"]["layer"] == 2
     assert not (cell_dir / C.RUN_MARKER).exists()
 
 

@@ -85,8 +85,9 @@ def stub(monkeypatch, tmp_path):
         return made["bb"]
 
     @contextlib.contextmanager
-    def prune(bb, method, retention, **kw):
-        made.setdefault("prune", []).append((method, retention, kw))
+    def prune(bb, method, retention=None, **kw):  # the wrapper passes the method it resolved once
+        made.setdefault("prune", []).append(method)
+        retention = method.retention if retention is None else retention
         yield SimpleNamespace(visual_tokens_per_layer=[64, 64] + [max(1, round(64 * retention))] * 2,
                               stage_times={"select": 0.001})
 
@@ -150,7 +151,8 @@ def test_requests_keep_order_and_gen_kwargs_apply(stub):
     assert all(c["max_new_tokens"] == 64 and c["do_sample"] is False and c.get("num_beams") == 1 for c in calls)
     assert all(c.get("temperature") is None and c.get("top_p") is None for c in calls)  # greedy
     assert [q for _, q in stub["bb"].prepared[1:]] == [f"question {i}" for i in range(4)]
-    assert stub["prune"][-1] == ("fastv", 0.25, {"layer": 2})
+    m = stub["prune"][-1]
+    assert (m.name, m.retention, m.layer) == ("fastv", 0.25, 2)
     stats = lm.request_stats
     assert [s["doc_id"] for s in stats] == [0, 1, 2, 3]
     assert stats[0]["visual_tokens_before"] == 64 and stats[0]["visual_tokens_after"] == 16
@@ -224,7 +226,10 @@ def test_model_args_dotted_keys_become_per_child_dicts(stub):
     assert lm.method_kwargs == {"sharp": {"layer": 2, "lam": 0.5}, "fastv": {"retention": 0.5}}
     lm.task_dict, reqs = _requests(stub["video"], {"max_new_tokens": 4}, n=1)
     lm.generate_until(reqs)
-    assert stub["prune"][-1] == ("fastv+sharp", 0.25, {"sharp": {"layer": 2, "lam": 0.5}, "fastv": {"retention": 0.5}})
+    m = stub["prune"][-1]
+    fastv, sharp_child = m.children
+    assert m.label == "fastv+sharp" and m.retention == 0.25 and fastv.retention == 0.5
+    assert (sharp_child.layer, sharp_child.lam) == (2, 0.5)
     # what the harness records is the same string back
     from lmms_eval.utils import simple_parse_args_string
 

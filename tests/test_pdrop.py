@@ -92,7 +92,7 @@ def test_compact_positions_change_the_ranking_reference():
 # -- (b) schedules and FLOPs -------------------------------------------------------------------
 def test_schedules():
     paper = sharp.make_method("pdrop", 0.5)
-    assert paper.positions == "compact"
+    assert paper.positions == "auto" and type(paper).official_positions == "compact"
     assert paper.stages(28) == [4, 16, 24] and paper.stage_ratios == (0.5, 0.25, 0.125)
     assert paper.token_schedule(1000, 28) == [1000] * 4 + [500] * 12 + [250] * 8 + [125] * 4
     official = sharp.make_method("pdrop", 0.9, schedule="official")  # retention not used
@@ -177,9 +177,11 @@ def test_layers_outside_the_model_fail_before_any_forward(layers):
 
 def test_default_compact_positions_refused_on_qwen2_vl():
     bb = backbone("tiny_qwen2_vl", "sdpa")
-    with pytest.raises(ValueError, match="compact.*M-RoPE.*positions='original'"):
-        with sharp.prune(bb, "pdrop", 0.5, layers=LAYERS):
+    with pytest.raises(ValueError, match="compact.*M-RoPE.*'original'"):
+        with sharp.prune(bb, "pdrop", 0.5, layers=LAYERS, positions="compact"):
             pass
+    with sharp.prune(bb, "pdrop", 0.5, layers=LAYERS) as trace:  # auto: original on M-RoPE
+        pass
     with sharp.prune(bb, "pdrop", 0.5, layers=LAYERS, positions="original"):
         pass
 
