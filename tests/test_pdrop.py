@@ -180,7 +180,8 @@ def test_default_compact_positions_refused_on_qwen2_vl():
     with pytest.raises(ValueError, match="compact.*M-RoPE.*'original'"):
         with sharp.prune(bb, "pdrop", 0.5, layers=LAYERS, positions="compact"):
             pass
-    with sharp.prune(bb, "pdrop", 0.5, layers=LAYERS) as trace:  # auto: original on M-RoPE
+    assert sharp.resolve_method("pdrop", bb, 0.5, layers=LAYERS).method.positions == "original"  # auto on M-RoPE
+    with sharp.prune(bb, "pdrop", 0.5, layers=LAYERS):
         pass
     with sharp.prune(bb, "pdrop", 0.5, layers=LAYERS, positions="original"):
         pass
