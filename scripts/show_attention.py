@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 
 import sharp  # noqa: E402
 from sharp.figures import attention, video  # noqa: E402
-from sharp.methods.base import check_retention  # noqa: E402
+from sharp.engine.method import check_retention  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
 
 import sharp  # noqa: E402
 from sharp.figures import selection, video  # noqa: E402
-from sharp.methods.base import check_retention  # noqa: E402
+from sharp.engine.method import check_retention  # noqa: E402
 
 
 def parse_kwargs(text: str) -> dict:

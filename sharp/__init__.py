@@ -1,6 +1,7 @@
 """sharp: visual-token pruning for video LLMs (ShaRP, SharpV and baselines) on unmodified HF models."""
 from sharp.backbones import Backbone, VisualLayout, backbone_names, load_backbone
-from sharp.engine import ComposedMethod, PruningSession, StageContext, Trace, compose, prune
+from sharp.api import prune
+from sharp.engine import ComposedMethod, PruningSession, StageContext, Trace, compose
 from sharp.methods import (PruningMethod, ScorerMethod, Selection, get_method_class, make_method, method_names,
                            register_method)
 from sharp.methods.settings import BackboneFacts, Resolved, resolve_method

@@ -9,7 +9,7 @@ import torch
 
 import sharp
 import sharp.engine.sequence as sequence
-import sharp.engine.session as engine_session
+import sharp.engine.prefill as engine_prefill
 from sharp.methods import PruningMethod, Selection, budget, register_method
 
 from engine_reference import generate_with_logits, kept_key_mask, masked_reference_logits
@@ -476,8 +476,8 @@ def test_unchanged_stages_cost_nothing(name, monkeypatch):
     bb = backbone(name, "eager")
     inputs = bb.synthetic_inputs(frames=8, seed=22)
     masks = []
-    real = engine_session.create_causal_mask
-    monkeypatch.setattr(engine_session, "create_causal_mask", lambda **kw: masks.append(1) or real(**kw))
+    real = engine_prefill.create_causal_mask
+    monkeypatch.setattr(engine_prefill, "create_causal_mask", lambda **kw: masks.append(1) or real(**kw))
     with sharp.prune(bb, "_test_every_layer", 0.25) as trace, torch.no_grad():
         bb.model(**inputs)
     n = bb.layout(inputs).n_visual

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sharp
-from baselines.framefusion import (FrameFusion, _Progress, fold_runs, neighbour_similarity, patch_order,
+from sharp.methods.framefusion import (FrameFusion, _Progress, fold_runs, neighbour_similarity, patch_order,
                                    required_sparsity)
 from sharp.flops import prefill_tflops
 
@@ -72,7 +72,7 @@ def _fake_ctx(n, tokens_per_frame, num_layers, layer=0):
     are rows 0..n-1 with original indices 0..n-1 (frame = index // tokens_per_frame)."""
     tokens = _Tokens(index=torch.arange(n), positions=torch.arange(n))
     return SimpleNamespace(visual_tokens=lambda b: tokens, layout=SimpleNamespace(tokens_per_frame=tokens_per_frame),
-                           session=SimpleNamespace(num_layers=num_layers), layer_idx=layer)
+                           num_layers=num_layers, layer_idx=layer)
 
 
 def _step(method, x, progress, num_layers=4):

@@ -48,7 +48,7 @@ def compact_layers(method, trace, num_layers):
 
 
 def _keys(leaves):
-    from sharp.methods.registry import child_keys
+    from sharp.engine.compose import child_keys
 
     return child_keys([m.name for m in leaves])
 

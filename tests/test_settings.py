@@ -30,7 +30,7 @@ def test_relative_layers_follow_the_depth_and_fixed_ones_stay(backbone, depth):
 
 
 def test_stage_lists_stay_strictly_increasing_and_user_values_are_never_mapped():
-    from sharp.methods.settings import LayerRule
+    from sharp.engine.method import LayerRule
 
     assert LayerRule("relative").map([4, 5, 6], 4) == [1, 2, 3]  # all three would round to 1
     with pytest.raises(ValueError, match="do not fit"):

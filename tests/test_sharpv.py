@@ -444,14 +444,14 @@ def _raise(*args, **kwargs):
 @pytest.mark.parametrize("name", BACKBONES)
 def test_never_calls_an_attention_score_function(name, monkeypatch):
     from sharp.engine import attention, context
-    from sharp.engine.session import PruningSession
+    from sharp.engine.prefill import PrefillRunner
 
     monkeypatch.setattr(attention, "attention_of_last_tokens", _raise)
     monkeypatch.setattr(sharp.engine, "attention_of_last_tokens", _raise)
     monkeypatch.setattr(context, "attention_of_last_tokens", _raise)
     monkeypatch.setattr(StageContext, "last_token_attention", _raise)
     monkeypatch.setattr(StageContext, "vision", _raise)
-    monkeypatch.setattr(PruningSession, "vision_maps", _raise)
+    monkeypatch.setattr(PrefillRunner, "vision_maps", _raise)
     for module in list(sys.modules.values()):
         if (getattr(module, "__name__", "").startswith("transformers.models.")
                 and hasattr(module, "eager_attention_forward")):

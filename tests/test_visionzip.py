@@ -1,4 +1,4 @@
-"""VisionZip and visionzip_sharp (baselines/visionzip.py) against independent references.
+"""VisionZip and visionzip_sharp (sharp/methods/visionzip.py) against independent references.
 
 References: the vision tower's own eager attention weights (SigLIP: ``output_attentions``; Qwen2-VL:
 transformers' ``eager_attention_forward`` recorded), its keys recomputed from the layer's input,
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import sharp
-from baselines.visionzip import apportion, split_budget, visionzip_group
+from sharp.methods.visionzip import apportion, split_budget, visionzip_group
 from sharp import flops
 from sharp.methods import budget
 
@@ -384,7 +384,7 @@ def test_table3_cell_keeps_the_ports_800_tokens():
     which int(25 x 54 / 64) = 21 dominant and 4 contextual: 32 x 25 = 800 of 32 x 196 (12.76 %, the
     table's "12.8 %"). The Table 3 sweep cell must keep exactly that, frame by frame."""
     from sharp.harness.config import cell_from_cfg, cell_overrides, compose, load_sweep
-    from baselines.visionzip import apportion, split_budget
+    from sharp.methods.visionzip import apportion, split_budget
 
     sweep = load_sweep("table3")
     index = [c["method"] for c in sweep["cells"]].index("visionzip")

@@ -1,14 +1,19 @@
 """The pruning engine: hooks, KV cache, masks, positions and composition, once for every method.
 
-Modules: ``session`` (hooks, stages, decode), ``context`` (what a method sees), ``sequence`` (the
-current prefill sequence), ``attention`` (last-token scores without the N x N map), ``compose``
-(methods in sequence), ``trace`` (what the last prefill did).
+Modules: ``method`` (the contract a method implements: PruningMethod, Selection, budget, layer
+kwargs), ``plan`` (which method acts where), ``prefill`` (stages, masks and probes in a prefill),
+``decode`` (per-layer caches in decode), ``session`` (the hooks that wire them to a model),
+``context`` (what a method sees), ``sequence`` (the current prefill sequence), ``attention``
+(last-token scores without the N x N map), ``compose`` (methods in sequence), ``trace`` (what the
+last prefill did). The engine imports nothing from :mod:`sharp.methods`; ``sharp.prune`` (resolve, then
+hook) is in :mod:`sharp.api`.
 """
 from sharp.engine.attention import attention_of_last_tokens, cuda_sync, rope_apply
 from sharp.engine.compose import ComposedMethod, compose
-from sharp.engine.context import StageContext, VisualTokens
-from sharp.engine.session import PruningSession, prune
+from sharp.engine.context import SessionContext, StageContext, VisualTokens
+from sharp.engine.method import PruningMethod, Selection, budget
+from sharp.engine.session import PruningSession
 from sharp.engine.trace import Trace
 
-__all__ = ["ComposedMethod", "PruningSession", "StageContext", "Trace", "VisualTokens", "attention_of_last_tokens",
-           "compose", "cuda_sync", "prune", "rope_apply"]
+__all__ = ["ComposedMethod", "PruningMethod", "PruningSession", "Selection", "SessionContext", "StageContext", "Trace",
+           "VisualTokens", "attention_of_last_tokens", "budget", "compose", "cuda_sync", "rope_apply"]

@@ -13,7 +13,7 @@ its children and
 
 The FLOPs counter composes the token schedules (:meth:`ComposedMethod.token_schedule`): the element-wise
 minimum of the children's schedules. This is exact because every budget is a share of the ORIGINAL
-visual count (see :mod:`sharp.methods.base`) and a stage never keeps more than it receives.
+visual count (see :mod:`sharp.engine.method`) and a stage never keeps more than it receives.
 
 What cannot compose (a clear error when the method is made or ``sharp.prune`` starts):
 
@@ -33,7 +33,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
-from sharp.methods.base import PruningMethod
+from sharp.engine.method import PruningMethod
+
+
+def child_keys(parts: list[str]) -> list[str]:
+    """Kwarg keys of composed children: the name, or ``name@i`` (i-th occurrence) when repeated."""
+    keys, seen = [], {}
+    for p in parts:
+        seen[p] = seen.get(p, 0) + 1
+        keys.append(p if parts.count(p) == 1 else f"{p}@{seen[p]}")
+    return keys
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""What a method sees at one layer of one prefill: :class:`StageContext`.
+"""What a method sees of the engine: :class:`StageContext` (one layer of one prefill) and
+:class:`SessionContext` (its ``install`` and ``after_prefill``). Methods never hold the session.
 
 The same context is given to ``select`` (a stage before layer ``layer_idx``) and to
 ``attention_mask`` (every layer). It describes the CURRENT sequence: after earlier stages (of this
@@ -16,9 +17,10 @@ import torch
 
 from sharp.engine.attention import attention_of_last_tokens
 from sharp.engine.sequence import SeqState
-from sharp.methods.base import budget
+from sharp.engine.method import budget
 
 if TYPE_CHECKING:  # pragma: no cover
+    from sharp.engine.prefill import PrefillRunner
     from sharp.engine.session import PruningSession
 
 
@@ -44,21 +46,23 @@ class VisualTokens:
 class StageContext:
     """One layer of one prefill (or probe) as a method sees it."""
 
-    def __init__(self, session: "PruningSession", layer_idx: int, hidden_states: torch.Tensor, seq: SeqState,
+    def __init__(self, runner: "PrefillRunner", layer_idx: int, hidden_states: torch.Tensor, seq: SeqState,
                  owner: Optional[int] = None, layer_input: Optional[torch.Tensor] = None):
-        self.session = session
+        self._runner = runner
         self.layer_idx = layer_idx
         # (b, s, d): input of layer ``layer_idx`` (a stage), or the residual stream after its attention
         # (an ``after_attention`` context, whose ``layer_input`` is then the layer's input)
         self.hidden_states = hidden_states
         self.layer_input = hidden_states if layer_input is None else layer_input
         self.seq = seq
-        self.owner = owner  # position of the method in the session's (flattened) method list
+        self.owner = owner  # position of the method in the plan's (flattened) method list
 
     # -- the call -----------------------------------------------------------------------------
-    backbone = property(lambda self: self.session.backbone)
-    layout = property(lambda self: self.session.layout)
-    phase = property(lambda self: self.session.phase)  # "prefill" | "probe"
+    backbone = property(lambda self: self._runner.backbone)
+    layout = property(lambda self: self._runner.layout)
+    phase = property(lambda self: self._runner.phase)  # "prefill" | "probe"
+    num_layers = property(lambda self: self._runner.plan.num_layers)  # decoder layers of the backbone
+    prefill_inputs = property(lambda self: self._runner.prefill_inputs)  # the prefill call's kwargs
     batch_size = property(lambda self: self.hidden_states.shape[0])
     seq_len = property(lambda self: self.hidden_states.shape[1])
 
@@ -117,19 +121,27 @@ class StageContext:
     @property
     def trace(self) -> SimpleNamespace:
         """The owner method's namespace on the trace (results users read: ``trace.method(name)``)."""
-        return self.session.method_trace(self.owner)
+        return self._runner.method_trace(self.owner)
 
     @property
     def state(self) -> SimpleNamespace:
         """The owner method's scratch space for this prefill (emptied when the next prefill starts)."""
-        return self.session.method_state(self.owner)
+        return self._runner.method_state(self.owner)
+
+    def add_time(self, key: str, seconds: float) -> None:
+        """Add ``seconds`` to the trace's ``stage_times[key]`` (a method's own timing column)."""
+        self._runner.trace.add_time(key, seconds)
+
+    def stage_time(self, key: str) -> float:
+        """Seconds recorded so far in this prefill under ``stage_times[key]`` (0 when none)."""
+        return self._runner.trace.stage_times.get(key, 0.0)
 
     # -- other layers -----------------------------------------------------------------------------
     def recorded(self, layer: int) -> "StageContext":
         """The context of layer ``layer``'s recorded prefill input (a layer in the method's
         ``score_layers``, not after this one): its hidden states and its sequence."""
-        hidden, seq = self.session.recorded_input(layer)
-        return StageContext(self.session, layer, hidden, seq, self.owner)
+        hidden, seq = self._runner.recorded_input(layer)
+        return StageContext(self._runner, layer, hidden, seq, self.owner)
 
     def last_token_attention(self, layer: Optional[int] = None, queries: int = 1, rope: bool = True,
                              softmax_over: str = "all", space: str = "prob") -> torch.Tensor:
@@ -151,14 +163,14 @@ class StageContext:
             self.backbone, src.layer_idx, src.layer_input, src.seq.position_embeddings,
             src.seq.attention_mask_2d, queries=queries, rope=rope,
             key_mask=src.seq.visual_mask if softmax_over == "visual" else None, space=space)
-        return self.seq.map_from(src.seq, scores, self.session.input_length)
+        return self.seq.map_from(src.seq, scores, self._runner.input_length)
 
     # -- the vision tower ---------------------------------------------------------------------------
     def vision(self, layer: Union[int, str, None] = None):
         """:class:`~sharp.backbones.VisionMaps` of a vision-encoder layer listed in the method's
         ``vision_layers()`` (None / "feature": the layer that feeds the LLM), over the ORIGINAL visual
         tokens (b, N_vis, ...): index them with ``visual_tokens(b).index``."""
-        return self.session.vision_maps(layer)
+        return self._runner.vision_maps(layer)
 
     # -- probes -----------------------------------------------------------------------------------
     def probe(self, modify_inputs: Callable[[dict], dict], fn: Callable[["StageContext"], Any]) -> Any:
@@ -168,4 +180,45 @@ class StageContext:
         made in the real prefill (the same kept original indices; merges are not replayed), so the
         probe's context has the same current visual tokens as this one.
         """
-        return self.session.probe(modify_inputs(dict(self.session.prefill_inputs)), (self.layer_idx, self.owner), fn)
+        return self._runner.probe(modify_inputs(dict(self.prefill_inputs)), (self.layer_idx, self.owner), fn)
+
+
+class SessionContext:
+    """What one method sees of its ``sharp.prune`` session outside a stage: in ``install`` (add hooks)
+    and in ``after_prefill`` (read recorded layer inputs, drop KV-cache entries)."""
+
+    def __init__(self, session: "PruningSession", owner: int):
+        self._session = session
+        self.owner = owner  # position of the method in the plan's (flattened) method list
+
+    backbone = property(lambda self: self._session.backbone)
+    num_layers = property(lambda self: self._session.plan.num_layers)
+    layout = property(lambda self: self._session.prefill.layout)  # of the current (or last) prefill
+    phase = property(lambda self: self._session.phase)  # "prefill" | "probe" | "decode" | None
+    prefill_inputs = property(lambda self: self._session.prefill.prefill_inputs)
+
+    @property
+    def trace(self) -> SimpleNamespace:
+        """The method's namespace on the trace."""
+        return self._session.prefill.method_trace(self.owner)
+
+    @property
+    def state(self) -> SimpleNamespace:
+        """The method's scratch space for this prefill."""
+        return self._session.prefill.method_state(self.owner)
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self._session.trace.add_time(key, seconds)
+
+    def add_hook(self, module: torch.nn.Module, hook: Callable, *, pre: bool = True, with_kwargs: bool = True):
+        """Register a forward (pre-)hook that is removed when the ``sharp.prune`` block ends."""
+        return self._session.add_hook(module, hook, pre=pre, with_kwargs=with_kwargs)
+
+    def recorded_input(self, layer: int):
+        """(hidden (b, s_l, d), SeqState) at the input of ``layer`` in the last prefill (a layer in the
+        method's ``score_layers``)."""
+        return self._session.prefill.recorded_input(layer)
+
+    def drop_kv(self, layer: int, keep: list[torch.Tensor]) -> None:
+        """Keep only entries ``keep[b]`` of layer ``layer``'s KV cache (same count per sample)."""
+        self._session.kv.drop_kv(layer, keep)

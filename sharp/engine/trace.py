@@ -46,3 +46,14 @@ class Trace:
         self.n_visual = n_visual
         self.prefill_calls += 1
         self.methods = {key: SimpleNamespace() for key in method_keys}
+
+    def record_stage(self, layer: int, key: str, kept: list[torch.Tensor]) -> None:
+        """An applied stage: before ``layer``, method ``key`` left ``kept[b]`` (ORIGINAL indices)."""
+        self.kept.append(kept)
+        self.stage_layers.append(layer)
+        self.stage_owners.append(key)
+
+    def record_layer_counts(self, counts: list[int]) -> None:
+        """The visual tokens of each sample that the next decoder layer processes."""
+        self.visual_tokens_per_layer.append(int(counts[0]))
+        self.visual_tokens_by_sample.append([int(c) for c in counts])

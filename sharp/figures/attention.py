@@ -30,7 +30,7 @@ import torch
 
 from sharp.figures import style
 from sharp.figures.video import FigureVideo
-from sharp.methods.base import PruningMethod, Selection
+from sharp.engine.method import PruningMethod, Selection
 from sharp.methods.posc import BiasCache, positional_bias
 
 KINDS = ("real", "black", "calibrated")

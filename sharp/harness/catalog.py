@@ -55,7 +55,7 @@ def method_parts(name: str) -> Optional[list[str]]:
 
 def method_children(name: str) -> Optional[list[str]]:
     """Per-child kwarg keys of a composed method / combination (``fastv``, ``sharp``), else None."""
-    from sharp.methods.registry import child_keys
+    from sharp.engine.compose import child_keys
 
     parts = method_parts(name)
     return child_keys(parts) if parts else None

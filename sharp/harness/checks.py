@@ -50,14 +50,14 @@ def check_limit(value: Any) -> Optional[float]:
 
 
 def check_retention(value: Any, method: str) -> float:
+    """The engine's retention rule (:func:`sharp.engine.method.check_retention`) as a harness error."""
+    from sharp.engine.method import check_retention as engine_check
+
     try:
-        retention = float(value)
-    except (TypeError, ValueError):
-        retention = None
-    if isinstance(value, bool) or retention is None or not 0 < retention <= 1:
+        return engine_check(value)
+    except ValueError:
         raise HarnessError(f"retention={value!r} (method {method}): accepted values: a number in (0, 1] "
-                           "(the kept share of the visual tokens)")
-    return retention
+                           "(the kept share of the visual tokens)") from None
 
 
 def _positive_int(cfg, key: str, what: str) -> int:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from sharp.harness.cells import Cell, format_retention
 from sharp.harness.resources import HarnessError
 from sharp.lmms.args import flatten_kwargs
+from sharp.methods.settings import deep_merge
 from sharp.paths import config_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]          # .../sharp
@@ -121,17 +122,6 @@ def to_plain(node: Any) -> Any:
     if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
     return node
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    """``extra`` on top of ``base``; dicts merge key by key (a composed method's per-child kwargs)."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def method_kwargs(cfg: DictConfig) -> dict:

@@ -212,6 +212,8 @@ class SharpVideoLMM(lmms):
         # the method made once for the backbone (sharp.resolve_method); a backbone loaded from another
         # checkpoint is resolved once it has loaded (its depth comes with it)
         self.pruner = None if "checkpoint" in backbone_overrides else self._resolve(self.backbone_name)
+        if self.pruner is None:  # its kwargs are still checked now, before any weights load
+            self._check_unresolved()
         self._batch_size = self._check_batch_size(batch_size)
         if not isinstance(strict, bool):
             raise ModelArgsError(f"{self.model_id}: strict={strict!r}; accepted values: true, false")
@@ -280,6 +282,14 @@ class SharpVideoLMM(lmms):
         self.method_settings = resolved.settings
         return resolved.method
 
+    def _check_unresolved(self) -> None:
+        from sharp.methods import make_method
+
+        try:
+            make_method(self.method, self.retention, **self.method_kwargs)
+        except (ValueError, TypeError) as err:
+            raise ModelArgsError(f"{self.model_id}: {err}") from None
+
     def _check_method(self, method: Optional[str], retention: Any, kwargs: dict):
         from sharp import methods as M
 
@@ -301,13 +311,6 @@ class SharpVideoLMM(lmms):
         try:
             retention = M.check_retention(retention)
         except ValueError as err:
-            raise ModelArgsError(f"{self.model_id}: {err}") from None
-        if method == "vanilla" and retention != 1.0:
-            raise ModelArgsError(f"{self.model_id}: retention={retention} with method 'vanilla'; accepted values: 1 "
-                                 "(vanilla keeps every visual token)")
-        try:
-            M.make_method(method, retention, **kwargs)
-        except (ValueError, TypeError) as err:
             raise ModelArgsError(f"{self.model_id}: {err}") from None
         return method, retention, kwargs
 

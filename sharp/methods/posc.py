@@ -78,7 +78,7 @@ class BiasCache:
 
     def keys(self, ctx, reading: str, per_prompt: bool) -> list[str]:
         """One cache key per sample of the current stage context."""
-        bb, layout, inputs = ctx.backbone, ctx.layout, ctx.session.prefill_inputs
+        bb, layout, inputs = ctx.backbone, ctx.layout, ctx.prefill_inputs
         ids = inputs["input_ids"]
         common = (
             f"v{BIAS_VERSION}|{bb.name}|{model_fingerprint(bb.model)}|{bb.dtype}|{ctx.hidden_states.device.type}|"
@@ -87,7 +87,7 @@ class BiasCache:
         keys = []
         for b in range(ids.shape[0]):
             tokens = ctx.visual_tokens(b)
-            real = ctx.session.prefill_inputs.get("attention_mask", torch.ones_like(ids))[b].bool()
+            real = ctx.prefill_inputs.get("attention_mask", torch.ones_like(ids))[b].bool()
             first_visual = int(ctx.backbone.visual_mask(ids[b:b + 1], layout)[0].nonzero()[0])
             key = f"{common}|pads={int((~real).sum())}|before={int(real[:first_visual].sum())}"
             if len(tokens) != layout.n_visual:  # an earlier stage removed tokens: the bias is of the kept ones
@@ -150,7 +150,7 @@ def positional_bias(ctx, score: Callable, cache: BiasCache, reading: str, per_pr
 
         probed = ctx.probe(ctx.backbone.black_inputs, measure)
         cuda_sync(device)
-        ctx.session.trace.add_time("probe", time.perf_counter() - t0)
+        ctx.add_time("probe", time.perf_counter() - t0)
         for b in range(len(keys)):
             if b not in found:
                 found[b] = probed[b]

@@ -9,21 +9,31 @@ occurrence); a ``retention`` inside a child's dict overrides the top-level reten
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from typing import TYPE_CHECKING
 
-from sharp.methods.base import PruningMethod, check_retention
+from sharp.engine.compose import ComposedMethod, child_keys
+from sharp.engine.method import PruningMethod, check_retention
+from sharp.methods.fastv import FastV
+from sharp.methods.feather import Feather
+from sharp.methods.framefusion import FrameFusion
+from sharp.methods.holitom import HoliTom, HoliTomSharp
+from sharp.methods.pdrop import PyramidDrop
+from sharp.methods.sharp import ShaRP
+from sharp.methods.sharpv import SharpV
+from sharp.methods.vanilla import Vanilla
+from sharp.methods.visionzip import VisionZip, VisionZipShaRP
 
-if TYPE_CHECKING:  # pragma: no cover
-    from sharp.engine.compose import ComposedMethod
-
-_REGISTRY: dict[str, type[PruningMethod]] = {}
-# modules whose import registers the built-in methods (baselines/__init__ imports every baseline)
-_BUILTIN_MODULES = ("sharp.methods.vanilla", "sharp.methods.sharp", "baselines")
+# The built-in methods and combinations, the one list of them (a new method adds its class here).
+BUILTIN_METHODS: tuple[type[PruningMethod], ...] = (
+    Vanilla, ShaRP, SharpV,  # the paper's method and its sibling
+    FastV, PyramidDrop, Feather, FrameFusion, VisionZip, HoliTom,  # the compared baselines
+    VisionZipShaRP, HoliTomSharp,  # the combinations of Table 3
+)
+_REGISTRY: dict[str, type[PruningMethod]] = {cls.name: cls for cls in BUILTIN_METHODS}
 
 
 def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
-    """Class decorator: make ``cls`` available as ``sharp.prune(..., method=cls.name)``."""
+    """Class decorator for methods defined outside this package (an extension, a test's ``_probe``):
+    make ``cls`` available as ``sharp.prune(..., method=cls.name)``."""
     if not getattr(cls, "name", None):
         raise TypeError(f"{cls.__name__} must define a class attribute `name`")
     if "+" in cls.name or "@" in cls.name:
@@ -32,19 +42,12 @@ def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
     return cls
 
 
-def _import_builtin_methods() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
-
-
 def method_names() -> list[str]:
     """Every registered method and combination (test-only methods start with ``_``)."""
-    _import_builtin_methods()
     return sorted(_REGISTRY)
 
 
 def get_method_class(name: str) -> type[PruningMethod]:
-    _import_builtin_methods()
     if name not in _REGISTRY:
         valid = ", ".join(n for n in sorted(_REGISTRY) if not n.startswith("_"))
         raise ValueError(f"unknown pruning method {name!r}; valid methods: {valid} "
@@ -54,18 +57,7 @@ def get_method_class(name: str) -> type[PruningMethod]:
 
 def is_composed_name(name: str) -> bool:
     """True for ``a+b`` names and registered combinations."""
-    from sharp.engine.compose import ComposedMethod
-
     return "+" in name or issubclass(get_method_class(name), ComposedMethod)
-
-
-def child_keys(parts: list[str]) -> list[str]:
-    """Kwarg keys of composed children: the name, or ``name@i`` (i-th occurrence) when repeated."""
-    keys, seen = [], {}
-    for p in parts:
-        seen[p] = seen.get(p, 0) + 1
-        keys.append(p if parts.count(p) == 1 else f"{p}@{seen[p]}")
-    return keys
 
 
 def _check_kwargs(cls: type[PruningMethod], name: str, kwargs: dict) -> None:
@@ -82,20 +74,16 @@ def make_method(name: str, retention: float = 1.0, **kwargs) -> PruningMethod:
     raise a clear error here, before any forward."""
     retention = check_retention(retention)
     if "+" in name:
-        from sharp.engine.compose import ComposedMethod
-
         return _make_composed(ComposedMethod, name.split("+"), retention, kwargs, label=name)
     cls = get_method_class(name)
-    from sharp.engine.compose import ComposedMethod
-
     if issubclass(cls, ComposedMethod):
         return _make_composed(cls, list(cls.parts), retention, kwargs, label=name)
     _check_kwargs(cls, name, kwargs)
     return cls(retention=retention, **kwargs)
 
 
-def _make_composed(cls: "type[ComposedMethod]", parts: list[str], retention: float, kwargs: dict,
-                   label: str) -> "ComposedMethod":
+def _make_composed(cls: type[ComposedMethod], parts: list[str], retention: float, kwargs: dict,
+                   label: str) -> ComposedMethod:
     if any(not p for p in parts):
         raise ValueError(f"composed method {label!r} has an empty part; write e.g. 'fastv+sharp'")
     keys = child_keys(parts)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sharp.methods.base import PruningMethod, Selection
+from sharp.engine.method import PruningMethod, Selection
 
 
 @dataclass

@@ -31,68 +31,11 @@ import copy
 import dataclasses
 import functools
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
-from sharp.methods.base import PruningMethod
-
-REFERENCE_DEPTH = 28  # decoder layers of the paper's 7B backbones, where the methods' layer defaults are set
-LAYER_SCALINGS = ("relative", "fixed")
-
-
-@dataclass(frozen=True)
-class LayerRule:
-    """How a decoder-layer kwarg follows a backbone of another depth (module docstring, step 2).
-
-    scaling: "relative" | "fixed"; lowest: the smallest valid layer (1 for a stage that ranks with the
-    layer before it); value_of: the attribute holding the value in use when the field is None and
-    None means "the method's own" (PyramidDrop's ``stage_layers``); None values are otherwise kept."""
-
-    scaling: str
-    lowest: int = 1
-    value_of: Optional[str] = None
-
-    def __post_init__(self):
-        if self.scaling not in LAYER_SCALINGS:
-            raise ValueError(f"LayerRule: scaling must be one of {', '.join(LAYER_SCALINGS)}, got {self.scaling!r}")
-
-    def map(self, value: Union[int, list, tuple], depth: int) -> Union[int, list]:
-        """``value`` (a layer or a list of stage layers in 28-layer units) on a ``depth``-layer model."""
-        if isinstance(value, (list, tuple)):
-            return self._map_list(list(value), depth)
-        return self._map_one(value, depth)
-
-    def _map_one(self, layer: int, depth: int) -> int:
-        if self.scaling == "relative":
-            layer = math.floor(layer * depth / REFERENCE_DEPTH + 0.5)
-        return min(max(layer, self.lowest), depth - 1)
-
-    def _map_list(self, layers: list[int], depth: int) -> list[int]:
-        out = []
-        for layer in (self._map_one(k, depth) for k in layers):
-            out.append(layer if not out or layer > out[-1] else out[-1] + 1)
-        if out and out[-1] > depth - 1:
-            raise ValueError(f"{len(layers)} stage layers {layers} do not fit a {depth}-layer model "
-                             f"(valid layers {self.lowest}..{depth - 1})")
-        return out
-
-
-def layer_kwarg(default: Any = dataclasses.MISSING, *, scaling: str, lowest: int = 1,
-                value_of: Optional[str] = None, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field holding decoder layer(s), with the :class:`LayerRule` that maps it to a
-    backbone's depth (``layer: int = layer_kwarg(2, scaling="fixed")``)."""
-    rule = LayerRule(scaling, lowest, value_of)
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata={"layer_rule": rule})
-    return field(default=default, metadata={"layer_rule": rule})
-
-
-def layer_rules(cls: type) -> dict[str, LayerRule]:
-    """{field name: LayerRule} of a method class."""
-    return {f.name: f.metadata["layer_rule"] for f in dataclasses.fields(cls) if "layer_rule" in f.metadata}
-
+from sharp.engine.method import REFERENCE_DEPTH, PruningMethod, layer_rules
 
 # ----------------------------------------------------------------------------- backbones
 @dataclass(frozen=True)
@@ -112,7 +55,7 @@ class BackboneFacts:
             return backbone
         if isinstance(backbone, str):
             return _facts_of_name(backbone)
-        from sharp.engine.session import uses_mrope
+        from sharp.engine.plan import uses_mrope
 
         return cls(backbone.name, backbone.family, backbone.num_layers, len(backbone.vision_layers),
                    uses_mrope(backbone))
@@ -162,13 +105,17 @@ def _backbone_sections(name: str) -> dict:
 def configured_for_backbone(name: str, backbone: BackboneFacts) -> dict:
     """The ``backbones`` section of ``configs/method/<name>.yaml`` for this backbone (family, then name)."""
     sections = _backbone_sections(name)
-    return _merge(dict(sections.get(backbone.family) or {}), dict(sections.get(backbone.name) or {}))
+    return deep_merge(dict(sections.get(backbone.family) or {}), dict(sections.get(backbone.name) or {}))
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``extra`` on top of ``base``; dicts merge key by key (a composed method's per-child kwargs)."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
     return out
 
 
@@ -248,14 +195,14 @@ def _resolve_composed(name: str, retention: float, facts: BackboneFacts, default
     parts = name.split("+") if "+" in name else list(get_method_class(name).parts)
     cls = ComposedMethod if "+" in name else get_method_class(name)
     keys = child_keys(parts)
-    make_method(name, retention, **_merge(defaults, user))  # names, per-child dicts and values, as given
-    combo_defaults = _merge(getattr(cls, "child_defaults", {}) or {}, defaults)
+    make_method(name, retention, **deep_merge(defaults, user))  # names, per-child dicts and values, as given
+    combo_defaults = deep_merge(getattr(cls, "child_defaults", {}) or {}, defaults)
     configured = configured_for_backbone(name, facts) if "+" not in name else {}
     combo_rules = getattr(cls, "child_layer_rules", {}) or {}
     children = []
     for part, key in zip(parts, keys):
         child_defaults = dict(combo_defaults.get(key) or {})
-        child_user = _merge(dict(configured.get(key) or {}), dict(user.get(key) or {}))
+        child_user = deep_merge(dict(configured.get(key) or {}), dict(user.get(key) or {}))
         child_retention = child_user.pop("retention", child_defaults.pop("retention", retention))
         child_defaults.pop("retention", None)
         children.append(_resolve_name(part, child_retention, facts, child_defaults, child_user,

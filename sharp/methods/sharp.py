@@ -35,11 +35,9 @@ from typing import Any, Optional
 import torch
 
 from sharp.engine.attention import cuda_sync
-from sharp.methods.base import PruningMethod, Selection, budget
+from sharp.engine.method import PruningMethod, Selection, budget, layer_kwarg
 from sharp.methods.posc import POSC_KEYS, BiasCache, default_cache_dir, positional_bias
 from sharp.methods.regd import ABSORB_MODES, CLUSTER_MODES, DEDUP_MODES, FILL_MODES, regd as run_regd
-from sharp.methods.registry import register_method
-from sharp.methods.settings import layer_kwarg
 from sharp.methods.segm import segment_mask, token_segments
 
 SCORE_AT = ("previous", "stage")
@@ -48,7 +46,6 @@ SOFTMAX_OVER = ("all", "visual")
 REGD_SEGMENTS = ("eq3", "video")
 
 
-@register_method
 @dataclass
 class ShaRP(PruningMethod):
     """ShaRP with the paper's settings as defaults (Sec. 5.1). See docs/sharp.md."""
@@ -149,8 +146,8 @@ class ShaRP(PruningMethod):
         return [n_visual if layer < self.layer else kept for layer in range(num_layers)]
 
     # -- session hooks -----------------------------------------------------------------------
-    def install(self, session) -> None:
-        self._backbone = session.backbone
+    def install(self, ctx) -> None:
+        self._backbone = ctx.backbone
 
     # -- SegM (Sec. 4.1) ---------------------------------------------------------------------
     def segments(self, ctx) -> list[torch.Tensor]:
@@ -189,7 +186,7 @@ class ShaRP(PruningMethod):
             mask = segment_mask(ctx.seq_len, positions, ids, visual_sees_text=self.segm_sees_text, device=device)
         st.mask, st.mask_seq = mask, ctx.seq
         cuda_sync(device)
-        ctx.session.trace.add_time("attn", time.perf_counter() - t0)
+        ctx.add_time("attn", time.perf_counter() - t0)
         return mask
 
     # -- scoring and PosC (Sec. 4.2) -----------------------------------------------------------
@@ -210,18 +207,17 @@ class ShaRP(PruningMethod):
 
     # -- selection (Sec. 4.3) --------------------------------------------------------------------
     def select(self, ctx) -> Selection:
-        trace = ctx.session.trace
         device = ctx.hidden_states.device
         cuda_sync(device)
         t0 = time.perf_counter()
-        probe0 = trace.stage_times.get("probe", 0.0)
+        probe0 = ctx.stage_time("probe")
         of_index = self.segments(ctx)
         retention = self.effective_retention(ctx.n_visual, ctx.backbone)
         k = ctx.budget(retention)
         calibrated, bias = self.calibrated_scores(ctx)
         topk = Selection.top_k(calibrated, k).keep_visual
         cuda_sync(device)
-        trace.add_time("attn", time.perf_counter() - t0 - (trace.stage_times.get("probe", 0.0) - probe0))
+        ctx.add_time("attn", time.perf_counter() - t0 - (ctx.stage_time("probe") - probe0))
         self._record(ctx, retention, k, calibrated, bias, topk)
         if not self.regd:
             ctx.trace.after_regd = [t.clone() for t in ctx.trace.after_topk]
@@ -252,7 +248,7 @@ class ShaRP(PruningMethod):
                 tau_cluster=self.tau_cluster, beta=self.beta, absorb=self.absorb, dedup=self.dedup,
                 cluster=self.cluster, fill=self.fill)
             for key in ("filter", "dedup", "fill"):
-                ctx.session.trace.add_time(key, r.times[key])
+                ctx.add_time(key, r.times[key])
             keep.append(r.keep)
             if r.kept_hidden is not None:  # absorb="mean": kept tokens carry what they absorbed
                 if new_hidden is None:

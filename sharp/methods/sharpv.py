@@ -35,7 +35,7 @@ V_0 = the rows entering layer 0 (the features entering the LLM):
     sim_l = cos(mean_i V_l[i], mean_i V_0[i])   (``similarity="mean"``)
 
 and every layer l >= 1 with sim_l < M in every sample of the batch loses its visual KV-cache entries
-(``session.drop_kv``; the text entries stay). Layer 0 is never dropped (its cache length gives
+(``ctx.drop_kv`` of the post-prefill context; the text entries stay). Layer 0 is never dropped (its cache length gives
 generate's positions).
 
 Every reading of the summary's text is written next to its formula in docs/sharpv.md. Results:
@@ -55,8 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from sharp.engine.attention import cuda_sync
-from sharp.methods.base import PruningMethod, Selection, budget
-from sharp.methods.registry import register_method
+from sharp.engine.method import PruningMethod, Selection, budget
 
 MODES = ("adaptive", "fixed")
 ADAPTIVE_RULES = ("ratio", "threshold")
@@ -195,7 +194,6 @@ def non_visual_entries(visual_mask: torch.Tensor, attention_mask_2d: torch.Tenso
     return keep
 
 
-@register_method
 @dataclass
 class SharpV(PruningMethod):
     """SharpV with the summary's settings as defaults (w = 1, M = 0.2). See docs/sharpv.md."""
@@ -251,23 +249,19 @@ class SharpV(PruningMethod):
         """Memory stage: every layer's prefill input (V_l, or the rows of its output); none without it."""
         return list(range(num_layers)) if self.memory else []
 
-    def install(self, session) -> None:
+    def install(self, ctx) -> None:
         """``memory_features="output"``: a forward hook on every decoder layer keeps its prefill output
         (b, s_l, d) in the method's per-prefill state (V_l is read from it after the prefill)."""
         if not (self.memory and self.memory_features == "output"):
             return
-        for idx, layer in enumerate(session.backbone.layers):
-            session.add_hook(layer, self._output_hook(session, idx), pre=False)
+        for idx, layer in enumerate(ctx.backbone.layers):
+            ctx.add_hook(layer, self._output_hook(ctx, idx), pre=False)
 
-    def _output_hook(self, session, idx: int):
+    def _output_hook(self, ctx, idx: int):
         def hook(module, args, kwargs, output):
-            try:
-                phase = session.phase
-            except IndexError:  # no forward in progress
-                return None
-            if phase == "prefill":
+            if ctx.phase == "prefill":
                 out = output[0] if isinstance(output, tuple) else output
-                state = session.method_state(self)
+                state = ctx.state
                 if not hasattr(state, "outputs"):
                     state.outputs = {}
                 state.outputs[idx] = out.detach()
@@ -318,35 +312,35 @@ class SharpV(PruningMethod):
         return k
 
     # -- Memory SharpV -------------------------------------------------------------------------
-    def after_prefill(self, session) -> None:
+    def after_prefill(self, ctx) -> None:
         """sim_l of every layer, then the KV drop of the layers degraded in every sample (see
         :meth:`drop_degraded_layer`); results on the method's trace."""
         if not self.memory:
             return
-        trace = session.method_trace(self)
-        if not self._prefill_has_cache(session):
+        trace = ctx.trace
+        if not self._prefill_has_cache(ctx):
             trace.memory_layers, trace.dropped_layers, trace.kv_bytes_saved = [], [], 0
             return
-        cuda_sync(session.backbone.device)
+        cuda_sync(ctx.backbone.device)
         t0 = time.perf_counter()
-        sims = self.layer_similarities(session)  # (b, L)
+        sims = self.layer_similarities(ctx)  # (b, L)
         trace.similarity = sims.T.tolist()  # per layer l: [sim_l of each sample]
         trace.memory_features = self.memory_features
-        trace.memory_layers = [self.drop_degraded_layer(session, layer, sims[:, layer])
-                               for layer in range(session.num_layers)]
+        trace.memory_layers = [self.drop_degraded_layer(ctx, layer, sims[:, layer])
+                               for layer in range(ctx.num_layers)]
         trace.dropped_layers = [r["layer"] for r in trace.memory_layers if r["bytes_saved"] > 0]
         trace.kv_bytes_before = sum(r["bytes_before"] for r in trace.memory_layers)
         trace.kv_bytes_saved = sum(r["bytes_saved"] for r in trace.memory_layers)
         trace.kv_bytes_after = trace.kv_bytes_before - trace.kv_bytes_saved
-        cuda_sync(session.backbone.device)
-        session.trace.add_time("memory", time.perf_counter() - t0)
+        cuda_sync(ctx.backbone.device)
+        ctx.add_time("memory", time.perf_counter() - t0)
 
-    def drop_degraded_layer(self, session, layer: int, sims: torch.Tensor) -> dict:
+    def drop_degraded_layer(self, ctx, layer: int, sims: torch.Tensor) -> dict:
         """Drop layer ``layer``'s visual cache entries if every sample is degraded there (sims (b,));
         returns the layer's row of ``trace.memory_layers``."""
-        hidden, seq = session.recorded_input(layer)  # the layer's cache rows are its input rows
+        hidden, seq = ctx.recorded_input(layer)  # the layer's cache rows are its input rows
         b, s = seq.visual_mask.shape
-        per_entry = self._kv_bytes_per_entry(session.backbone, layer, hidden.dtype)
+        per_entry = self._kv_bytes_per_entry(ctx.backbone, layer, hidden.dtype)
         degraded = self.degraded(sims, layer).tolist()
         row = {"layer": layer, "similarity": sims.tolist(), "degraded": degraded,
                "visual_entries": seq.visual_mask.sum(dim=1).tolist(), "dropped": [0] * b,
@@ -359,7 +353,7 @@ class SharpV(PruningMethod):
         if keep is None:
             row["note"] = "not dropped: the samples cannot keep equal entry counts (drop_kv needs it)"
             return row
-        session.drop_kv(layer, keep)
+        ctx.drop_kv(layer, keep)
         row["dropped"] = row["visual_entries"]
         row["bytes_saved"] = (s - len(keep[0])) * b * per_entry
         return row
@@ -370,21 +364,21 @@ class SharpV(PruningMethod):
         sequence length (generate's positions) from layer 0's cache, which must stay whole."""
         return torch.zeros_like(sims, dtype=torch.bool) if layer == 0 else sims < self.memory_threshold
 
-    def layer_similarities(self, session) -> torch.Tensor:
+    def layer_similarities(self, ctx) -> torch.Tensor:
         """(b, L) float32 sim_l per sample: layer l's visual rows (its recorded input, or with
         ``memory_features="output"`` its output) against the same tokens' rows entering layer 0
         (V_0, matched by original visual index). Input reading: sim_0 = 1 by definition."""
-        hidden0, seq0 = session.recorded_input(0)
+        hidden0, seq0 = ctx.recorded_input(0)
         b = hidden0.shape[0]
-        outputs = getattr(session.method_state(self), "outputs", {}) if self.memory_features == "output" else None
+        outputs = getattr(ctx.state, "outputs", {}) if self.memory_features == "output" else None
         first = 0 if outputs is not None else 1
-        out = torch.ones(b, session.num_layers)
+        out = torch.ones(b, ctx.num_layers)
         for i in range(b):
             pos0 = seq0.visual_positions(i)
-            row_of = torch.full((session.layout.n_visual,), -1, dtype=torch.long, device=pos0.device)
+            row_of = torch.full((ctx.layout.n_visual,), -1, dtype=torch.long, device=pos0.device)
             row_of[seq0.visual_index[i, pos0]] = pos0
-            for layer in range(first, session.num_layers):
-                hidden, seq = session.recorded_input(layer)  # the output has the input's rows
+            for layer in range(first, ctx.num_layers):
+                hidden, seq = ctx.recorded_input(layer)  # the output has the input's rows
                 if outputs is not None:
                     hidden = outputs[layer]
                 pos = seq.visual_positions(i)
@@ -399,10 +393,10 @@ class SharpV(PruningMethod):
         return 2 * attn.config.num_key_value_heads * attn.head_dim * dtype.itemsize
 
     @staticmethod
-    def _prefill_has_cache(session) -> bool:
-        use_cache = session.prefill_inputs.get("use_cache")
+    def _prefill_has_cache(ctx) -> bool:
+        use_cache = ctx.prefill_inputs.get("use_cache")
         if use_cache is None:
-            use_cache = getattr(session.backbone.text_config, "use_cache", True)
+            use_cache = getattr(ctx.backbone.text_config, "use_cache", True)
         return bool(use_cache)
 
     # -- FLOPs ---------------------------------------------------------------------------------

@@ -31,15 +31,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from sharp.methods import ScorerMethod, budget, register_method
-from sharp.methods.settings import layer_kwarg
+from sharp.engine.method import budget, layer_kwarg
+from sharp.methods.scorer import ScorerMethod
 
 SCHEDULES = ("paper", "official")
 _DEFAULT_LAYERS = {"paper": (4, 16, 24), "official": (8, 16, 24)}
 OFFICIAL_LAMBDA = 0.5  # official ratios 0.5, 0.25, 0.125
 
 
-@register_method
 @dataclass
 class PyramidDrop(ScorerMethod):
     name = "pdrop"

@@ -58,8 +58,7 @@ import torch
 
 from sharp.engine.attention import cuda_sync
 from sharp.engine.compose import ComposedMethod
-from sharp.methods import PruningMethod, Selection, budget, register_method
-from sharp.methods.settings import LayerRule, layer_kwarg
+from sharp.engine.method import LayerRule, PruningMethod, Selection, budget, layer_kwarg
 
 ROUNDINGS = ("exact", "official")
 CLUSTER_MERGES = ("beta", "mean")
@@ -241,7 +240,6 @@ class _Group:
     attention: Optional[torch.Tensor] = None
 
 
-@register_method
 @dataclass
 class HoliTom(PruningMethod):
     """HoliTom with the official defaults (README: RETAIN_RATIO, T, HOLITOM_k=18, HOLITOM_r=0.5)."""
@@ -357,7 +355,7 @@ class HoliTom(PruningMethod):
         t0 = time.perf_counter()
         out = self.select_before_llm(ctx) if ctx.layer_idx == 0 else self.select_in_llm(ctx)
         cuda_sync(device)
-        ctx.session.trace.add_time("holitom_outer" if ctx.layer_idx == 0 else "holitom_inner", time.perf_counter() - t0)
+        ctx.add_time("holitom_outer" if ctx.layer_idx == 0 else "holitom_inner", time.perf_counter() - t0)
         return out
 
     def select_before_llm(self, ctx) -> Selection:
@@ -507,7 +505,6 @@ class HoliTom(PruningMethod):
         return candidate
 
 
-@register_method
 @dataclass
 class HoliTomSharp(ComposedMethod):
     """Table 3's "HoliTom + ShaRP" (0.15 / 0.075): HoliTom before the LLM (its in-LLM stage off),

@@ -43,7 +43,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from sharp.methods import PruningMethod, Selection, register_method
+from sharp.engine.method import PruningMethod, Selection
 
 IGNORE_SIMILARITY = -2.0  # official: the first token of a patch type has no predecessor
 # official query rows of the pruning score per backbone family (Qwen2 LM ports: 1, Qwen2-VL port: 4)
@@ -129,7 +129,6 @@ class _Progress:
     steps: list = field(default_factory=list)  # (layer, "input" | "after_attention", "merge" | "prune", n_before, n_after)
 
 
-@register_method
 @dataclass
 class FrameFusion(PruningMethod):
     name = "framefusion"
@@ -196,10 +195,10 @@ class FrameFusion(PruningMethod):
         x = hidden[b, tokens.positions]  # (n, d)
         order = patch_order(patch)
         sim = neighbour_similarity(x, patch, order)  # (n,) in patch order
-        s_up = required_sparsity(p.sparsity, self.retention, ctx.session.num_layers)
+        s_up = required_sparsity(p.sparsity, self.retention, ctx.num_layers)
         marked = sim >= self.similarity_lower_bound
         merged_share = int(marked.sum()) / n
-        if merged_share < s_up and self._affordable(p.sparsity, merged_share, ctx.session.num_layers):
+        if merged_share < s_up and self._affordable(p.sparsity, merged_share, ctx.num_layers):
             p.sparsity.append(merged_share)
             if merged_share < self.ratio_lower_bound:
                 p.merging = False
@@ -236,7 +235,7 @@ class FrameFusion(PruningMethod):
     def _prune(self, ctx, b: int, p: _Progress, scores: torch.Tensor) -> torch.Tensor:
         """The pruning step on sample b: top round(n (1 - s_up)) by the last rows' attention."""
         n = scores.shape[0]
-        s_up = required_sparsity(p.sparsity, self.retention, ctx.session.num_layers)
+        s_up = required_sparsity(p.sparsity, self.retention, ctx.num_layers)
         k = max(1, min(n, int(round(n * (1.0 - s_up)))))
         p.pruning = False
         p.steps.append((ctx.layer_idx, "after_attention", "prune", n, k))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from sharp.engine.compose import ComposedMethod
-from sharp.methods import PruningMethod, Selection, register_method
+from sharp.engine.method import PruningMethod, Selection
 from sharp.methods.settings import fit_vision_layer
 
 SCOPES = ("auto", "frame", "video")
@@ -160,7 +160,6 @@ def visionzip_group(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.T
 # -- the method ---------------------------------------------------------------------------------
 
 
-@register_method
 @dataclass
 class VisionZip(PruningMethod):
     """VisionZip before the LLM; ``retention`` = the kept share of the ORIGINAL visual tokens
@@ -268,7 +267,6 @@ class VisionZip(PruningMethod):
         t.absorbed = [i[r.absorbed].cpu() for i, r in zip(index, results)]
 
 
-@register_method
 @dataclass
 class VisionZipShaRP(ComposedMethod):
     """Table 3's "VisionZip + ShaRP" ("0.20 / 0.124"): VisionZip keeps ``retention`` (20%) before the

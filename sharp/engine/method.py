@@ -1,4 +1,4 @@
-"""The pruning-method interface (in the spirit of NVIDIA/kvpress presses).
+"""The method contract: what a pruning method is to the engine (in the spirit of NVIDIA/kvpress presses).
 
 A method is a small dataclass: it says *where* it acts (``stages``), *what* it keeps at each stage
 (``select``) and, for the FLOPs counter, how many visual tokens each decoder layer processes
@@ -18,16 +18,72 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union
 
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sharp.engine import PruningSession, StageContext
+    from sharp.engine.context import SessionContext, StageContext
 
 POSITION_MODES = ("auto", "original", "compact")
+REFERENCE_DEPTH = 28  # decoder layers of the paper's 7B backbones, where the methods' layer defaults are set
+LAYER_SCALINGS = ("relative", "fixed")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How a decoder-layer kwarg follows a backbone of another depth (:mod:`sharp.methods.settings`, step 2).
+
+    scaling: "relative" | "fixed"; lowest: the smallest valid layer (1 for a stage that ranks with the
+    layer before it); value_of: the attribute holding the value in use when the field is None and
+    None means "the method's own" (PyramidDrop's ``stage_layers``); None values are otherwise kept."""
+
+    scaling: str
+    lowest: int = 1
+    value_of: Optional[str] = None
+
+    def __post_init__(self):
+        if self.scaling not in LAYER_SCALINGS:
+            raise ValueError(f"LayerRule: scaling must be one of {', '.join(LAYER_SCALINGS)}, got {self.scaling!r}")
+
+    def map(self, value: Union[int, list, tuple], depth: int) -> Union[int, list]:
+        """``value`` (a layer or a list of stage layers in 28-layer units) on a ``depth``-layer model."""
+        if isinstance(value, (list, tuple)):
+            return self._map_list(list(value), depth)
+        return self._map_one(value, depth)
+
+    def _map_one(self, layer: int, depth: int) -> int:
+        if self.scaling == "relative":
+            layer = math.floor(layer * depth / REFERENCE_DEPTH + 0.5)
+        return min(max(layer, self.lowest), depth - 1)
+
+    def _map_list(self, layers: list[int], depth: int) -> list[int]:
+        out = []
+        for layer in (self._map_one(k, depth) for k in layers):
+            out.append(layer if not out or layer > out[-1] else out[-1] + 1)
+        if out and out[-1] > depth - 1:
+            raise ValueError(f"{len(layers)} stage layers {layers} do not fit a {depth}-layer model "
+                             f"(valid layers {self.lowest}..{depth - 1})")
+        return out
+
+
+def layer_kwarg(default: Any = dataclasses.MISSING, *, scaling: str, lowest: int = 1,
+                value_of: Optional[str] = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field holding decoder layer(s), with the :class:`LayerRule` that maps it to a
+    backbone's depth (``layer: int = layer_kwarg(2, scaling="fixed")``)."""
+    rule = LayerRule(scaling, lowest, value_of)
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata={"layer_rule": rule})
+    return field(default=default, metadata={"layer_rule": rule})
+
+
+def layer_rules(cls: type) -> dict[str, LayerRule]:
+    """{field name: LayerRule} of a method class."""
+    return {f.name: f.metadata["layer_rule"] for f in dataclasses.fields(cls) if "layer_rule" in f.metadata}
+
 
 
 def check_retention(retention: float) -> float:
@@ -199,8 +255,8 @@ class PruningMethod:
         return Selection.unchanged()
 
     # -- optional extras -------------------------------------------------------------------
-    def install(self, session: "PruningSession") -> None:
-        """Called on entering ``sharp.prune`` (extra hooks, per-session caches)."""
+    def install(self, ctx: "SessionContext") -> None:
+        """Called on entering ``sharp.prune`` (extra hooks through ``ctx.add_hook``, per-session caches)."""
 
     def attention_mask(self, ctx: "StageContext") -> Optional[torch.Tensor]:
         """Custom prefill mask for layer ``ctx.layer_idx``: bool (b, 1, q, kv), True = may attend, or
@@ -208,7 +264,7 @@ class PruningMethod:
         causal + padding and with the other composed methods' masks."""
         return None
 
-    def after_prefill(self, session: "PruningSession") -> None:
+    def after_prefill(self, ctx: "SessionContext") -> None:
         """Called once the prefill forward has finished (e.g. to drop KV-cache entries)."""
 
     # -- FLOPs -----------------------------------------------------------------------------

@@ -40,8 +40,8 @@ from typing import Union
 
 import torch
 
-from sharp.methods import ScorerMethod, Selection, budget, register_method
-from sharp.methods.settings import layer_kwarg
+from sharp.engine.method import Selection, budget, layer_kwarg
+from sharp.methods.scorer import ScorerMethod
 
 SCHEDULES = ("paper", "official")
 OFFICIAL_TOP = 0.3  # official stage 1: fastv_ratio 0.7 -> keep the top 30% (plus the grid)
@@ -115,7 +115,6 @@ def spatial_subgrid(frame: torch.Tensor, row: torch.Tensor, col: torch.Tensor, c
     return torch.cat(chosen).sort().values
 
 
-@register_method
 @dataclass
 class Feather(ScorerMethod):
     name = "feather"

@@ -6,11 +6,10 @@ round(retention x N_vis). Kept tokens keep their original positions.
 """
 from dataclasses import dataclass
 
-from sharp.methods import ScorerMethod, register_method
-from sharp.methods.settings import layer_kwarg
+from sharp.engine.method import layer_kwarg
+from sharp.methods.scorer import ScorerMethod
 
 
-@register_method
 @dataclass
 class FastV(ScorerMethod):
     name = "fastv"

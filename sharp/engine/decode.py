@@ -1,0 +1,143 @@
+"""Decode after a pruned prefill: each decoder layer's KV cache has its own length and positions.
+
+Layers before a method's first stage keep the model's full cache; the layers from a stage on cache
+only the kept tokens (DynamicCache layers have independent lengths). ``get_seq_length()`` reads
+layer 0, so generate's positions and Qwen2-VL's ``rope_deltas`` stay in the original frame. In every
+decode step a layer whose cache was shortened gets a causal mask built for ITS cache length (from the
+key mask the prefill recorded for it), and, after a compacting stage (``positions="compact"``), RoPE
+angles shifted back by the real tokens the compaction removed before that layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+
+class _MaskSizes:
+    """Stands in for a cache in ``create_causal_mask``: answers for one layer's cache length."""
+
+    is_compileable = False
+
+    def __init__(self, past_length: int):
+        self.past_length = past_length
+
+    def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        return self.past_length + cache_position.shape[0], 0
+
+
+@dataclass
+class _DecodeStep:
+    """What one decode step computes once and shares between the layers with the same cache."""
+
+    attention_mask: Optional[torch.Tensor]  # (b, kv_total) the model call's 2-D mask, or None
+    masks: dict = field(default_factory=dict)  # id(key mask) -> (mask2d, mask, cache_position)
+    rope: dict = field(default_factory=dict)  # shift tuple -> (cos, sin)
+
+
+class DecodePatcher:
+    """The per-layer cache bookkeeping of a pruned prefill, and the decode-step inputs it implies."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+        self.num_layers = backbone.num_layers
+        self.kv_masks: dict[int, torch.Tensor] = {}  # layer -> (b, kv_len) key mask of its cache
+        self.position_shift: dict[int, torch.Tensor] = {}  # layer -> (b,) real tokens dropped by compaction
+        self.last_cache = None  # the cache of the last finished prefill or decode step
+        self.last_mask2d: Optional[torch.Tensor] = None  # the last top-level call's 2-D mask
+        self._step = _DecodeStep(None)
+
+    # -- what the prefill records --------------------------------------------------------------
+    def start_prefill(self) -> None:
+        self.kv_masks, self.position_shift = {}, {}
+
+    def record_pruned(self, from_layer: int, mask2d: torch.Tensor) -> None:
+        """Layers ``from_layer`` .. L-1 cache the sequence whose 2-D mask is ``mask2d`` (b, s')."""
+        for layer in range(from_layer, self.num_layers):
+            self.kv_masks[layer] = mask2d
+
+    def record_shift(self, from_layer: int, dropped: torch.Tensor) -> None:
+        """A compaction before ``from_layer`` removed ``dropped[b]`` (b,) real tokens' positions."""
+        for layer in range(from_layer, self.num_layers):
+            self.position_shift[layer] = self.position_shift.get(layer, 0) + dropped
+
+    def finish_call(self, output) -> None:
+        """A prefill or decode step finished: its cache is the one ``drop_kv`` edits."""
+        pkv = getattr(output, "past_key_values", None)
+        if pkv is not None:
+            self.last_cache = pkv
+
+    # -- a decode step -----------------------------------------------------------------------------
+    def start_step(self, attention_mask: Optional[torch.Tensor]) -> None:
+        self._step = _DecodeStep(attention_mask)
+
+    def layer_kwargs(self, idx: int, args, kwargs):
+        """The forward pre-hook result for decoder layer ``idx`` in a decode step (None: unchanged)."""
+        if idx not in self.kv_masks and idx not in self.position_shift:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]  # (b, q, d)
+        new_kwargs = dict(kwargs, position_ids=None)
+        if idx in self.kv_masks:
+            mask2d, mask, cache_position = self._mask(idx, hidden)
+            new_kwargs.update(attention_mask=mask, cache_position=cache_position)
+        if idx in self.position_shift:
+            new_kwargs["position_embeddings"] = self._rope(idx, hidden, kwargs)
+        return args, new_kwargs
+
+    def finish_step(self) -> None:
+        """After a decode step, the layers' key masks grow by the step's columns."""
+        for layer, mask in list(self.kv_masks.items()):
+            grown = self._step.masks.get(id(mask))
+            if grown is not None:
+                self.kv_masks[layer] = grown[0]
+
+    def _mask(self, idx: int, hidden: torch.Tensor):
+        key = id(self.kv_masks[idx])
+        if key not in self._step.masks:
+            past = self.kv_masks[idx]  # (b, kv_len)
+            q = hidden.shape[1]
+            full = self._step.attention_mask
+            new_cols = full[:, -q:].long() if full is not None else past.new_ones(past.shape[0], q)
+            mask2d = torch.cat([past, new_cols], dim=1)  # (b, kv_len + q)
+            cache_position = torch.arange(past.shape[1], past.shape[1] + q, device=hidden.device)
+            mask = create_causal_mask(
+                config=self.backbone.text_config, input_embeds=hidden, attention_mask=mask2d,
+                cache_position=cache_position, past_key_values=_MaskSizes(past.shape[1]), position_ids=None)
+            self._step.masks[key] = (mask2d, mask, cache_position)
+        return self._step.masks[key]
+
+    def _rope(self, idx: int, hidden: torch.Tensor, kwargs) -> tuple:
+        """RoPE angles of this decode step shifted back by what compaction removed before ``idx``."""
+        shift = self.position_shift[idx].to(hidden.device)  # (b,)
+        key = tuple(shift.tolist())
+        if key not in self._step.rope:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = kwargs["cache_position"][None].expand(hidden.shape[0], -1)
+            self._step.rope[key] = self.backbone.language_model.rotary_emb(hidden, pos - shift[:, None])
+        return self._step.rope[key]
+
+    # -- cache edits after the prefill (SharpV's memory stage) ---------------------------------------
+    def drop_kv(self, layer_idx: int, keep: list[torch.Tensor], cache=None) -> None:
+        """Keep only entries ``keep[b]`` (indices into layer ``layer_idx``'s cache) of each sample.
+
+        Every sample must keep the same number of entries. Positions stay those of the kept entries
+        (RoPE is already applied to cached keys).
+        """
+        cache = cache if cache is not None else self.last_cache
+        if cache is None:
+            raise RuntimeError("drop_kv needs the KV cache of a finished prefill")
+        layer = cache.layers[layer_idx]
+        index = torch.stack([torch.as_tensor(k, device=layer.keys.device).sort().values for k in keep])  # (b, n)
+        gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys = torch.gather(layer.keys, 2, gather)
+        layer.values = torch.gather(layer.values, 2, gather)
+        base = self.kv_masks.get(layer_idx)
+        if base is None:  # this layer still had the model's own (full-length) cache
+            base = self.last_mask2d
+            if base is None:
+                base = torch.ones(index.shape[0], cache.get_seq_length(), dtype=torch.long)
+            base = base.long()
+        self.kv_masks[layer_idx] = torch.gather(base.to(index.device), 1, index)
