@@ -226,6 +226,7 @@ class PruningSession:
             self.add_hook(self.backbone.layers[i].post_attention_layernorm, self._make_after_attention_hook(i))
         for i in self.vision_layer_ids:
             self._install_vision_capture(i)
+        self.backbone.install_session_hooks(self)  # family hooks (Qwen2.5-VL grid, Qwen3-VL DeepStack)
         for m in self.methods:
             m.install(self)
 
