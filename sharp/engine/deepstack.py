@@ -24,10 +24,23 @@ class VisualInjection:
 
     def __init__(self, session):
         self.session = session
-        self.features: Optional[list[torch.Tensor]] = None  # per layer (b, n_visual, d), this forward
+        # id(call state) -> per layer (b, n_visual, d): a probe forward inside a prefill (PosC's black
+        # video) has its own features and must not replace the prefill's
+        self._features: dict[int, list[torch.Tensor]] = {}
 
     def set(self, features: Optional[list[torch.Tensor]]) -> None:
-        self.features = features
+        """The features of the model call now starting (``session.state``); None: no injection."""
+        live = {id(s) for s in self.session._states}
+        self._features = {k: v for k, v in self._features.items() if k in live}
+        if self.session._states:
+            if features is None:
+                self._features.pop(id(self.session.state), None)
+            else:
+                self._features[id(self.session.state)] = features
+
+    @property
+    def features(self) -> Optional[list[torch.Tensor]]:
+        return self._features.get(id(self.session.state)) if self.session._states else None
 
     def install(self, layers) -> None:
         for i, layer in enumerate(layers):
@@ -36,12 +49,11 @@ class VisualInjection:
     def _make_hook(self, i: int):
         def hook(module, args, kwargs, output):
             session = self.session
-            if self.features is None or i >= len(self.features) or not session._states:
-                return None
-            if session.state.phase not in ("prefill", "probe"):
+            features = self.features
+            if features is None or i >= len(features) or session.state.phase not in ("prefill", "probe"):
                 return None
             hidden = output[0] if isinstance(output, (tuple, list)) else output  # (b, s_cur, d)
-            hidden = self.add(hidden, session.state.seq.visual_index, self.features[i])
+            hidden = self.add(hidden, session.state.seq.visual_index, features[i])
             return (hidden,) + tuple(output[1:]) if isinstance(output, (tuple, list)) else hidden
 
         return hook
