@@ -289,3 +289,33 @@ def test_llava_video_layout_matches_hf_processor():
     assert n == 3 * 196 + 1  # HF class: ceil(27 / 2)^2 per frame + one image_newline per video
     layout = bb.layout({"input_ids": torch.tensor([[bb.video_token_id] * n]), "pixel_values_videos": px[None]})
     assert (layout.frames, layout.tokens_per_frame, layout.grid) == (3, 196, (14, 14))
+
+
+def test_qwen2_5_vl_positions_use_absolute_time():
+    """The tiny model's own get_rope_index on the family's inputs vs. Qwen2.5-VL's rule written out:
+    a visual token of temporal patch i sits at time i x second_per_grid_ts (1.0) x tokens_per_second (2)."""
+    bb = TM.backbone("tiny_qwen2_5_vl", "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=0)
+    ids = inputs["input_ids"][0]
+    pos, _ = bb.model.model.get_rope_index(inputs["input_ids"], image_grid_thw=None,
+                                           video_grid_thw=inputs["video_grid_thw"],
+                                           second_per_grid_ts=inputs["second_per_grid_ts"],
+                                           attention_mask=inputs["attention_mask"])
+    layout = bb.layout(inputs)
+    gh, gw = layout.grid
+    step = float(inputs["second_per_grid_ts"][0]) * bb.config.vision_config.tokens_per_second
+    assert step == 2.0
+    expected, nxt, i = [], 0, 0
+    while i < len(ids):
+        if ids[i] == bb.video_token_id:
+            for t in range(layout.frames):
+                for r in range(gh):
+                    for c in range(gw):
+                        expected.append((nxt + int(t * step), nxt + r, nxt + c))
+            nxt = max(max(e) for e in expected) + 1
+            i += layout.n_visual
+        else:
+            expected.append((nxt, nxt, nxt))
+            nxt += 1
+            i += 1
+    assert pos[:, 0].T.tolist() == [list(e) for e in expected]
