@@ -319,3 +319,22 @@ def test_qwen2_5_vl_positions_use_absolute_time():
             nxt += 1
             i += 1
     assert pos[:, 0].T.tolist() == [list(e) for e in expected]
+
+
+@pytest.mark.parametrize("backbone,sweep", [("llava_video_7b", "table1_llava_video"),
+                                            ("qwen2_5_vl_7b", "table1_qwen2_5_vl"), ("qwen3_vl_8b", "table1_qwen3_vl")])
+def test_table1_grid_on_each_new_backbone(backbone, sweep, tmp_path, capsys):
+    """`python scripts/sweep.py table1 backbone=<B> --dry-run` lists Table 1's 21 cells on B, the same
+    cells as the shipped table1_<family> sweep."""
+    from sharp.harness.sweep import main, plan
+
+    over = plan("table1", str(tmp_path), extra=[f"backbone={backbone}"])
+    own = plan(sweep, str(tmp_path))
+    table1 = plan("table1", str(tmp_path))
+    assert len(over) == len(own) == len(table1) == 21
+    assert {r["cell"].backbone for r in over} == {r["cell"].backbone for r in own} == {backbone}
+    assert [(r["cell"].method, r["cell"].retention) for r in over] == \
+        [(r["cell"].method, r["cell"].retention) for r in own] == [(r["cell"].method, r["cell"].retention) for r in table1]
+    assert main(["table1", f"backbone={backbone}", "--dry-run", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"backbone={backbone}") == 21 and "backbone=llava_onevision_7b" not in out
