@@ -89,7 +89,8 @@ class Qwen2_5_VLBackbone(Qwen2VLBackbone):
 
     def collate_pixels(self, samples: Sequence[dict]) -> dict:
         out = super().collate_pixels(samples)
-        out["second_per_grid_ts"] = torch.cat([s["second_per_grid_ts"] for s in samples])  # (b,)
+        default = torch.tensor([self.config.vision_config.temporal_patch_size / QWEN25VL_PROCESSOR_FPS])
+        out["second_per_grid_ts"] = torch.cat([s.get("second_per_grid_ts", default) for s in samples])  # (b,)
         return out
 
     # -- vision tower ----------------------------------------------------------------------
