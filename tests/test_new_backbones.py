@@ -338,3 +338,22 @@ def test_table1_grid_on_each_new_backbone(backbone, sweep, tmp_path, capsys):
     assert main(["table1", f"backbone={backbone}", "--dry-run", "--results-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count(f"backbone={backbone}") == 21 and "backbone=llava_onevision_7b" not in out
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2_5_vl", "tiny_qwen3_vl"])
+def test_fastv_keeps_topk_of_eager_attentions(name):
+    """The engine's cheap last-token score (q/k norm of Qwen3-VL, (interleaved) M-RoPE) ranks as the
+    model's own eager attention weights of layer 1 (DeepStack added after layer 0 included)."""
+    from sharp.methods import budget
+
+    bb = TM.backbone(name, "eager")
+    inputs = bb.synthetic_inputs(frames=8, seed=3, batch_size=2)
+    with torch.no_grad():
+        att = bb.model(**inputs, output_attentions=True).attentions[1]  # (b, H, s, s) of layer 1
+    scores = att[:, :, -1, :].mean(dim=1)  # last row, head mean
+    vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))
+    with sharp.prune(bb, "fastv", 0.25, layer=2) as trace, torch.no_grad():
+        bb.model(**inputs)
+    for i in range(2):
+        s = scores[i, vis[i]]
+        assert torch.equal(trace.kept[0][i], torch.topk(s, budget(len(s), 0.25)).indices.sort().values)
