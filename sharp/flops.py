@@ -26,7 +26,11 @@ class LMDims:
 
 
 # Visual tokens of the paper's 32-frame layouts (Table 1: 32 x 196; Table 2: 2880 for Qwen2-VL).
-_DEFAULT_VISUAL_TOKENS = {"llava_onevision_7b": 6272, "qwen2_vl_7b": 2880}
+_DEFAULT_VISUAL_TOKENS = {"llava_onevision_7b": 6272, "qwen2_vl_7b": 2880,
+                          # newer families (docs/backbones.md): LLaVA-Video 64 frames x 196 (the HF class's
+                          # pooling); Qwen2.5-VL as Qwen2-VL (16 temporal patches x 12 x 15); Qwen3-VL 16
+                          # temporal patches x 12 x 15 tokens (a 384 x 480 frame at patch 16, merge 2)
+                          "llava_video_7b": 12544, "qwen2_5_vl_7b": 2880, "qwen3_vl_8b": 2880}
 
 
 def lm_dims(backbone) -> LMDims:

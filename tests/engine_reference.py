@@ -67,7 +67,7 @@ def masked_reference_logits(bb, inputs, sequences, key_allowed, query_from=None,
     kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     kwargs["input_ids"] = sequences
     kwargs["attention_mask"] = mask2d
-    if bb.kind == "llava_onevision":  # generate's positions for left padding
+    if "mrope_section" not in (bb.text_config.rope_scaling or {}):  # 1-D RoPE: generate's positions for left padding
         pos = mask2d.long().cumsum(-1) - 1
         kwargs["position_ids"] = pos.masked_fill(mask2d == 0, 1)
     positions = {}
@@ -177,7 +177,7 @@ def replay_reference_logits(bb, inputs, sequences, trace, recorder, compact_laye
         mid.setdefault(layer, []).append((i, origin, rows))
     kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     kwargs.update(input_ids=sequences, attention_mask=mask2d)
-    if bb.kind == "llava_onevision":  # generate's positions for left padding
+    if "mrope_section" not in (bb.text_config.rope_scaling or {}):  # 1-D RoPE: generate's positions for left padding
         pos = mask2d.long().cumsum(-1) - 1
         kwargs["position_ids"] = pos.masked_fill(mask2d == 0, 1)
 

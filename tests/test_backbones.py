@@ -93,7 +93,11 @@ def test_family_classes_and_registry():
     expected = {"llava_onevision_7b": "llava_onevision", "tiny_llava_onevision": "llava_onevision",
                 "mid_llava_onevision": "llava_onevision", "toy_llava_onevision": "llava_onevision",
                 "qwen2_vl_7b": "qwen2_vl", "tiny_qwen2_vl": "qwen2_vl", "mid_qwen2_vl": "qwen2_vl",
-                "toy_qwen2_vl": "qwen2_vl"}
+                "toy_qwen2_vl": "qwen2_vl",
+                # the newer families (tests/test_new_backbones.py)
+                "llava_video_7b": "llava_video", "tiny_llava_video": "llava_video",
+                "qwen2_5_vl_7b": "qwen2_5_vl", "tiny_qwen2_5_vl": "qwen2_5_vl",
+                "qwen3_vl_8b": "qwen3_vl", "tiny_qwen3_vl": "qwen3_vl"}
     assert {n: backbone_family(n) for n in sharp.backbone_names()} == expected
     with pytest.raises(ValueError, match="unknown backbone 'nope'"):
         backbone_family("nope")

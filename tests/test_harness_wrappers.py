@@ -124,15 +124,16 @@ def test_entry_point_resolves_our_classes():
 def test_model_ids_come_from_the_method_registry():
     ids = model_ids()
     registered = catalog.registered_methods()
-    assert ids == ["sharp_llava_onevision", "sharp_qwen2_vl"] + [
-        f"{family}_{m}" for family in ("llava_onevision", "qwen2_vl") for m in registered if m.isidentifier()]
+    families = ("llava_onevision", "qwen2_vl", "llava_video", "qwen2_5_vl", "qwen3_vl")
+    assert ids == [f"sharp_{family}" for family in families] + [
+        f"{family}_{m}" for family in families for m in registered if m.isidentifier()]
     assert {"llava_onevision_vanilla", "qwen2_vl_fastv", "llava_onevision_sharp"} <= set(ids)
     for m in catalog.planned_methods():  # planned methods get an id when they are registered
         assert (f"llava_onevision_{m}" in ids) == (m in registered)
 
 
 def test_known_backbones_come_from_the_backbone_registry():
-    for family in ("llava_onevision", "qwen2_vl"):
+    for family in ("llava_onevision", "qwen2_vl", "llava_video", "qwen2_5_vl", "qwen3_vl"):
         names = W.known_backbones(family)
         assert names[0] == catalog.DEFAULT_BACKBONES[family]
         assert sorted(names) == sorted(n for n in sharp.backbone_names() if catalog.backbone_family(n) == family)

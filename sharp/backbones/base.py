@@ -431,6 +431,12 @@ class Backbone(abc.ABC):
         """The layer's rotary embedding of queries and keys (None: the family has none)."""
         return None
 
+    # -- session hooks (family) ------------------------------------------------------------
+    def install_session_hooks(self, session) -> None:
+        """Family-specific hooks of a pruning session, registered with ``session.add_hook`` (removed
+        with the session). Default: none. Qwen2.5-VL records the tower's ``grid_thw`` for its window
+        permutation; Qwen3-VL moves DeepStack's injection onto the kept tokens."""
+
     @torch.no_grad()
     def vision_maps(self, layer: int, captured: dict, batch_size: int) -> VisionMaps:
         """Hidden states, head-mean keys and received attention of vision layer ``layer`` per LLM
@@ -496,7 +502,7 @@ def _load_weights(model: torch.nn.Module, folder: str, name: str) -> None:
 
 def load_backbone(name: str, *, attn_implementation: str = "sdpa", random_weights: Optional[bool] = None,
                   dtype: Optional[torch.dtype] = None, device: Optional[str] = None, seed: int = 0,
-                  num_frames: int = 32, checkpoint: Optional[str] = None,
+                  num_frames: Optional[int] = None, checkpoint: Optional[str] = None,
                   weights_dir: Optional[Union[str, os.PathLike]] = None, **video_kwargs) -> Backbone:
     """Load a backbone by name.
 
@@ -524,5 +530,6 @@ def load_backbone(name: str, *, attn_implementation: str = "sdpa", random_weight
         model, tokenizer = cls.build_random(name, spec, attn_implementation, dtype, device, seed)
     else:
         model, tokenizer = cls.load_pretrained(hub, attn_implementation, dtype, device)
+    num_frames = num_frames or spec.get("num_frames", 32)  # the backbone's paper-style count (LLaVA-Video: 64)
     return cls(name=name, model=model, tokenizer=tokenizer, num_frames=num_frames,
                video_kwargs={**spec.get("video_kwargs", {}), **video_kwargs})

@@ -47,6 +47,8 @@ def attention_of_last_tokens(backbone, layer: int, hidden: torch.Tensor, positio
     x = block.input_layernorm(hidden)
     q = attn.q_proj(x[:, -queries:]).view(b, queries, n_heads, hd).transpose(1, 2)  # (b, H, n, hd)
     k = attn.k_proj(x).view(b, s, n_kv, hd).transpose(1, 2)  # (b, KV, s, hd)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3-VL: RMSNorm per head before RoPE (head_dim last)
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if rope:
         cos, sin = position_embeddings
         apply = rope_apply(backbone, layer)

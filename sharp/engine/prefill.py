@@ -82,6 +82,11 @@ class PrefillRunner:
         return self._forwards[-1]
 
     @property
+    def forwards(self) -> tuple:
+        """The prefill forward and, inside it, a probe forward (those whose state is live)."""
+        return tuple(self._forwards)
+
+    @property
     def active(self) -> bool:
         return bool(self._forwards)
 

@@ -72,6 +72,7 @@ class PruningSession:
             pre, post = self.prefill.vision_capture_hooks(i)
             self.add_hook(self.backbone.vision_layers[i], pre)
             self.add_hook(self.backbone.vision_layers[i], post, pre=False)
+        self.backbone.install_session_hooks(self)  # family hooks (Qwen2.5-VL grid, Qwen3-VL DeepStack)
         for owner, m in enumerate(self.plan.methods):
             m.install(self.context(owner))
 

@@ -27,7 +27,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 METHOD_CONFIG_DIR = CONFIG_DIR / "method"
 FAMILIES = tuple(_WRAPPED_FAMILIES)  # backbone families with an lmms-eval wrapper
 # The backbone a family's lmms-eval wrapper loads when model_args name none (the paper's models).
-DEFAULT_BACKBONES = {"llava_onevision": "llava_onevision_7b", "qwen2_vl": "qwen2_vl_7b"}
+DEFAULT_BACKBONES = {"llava_onevision": "llava_onevision_7b", "qwen2_vl": "qwen2_vl_7b",
+                     "llava_video": "llava_video_7b", "qwen2_5_vl": "qwen2_5_vl_7b", "qwen3_vl": "qwen3_vl_8b"}
 COMPOSE_HINT = "or several joined by '+': method=compose method.name=fastv+sharp"  # run.py syntax
 NOT_IMPLEMENTED = "not implemented"
 

@@ -28,6 +28,9 @@ class MissingResourceError(HarnessError):
 BACKBONE_HUB = {
     "llava_onevision_7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
     "qwen2_vl_7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "llava_video_7b": "llava-hf/LLaVA-Video-7B-Qwen2-hf",
+    "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen3_vl_8b": "Qwen/Qwen3-VL-8B-Instruct",
 }
 
 OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")

@@ -36,7 +36,8 @@ def plan(name: str, results_dir: str, limit: Optional[int] = None, only: Optiona
         overrides = cell_overrides(sweep, i)
         if limit is not None:
             overrides = [o for o in overrides if not o.startswith("limit=")] + [f"limit={limit}"]
-        overrides += list(extra)
+        replaced = {o.split("=", 1)[0] for o in extra if "=" in o}  # e.g. backbone=qwen2_5_vl_7b: the grid on another backbone
+        overrides = [o for o in overrides if o.split("=", 1)[0] not in replaced] + list(extra)
         cfg_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
         cell = cell_from_cfg(compose(cfg_overrides))
         state, _ = C.status(cell, results_dir)

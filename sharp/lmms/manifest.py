@@ -8,7 +8,9 @@ method registry is read when :func:`manifests` is called).
 Ids:
 - ``sharp_llava_onevision`` / ``sharp_qwen2_vl``: one generic id per backbone family; method,
   retention and method kwargs come from ``--model_args``.
-- ``llava_onevision_<method>`` / ``qwen2_vl_<method>``: one id per family x registered method, the
+- ``sharp_llava_video`` / ``sharp_qwen2_5_vl`` / ``sharp_qwen3_vl``: the same for the newer families.
+- ``llava_onevision_<method>`` / ``qwen2_vl_<method>`` (and ``llava_video_``, ``qwen2_5_vl_``,
+  ``qwen3_vl_``): one id per family x registered method, the
   method fixed. Composed methods use the generic ids: ``method=fastv+sharp,sharp.layer=2``.
 """
 from __future__ import annotations
@@ -19,6 +21,9 @@ import logging
 FAMILIES = {
     "llava_onevision": ("sharp_llava_onevision", "SharpLlavaOneVision"),
     "qwen2_vl": ("sharp_qwen2_vl", "SharpQwen2VL"),
+    "llava_video": ("sharp_llava_video", "SharpLlavaVideo"),
+    "qwen2_5_vl": ("sharp_qwen2_5_vl", "SharpQwen2_5VL"),
+    "qwen3_vl": ("sharp_qwen3_vl", "SharpQwen3VL"),
 }
 
 

@@ -659,7 +659,29 @@ class SharpQwen2VL(SharpVideoLMM):
     builtin_name = "qwen2_vl"
 
 
-_GENERIC = {"SharpLlavaOneVision": SharpLlavaOneVision, "SharpQwen2VL": SharpQwen2VL}
+class SharpLlavaVideo(SharpVideoLMM):
+    family = "llava_video"
+    model_id = "sharp_llava_video"
+    default_max_new_tokens = 1024
+    builtin_name = "llava_vid"
+
+
+class SharpQwen2_5VL(SharpVideoLMM):
+    family = "qwen2_5_vl"
+    model_id = "sharp_qwen2_5_vl"
+    default_max_new_tokens = 128
+    builtin_name = "qwen2_5_vl"
+
+
+class SharpQwen3VL(SharpVideoLMM):
+    family = "qwen3_vl"
+    model_id = "sharp_qwen3_vl"
+    default_max_new_tokens = 128
+    builtin_name = "qwen3_vl"
+
+
+_GENERIC = {"SharpLlavaOneVision": SharpLlavaOneVision, "SharpQwen2VL": SharpQwen2VL,
+            "SharpLlavaVideo": SharpLlavaVideo, "SharpQwen2_5VL": SharpQwen2_5VL, "SharpQwen3VL": SharpQwen3VL}
 _CACHE: dict[str, type] = {}
 
 
