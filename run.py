@@ -38,11 +38,25 @@ def _overrides() -> list[str]:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    run_reporting_errors(cfg, _overrides())
+
+
+def run_in_process(argv: list[str]) -> None:
+    """``python run.py <argv>`` inside this interpreter (tests, notebooks): the same checks, the same
+    ``error:`` line and ``SystemExit(2)``; the config is composed as Hydra composes it."""
+    from sharp.harness.config import compose
+
+    check_command_line(argv)
+    run_reporting_errors(compose(argv), list(argv))
+
+
+def run_reporting_errors(cfg: DictConfig, overrides: list[str]) -> None:
+    """Run the cell; a setup or argument error is one ``error:`` line on stderr and exit status 2."""
     from sharp.harness.parallel import ChildFailed
     from sharp.harness.runner import run_cell
 
     try:
-        run_cell(cfg, overrides=_overrides())
+        run_cell(cfg, overrides=overrides)
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -7,13 +7,15 @@ from typing import Callable, Optional
 
 
 @contextlib.contextmanager
-def memoised_task_index(copy_index: Callable = copy.deepcopy, after_build: Optional[Callable] = None):
+def memoised_task_index(copy_index: Callable = copy.deepcopy, after_build: Optional[Callable] = None,
+                        memo: Optional[dict] = None):
     """Build lmms-eval's task index (8-11 s of YAML parsing) once per include path while the block
-    runs; each later call gets ``copy_index(index)``. ``after_build`` runs after each fresh build."""
+    runs; each later call gets ``copy_index(index)``. ``after_build`` runs after each fresh build.
+    ``memo``: the built indexes, kept across blocks (conftest's session-wide ``task_index_memo``)."""
     from lmms_eval.tasks import TaskManager
 
     original = TaskManager.initialize_tasks
-    memo = {}
+    memo = {} if memo is None else memo
 
     def initialize_tasks(self, include_path=None, include_defaults=True):
         key = (tuple([include_path] if isinstance(include_path, str) else include_path or ()), include_defaults)

@@ -12,15 +12,13 @@ from sharp import flops
 from sharp.methods import PruningMethod, Selection, budget, register_method
 
 from engine_reference import layer_masks
+from conftest import shared_backbone
 
 BACKBONES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
-_BB: dict = {}
 
 
 def backbone(name, impl="eager"):
-    if (name, impl) not in _BB:
-        _BB[name, impl] = sharp.load_backbone(name, attn_implementation=impl)
-    return _BB[name, impl]
+    return shared_backbone(name, impl)
 
 
 @register_method

@@ -13,15 +13,13 @@ import sharp.engine.prefill as engine_prefill
 from sharp.methods import PruningMethod, Selection, budget, register_method
 
 from engine_reference import generate_with_logits, kept_key_mask, masked_reference_logits
+from conftest import shared_backbone
 
 BACKBONES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
-_CACHE: dict = {}
 
 
 def backbone(name, impl="sdpa"):
-    if (name, impl) not in _CACHE:
-        _CACHE[name, impl] = sharp.load_backbone(name, attn_implementation=impl)
-    return _CACHE[name, impl]
+    return shared_backbone(name, impl)
 
 
 def prefill_logits(bb, inputs):

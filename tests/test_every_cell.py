@@ -94,10 +94,10 @@ def test_prune_runs_from_defaults(method, backbone):
 
 
 @pytest.fixture(scope="module")
-def run_env(tmp_path_factory, monkeypatch_module):
+def run_env(tmp_path_factory, monkeypatch_module, task_index_memo):
     """run_cell in-process with one loaded model per backbone and one lmms-eval task index."""
     monkeypatch_module.setattr(sharp, "load_backbone", loaded)
-    with memoised_task_index():
+    with memoised_task_index(memo=task_index_memo):
         yield tmp_path_factory.mktemp("results")
 
 

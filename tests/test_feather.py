@@ -10,14 +10,12 @@ import torch
 import sharp
 from sharp.engine.context import VisualTokens
 from sharp.methods import budget
+from conftest import shared_backbone
 
-_BB: dict = {}
 
 
 def backbone(name):
-    if name not in _BB:
-        _BB[name] = sharp.load_backbone(name, attn_implementation="eager")
-    return _BB[name]
+    return shared_backbone(name, "eager")
 
 
 def run(bb, inputs, retention=0.25, **kw):

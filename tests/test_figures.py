@@ -26,6 +26,7 @@ from sharp.figures import attention, curves, selection, video
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from default_methods import COMPOSITIONS, TINY_KWARGS  # noqa: E402
+from conftest import shared_backbone
 
 FIXTURES = REPO / "tests" / "fixtures" / "results"
 RETENTION = 0.25
@@ -54,13 +55,10 @@ def kwargs_of(backbone: str) -> dict:
     return out
 
 
-_BACKBONES: dict = {}
 
 
 def backbone(name: str):
-    if name not in _BACKBONES:
-        _BACKBONES[name] = sharp.load_backbone(name, device="cpu")
-    return _BACKBONES[name]
+    return shared_backbone(name)
 
 
 def small_video(bb, frames: int = 8) -> video.FigureVideo:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import textwrap
 
@@ -28,8 +27,8 @@ N_DOCS = 6
 
 
 @pytest.fixture(scope="module", autouse=True)
-def memoised_task_index():
-    with lmms_helpers.memoised_task_index():
+def memoised_task_index(task_index_memo):
+    with lmms_helpers.memoised_task_index(memo=task_index_memo):
         yield
 
 
@@ -213,13 +212,19 @@ def test_hydra_errors_are_one_line_and_exit_2(argv, needle, capsys):
     (["limit=abc"], "error: limit='abc': accepted values:"),
     (["foo=1"], "error: foo=1: 'foo' is not a key"),
 ])
-def test_run_py_exits_2_with_one_line_and_no_traceback(argv, needle, tmp_path):
-    proc = subprocess.run([*RUN, *argv, f"results_dir={tmp_path}"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(needle), proc.stderr
+def test_run_py_exits_2_with_one_line_and_no_traceback(argv, needle, tmp_path, capsys):
+    """In-process (run.run_in_process: run.py's own checks and error handling); the real ``python run.py``
+    exit-2 case is tests/test_harness_run.py::test_missing_weights_and_data_offline_is_a_message_not_a_traceback."""
+    sys.path.insert(0, str(REPO_ROOT))
+    import run
+
+    with pytest.raises(SystemExit) as exc:
+        run.run_in_process([*argv, f"results_dir={tmp_path}"])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(needle), captured.err
     assert not any(tmp_path.iterdir())
 
 

@@ -131,18 +131,22 @@ def test_unknown_method_fails_with_the_engine_error(tmp_path):
     assert not any(Path(tmp_path).iterdir())
 
 
-def test_planned_method_is_one_line_and_exit_2(tmp_path):
+def test_planned_method_is_one_line_and_exit_2(tmp_path, capsys):
     from sharp.harness import catalog
 
     planned = [m for m in catalog.planned_methods() if not catalog.is_implemented(m)]
     if not planned:
         pytest.skip("every planned method is registered")
-    proc = subprocess.run([*RUN, f"method={planned[0]}", f"results_dir={tmp_path}"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120, env=_env())
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    sys.path.insert(0, str(REPO_ROOT))
+    import run
+
+    with pytest.raises(SystemExit) as exc:
+        run.run_in_process([f"method={planned[0]}", f"results_dir={tmp_path}"])
+    assert exc.value.code == 2
+    proc = capsys.readouterr()
+    assert "Traceback" not in proc.err + proc.out
+    lines = proc.err.strip().splitlines()
+    assert len(lines) == 1, proc.err
     assert lines[0].startswith(f"error: method {planned[0]!r} is not implemented yet [planned: ")
     assert "implemented methods: " + ", ".join(catalog.registered_methods()) in lines[0]
     assert not any(Path(tmp_path).iterdir())
@@ -155,14 +159,15 @@ def test_planned_method_is_one_line_and_exit_2(tmp_path):
 
 
 def test_composed_method_end_to_end(tmp_path):
-    """`method=compose method.name=fastv+sharp` with per-child kwargs, 4 docs of the default split."""
+    """`method=compose method.name=fastv+sharp` with per-child kwargs, 4 docs of the default split
+    (in-process: the command line is composed as run.py composes it)."""
     import sharp
 
-    proc = subprocess.run([*RUN, "method=compose", "method.name=fastv+sharp", "retention=0.25",
-                           "+method_kwargs.fastv.layer=3", "+method_kwargs.sharp.retention=0.1", "limit=4",
-                           f"results_dir={tmp_path}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                          env=_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    sys.path.insert(0, str(REPO_ROOT))
+    import run
+
+    run.run_in_process(["method=compose", "method.name=fastv+sharp", "retention=0.25", "+method_kwargs.fastv.layer=3",
+                        "+method_kwargs.sharp.retention=0.1", "limit=4", f"results_dir={tmp_path}"])
     cell_dir = tmp_path / "toy_llava_onevision" / "fastv+sharp" / "r0.25"
     s = json.loads((cell_dir / C.SUMMARY).read_text())
     assert s["cell"]["method"] == "fastv+sharp"

@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import itertools
 import math
 
@@ -28,14 +30,12 @@ from sharp import flops
 from sharp.methods import budget
 
 from engine_reference import Recorder, generate_with_logits, layer_masks, replay_reference_logits
+from conftest import shared_backbone
 
-_BB: dict = {}
 
 
 def backbone(name, impl="eager"):
-    if (name, impl) not in _BB:
-        _BB[name, impl] = sharp.load_backbone(name, attn_implementation=impl)
-    return _BB[name, impl]
+    return shared_backbone(name, impl)
 
 
 # -- (a) segmentation -------------------------------------------------------------------------------
@@ -303,17 +303,16 @@ def reference_pre_llm(x: torch.Tensor, attn: torch.Tensor, r: float, tau: float,
     return order, np.stack([kept[i] for i in order]), windows
 
 
+@functools.lru_cache(maxsize=1)
 def scaled_projector_backbone():
-    """tiny_llava_onevision with its projector's output x 300: the random model's video features lie
-    ~1e-3 apart, so DPC-kNN's densities exp(-dist^2) would all be 1 up to the 1e-6 tie-break (any
-    float32 / float64 difference would then decide); scaled they lie ~1 apart."""
-    if "scaled" not in _BB:
-        bb = sharp.load_backbone("tiny_llava_onevision", attn_implementation="eager")
-        with torch.no_grad():
-            bb.model.model.multi_modal_projector.linear_2.weight.mul_(300)
-            bb.model.model.multi_modal_projector.linear_2.bias.mul_(300)
-        _BB["scaled"] = bb
-    return _BB["scaled"]
+    """tiny_llava_onevision with its projector's output x 300 (its own copy, not the shared one): the
+    random model's video features lie ~1e-3 apart, so DPC-kNN's densities exp(-dist^2) would all be 1
+    up to the 1e-6 tie-break (any float32 / float64 difference would then decide); scaled they lie ~1 apart."""
+    bb = sharp.load_backbone("tiny_llava_onevision", attn_implementation="eager")
+    with torch.no_grad():
+        bb.model.model.multi_modal_projector.linear_2.weight.mul_(300)
+        bb.model.model.multi_modal_projector.linear_2.bias.mul_(300)
+    return bb
 
 
 @pytest.mark.parametrize("rounding,D,mode", [("exact", 0.0, "beta"), ("official", 0.5, "mean")])

@@ -20,17 +20,15 @@ from sharp.engine import ComposedMethod
 
 from default_methods import method_cases, resolved
 from engine_reference import Recorder, generate_with_logits, replay_reference_logits
+from conftest import shared_backbone
 
 BACKBONES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
 CASES = [(name, kwargs) for _, name, kwargs in method_cases()]
 IDS = [case_id for case_id, _, _ in method_cases()]
-_BB: dict = {}
 
 
 def backbone(name, impl="eager"):
-    if (name, impl) not in _BB:
-        _BB[name, impl] = sharp.load_backbone(name, attn_implementation=impl)
-    return _BB[name, impl]
+    return shared_backbone(name, impl)
 
 
 def make(name, kwargs, retention, backbone):

@@ -17,15 +17,13 @@ from sharp import flops
 from sharp.methods import budget
 
 from engine_reference import Recorder, generate_with_logits, layer_masks, replay_reference_logits
+from conftest import shared_backbone
 
-_BB: dict = {}
 LAYERS = [1, 2, 3]
 
 
 def backbone(name, impl="eager"):
-    if (name, impl) not in _BB:
-        _BB[name, impl] = sharp.load_backbone(name, attn_implementation=impl)
-    return _BB[name, impl]
+    return shared_backbone(name, impl)
 
 
 def _eager_stage_scores(bb, inputs, stage_layers, kept, upto, compact):

@@ -2,7 +2,6 @@
 per-backbone config values, user kwargs untouched) and the errors it raises before a model loads."""
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -84,12 +83,17 @@ def test_method_configs_repeat_the_method_defaults(name):
     assert method_kwargs(compose([f"method={name}"])) == {}
 
 
-def test_run_py_refuses_explicit_compact_on_mrope_before_loading():
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "run.py"), "method=visionzip", "backbone=toy_qwen2_vl",
-                           "+method_kwargs.positions=compact", "results_dir=/nonexistent/never-written"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+def test_run_py_refuses_explicit_compact_on_mrope_before_loading(capsys, monkeypatch):
+    sys.path.insert(0, str(REPO_ROOT))
+    import run
+
+    monkeypatch.setattr(sharp, "load_backbone", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) as exc:
+        run.run_in_process(["method=visionzip", "backbone=toy_qwen2_vl", "+method_kwargs.positions=compact",
+                            "results_dir=/nonexistent/never-written"])
+    assert exc.value.code == 2
+    proc = capsys.readouterr()
+    lines = [line for line in proc.err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: method 'visionzip' on toy_qwen2_vl (4 decoder layers): visionzip: "
                                                     "positions='compact' needs 1-D RoPE")
-    assert "Traceback" not in proc.stderr and "running" not in proc.stdout
+    assert "Traceback" not in proc.err and "running" not in proc.out

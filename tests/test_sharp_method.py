@@ -9,16 +9,14 @@ import sharp
 from sharp.methods import budget, make_method
 from sharp.methods.posc import clear_bias_memory
 from sharp.methods.sharp import matched_retention
+from conftest import shared_backbone
 
 BACKBONES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
-_BB: dict = {}
 OFF = dict(posc=False, segm=False, regd=False)
 
 
 def backbone(name):
-    if name not in _BB:
-        _BB[name] = sharp.load_backbone(name)
-    return _BB[name]
+    return shared_backbone(name)
 
 
 def prefill(bb, inputs):

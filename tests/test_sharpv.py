@@ -15,15 +15,13 @@ from sharp.methods.sharpv import (adaptive_ratios, frame_scores, keep_top_per_fr
                                   split_budget)
 
 from engine_reference import generate_with_logits, kept_key_mask, layer_masks
+from conftest import shared_backbone
 
 BACKBONES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
-_BB: dict = {}
 
 
 def backbone(name, impl="eager"):
-    if (name, impl) not in _BB:
-        _BB[name, impl] = sharp.load_backbone(name, attn_implementation=impl)
-    return _BB[name, impl]
+    return shared_backbone(name, impl)
 
 
 # -- hand-made frame stack ---------------------------------------------------------------------

@@ -88,7 +88,7 @@ def memoised_task_index():
         gc.freeze()
 
     try:
-        with lmms_helpers.memoised_task_index(copy_index=dict, after_build=freeze):  # TaskManager only reads it
+        with lmms_helpers.memoised_task_index(copy_index=dict, after_build=freeze, memo={}):  # TaskManager only reads it
             yield
     finally:
         gc.unfreeze()

@@ -32,6 +32,20 @@ def loaded(name, docs, tmp_path_factory):
     return _CACHE[name]
 
 
+@pytest.fixture(scope="module")
+def evaluated(docs, tmp_path_factory):
+    """toy.evaluate(name, method, retention) on the docs, each evaluation run once for the module."""
+    results = {}
+
+    def get(name, method, retention):
+        if (name, method, retention) not in results:
+            bb, store = loaded(name, docs, tmp_path_factory)
+            results[name, method, retention] = toy.evaluate(bb, docs, method, retention, store=store, batch_size=4)
+        return results[name, method, retention]
+
+    return get
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_files(name):
     d = toy.WEIGHTS_DIR / name
@@ -71,21 +85,19 @@ def test_pixel_cache_matches_prepare(name, docs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_vanilla_accuracy_floor(name, docs, tmp_path_factory):
-    bb, store = loaded(name, docs, tmp_path_factory)
-    res = toy.evaluate(bb, docs, "vanilla", 1.0, store=store, batch_size=4)
+def test_vanilla_accuracy_floor(name, docs, evaluated):
+    res = evaluated(name, "vanilla", 1.0)
     assert res.accuracy >= VANILLA_FLOOR, (res.accuracy, res.per_qtype, res.preds, res.answers)
     assert res.kept_counts == [res.n_visual] * len(docs)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_fastv_budget_and_degradation(name, docs, tmp_path_factory):
-    bb, store = loaded(name, docs, tmp_path_factory)
-    res = toy.evaluate(bb, docs, "fastv", 0.25, store=store, batch_size=4)
+def test_fastv_budget_and_degradation(name, docs, evaluated):
+    res = evaluated(name, "fastv", 0.25)
     assert res.kept_counts == [budget(res.n_visual, 0.25)] * len(docs)
-    low = toy.evaluate(bb, docs, "fastv", 0.05, store=store, batch_size=4)
+    low = evaluated(name, "fastv", 0.05)
     assert low.kept_counts == [budget(low.n_visual, 0.05)] * len(docs)
-    vanilla = toy.evaluate(bb, docs, "vanilla", 1.0, store=store, batch_size=4)
+    vanilla = evaluated(name, "vanilla", 1.0)
     assert low.accuracy <= vanilla.accuracy  # keeping 5% of the tokens cannot help
 
 

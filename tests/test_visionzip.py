@@ -18,16 +18,14 @@ import sharp
 from sharp.methods.visionzip import apportion, split_budget, visionzip_group
 from sharp import flops
 from sharp.methods import budget
+from conftest import shared_backbone
 
 NAMES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
 FRAMES = 8
-_BB: dict = {}
 
 
 def backbone(name):
-    if name not in _BB:
-        _BB[name] = sharp.load_backbone(name, attn_implementation="eager", device="cpu")
-    return _BB[name]
+    return shared_backbone(name, "eager")
 
 
 def is_ov(bb) -> bool:

@@ -62,6 +62,9 @@ def validate_method(cell: C.Cell):
     from sharp.methods.settings import BackboneFacts, resolve_method
 
     retention = check_retention(cell.retention, cell.method)
+    if cell.method == "vanilla" and retention != 1.0:
+        raise HarnessError(f"retention={cell.retention} with method=vanilla; accepted values: 1 "
+                           "(vanilla keeps every visual token)")
     try:
         if "checkpoint" in cell.backbone_overrides:
             make_method(cell.method, retention, **cell.method_kwargs)

@@ -312,6 +312,9 @@ class SharpVideoLMM(lmms):
             retention = M.check_retention(retention)
         except ValueError as err:
             raise ModelArgsError(f"{self.model_id}: {err}") from None
+        if method == "vanilla" and retention != 1.0:
+            raise ModelArgsError(f"{self.model_id}: retention={retention} with method 'vanilla'; accepted values: 1 "
+                                 "(vanilla keeps every visual token)")
         return method, retention, kwargs
 
     def _setup_data_parallel(self, backbone_overrides: dict) -> None:

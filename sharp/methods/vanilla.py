@@ -8,11 +8,5 @@ from sharp.engine.method import PruningMethod
 class Vanilla(PruningMethod):
     name = "vanilla"
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.retention != 1.0:
-            raise ValueError(f"retention={self.retention} with method 'vanilla'; accepted values: 1 "
-                             "(vanilla keeps every visual token)")
-
     def token_schedule(self, n_visual: int, num_layers: int, backbone=None) -> list[int]:
         return [n_visual] * num_layers
