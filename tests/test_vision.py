@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import sharp
 from sharp.backbones import VisionMaps
 from sharp.backbones.vision import ATTENTION_BUDGET, chunk_groups, received_attention
+from sharp.engine import compat
 
 NAMES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
 FRAMES = 4  # LLaVA-OV: 4 frames of 8x8 patches; Qwen2-VL: 2 temporal patches of 8x8 patches
@@ -94,7 +95,7 @@ def reference_ov(ref, layer: int, inputs: dict) -> VisionMaps:
     b = pv.shape[0]
     with torch.no_grad():
         out = ref.model.model.vision_tower(pv.flatten(0, 1), output_hidden_states=True, output_attentions=True)
-        block = ref.model.model.vision_tower.vision_model.encoder.layers[layer]
+        block = compat.siglip_encoder(ref.model.model.vision_tower).layers[layer]
         x = out.hidden_states[layer]  # input of the layer, (b*T, P, d)
         k = block.self_attn.k_proj(block.layer_norm1(x))
         k = k.view(*x.shape[:2], block.self_attn.num_heads, -1).mean(dim=2)
@@ -252,7 +253,7 @@ def test_resolve_vision_layer(bb):
 def test_vision_layer_paths(bb):
     inner = bb.model.model
     if isinstance(bb, sharp.backbones.LlavaOneVisionBackbone):
-        assert bb.vision_layers is inner.vision_tower.vision_model.encoder.layers
+        assert bb.vision_layers is compat.siglip_encoder(inner.vision_tower).layers
         assert bb.feature_layer == len(bb.vision_layers) - 1  # vision_feature_layer -1
     else:
         assert bb.vision_layers is inner.visual.blocks

@@ -31,8 +31,8 @@ from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
+from sharp.engine import compat
 from sharp.engine.attention import cuda_sync
 from sharp.engine.compose import ComposedMethod
 from sharp.engine.context import StageContext
@@ -49,18 +49,6 @@ class _ProbeDone(Exception):
     def __init__(self, result):
         super().__init__()
         self.result = result
-
-
-class _MaskSizes:
-    """Stands in for a cache in ``create_causal_mask``: answers for one layer's cache length."""
-
-    is_compileable = False
-
-    def __init__(self, past_length: int):
-        self.past_length = past_length
-
-    def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
-        return self.past_length + cache_position.shape[0], 0
 
 
 @dataclass
@@ -239,7 +227,7 @@ class PruningSession:
     # -- top-level hooks -------------------------------------------------------------------
     def _model_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        pkv = kwargs.get("past_key_values")
+        pkv = compat.cache_of(kwargs)
         if self._states and self._states[-1].phase == "probe-pending":
             state = self._states[-1]
             state.phase = "probe"
@@ -273,7 +261,7 @@ class PruningSession:
         cuda_sync(input_ids.device)
         self._prefill_t0 = time.perf_counter()
         self._llm_t0 = None  # set when decoder layer 0 starts
-        self.prefill_inputs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        self.prefill_inputs = compat.without_cache(kwargs)
         self.prefill_inputs.setdefault("input_ids", input_ids)
         self.input_length = input_ids.shape[1]
         self.kv_masks = {}
@@ -287,7 +275,7 @@ class PruningSession:
         state = self._states[-1] if self._states else None
         if state is None or state.phase not in ("prefill", "decode"):
             return None
-        pkv = getattr(output, "past_key_values", None)
+        pkv = compat.output_cache(output)
         if pkv is not None:
             self._last_cache = pkv
         if state.phase == "prefill":
@@ -375,9 +363,10 @@ class PruningSession:
             return None
         new_kwargs = dict(kwargs)
         if seq.pruned:
-            new_kwargs.update(position_embeddings=seq.position_embeddings, cache_position=seq.cache_position,
+            new_kwargs.update(position_embeddings=seq.position_embeddings,
                               position_ids=None,  # RoPE is in position_embeddings; FA2 must not see gapped ids
                               attention_mask=seq.mask)
+            compat.set_cache_position(self.backbone.layers[idx], new_kwargs, seq.cache_position)
         if extra is not None:
             new_kwargs["attention_mask"] = self._custom_mask(idx, extra, seq, hidden)
             if state.phase == "prefill":
@@ -511,9 +500,7 @@ class PruningSession:
         new = seq.gathered(index, pad)
         if method.compacts_at(idx):
             new = self._compact(idx, seq, new, new_hidden, record_kv)
-        new = replace(new, mask=create_causal_mask(
-            config=self.backbone.text_config, input_embeds=new_hidden, attention_mask=new.attention_mask_2d,
-            cache_position=new.cache_position, past_key_values=None, position_ids=None))
+        new = replace(new, mask=compat.causal_mask(self.backbone.text_config, new_hidden, new.attention_mask_2d))
         state.seq = new
         if record_kv:
             for layer in range(idx, self.num_layers):
@@ -570,7 +557,8 @@ class PruningSession:
         new_kwargs = dict(kwargs, position_ids=None)
         if idx in self.kv_masks:
             mask2d, mask, cache_position = self._decode_mask(idx, hidden)
-            new_kwargs.update(attention_mask=mask, cache_position=cache_position)
+            new_kwargs["attention_mask"] = mask
+            compat.set_cache_position(self.backbone.layers[idx], new_kwargs, cache_position)
         if idx in self.position_shift:
             new_kwargs["position_embeddings"] = self._decode_rope(idx, hidden, kwargs)
         return args, new_kwargs
@@ -585,9 +573,7 @@ class PruningSession:
             new_cols = full[:, -q:].long() if full is not None else past.new_ones(past.shape[0], q)
             mask2d = torch.cat([past, new_cols], dim=1)
             cache_position = torch.arange(past.shape[1], past.shape[1] + q, device=hidden.device)
-            mask = create_causal_mask(
-                config=self.backbone.text_config, input_embeds=hidden, attention_mask=mask2d,
-                cache_position=cache_position, past_key_values=_MaskSizes(past.shape[1]), position_ids=None)
+            mask = compat.causal_mask(self.backbone.text_config, hidden, mask2d, past=past.shape[1])
             state.decode_masks[key] = (mask2d, mask, cache_position)
         return state.decode_masks[key]
 
@@ -597,9 +583,7 @@ class PruningSession:
         key = tuple(shift.tolist())
         state = self.state
         if key not in state.decode_rope:
-            pos = kwargs.get("position_ids")
-            if pos is None:
-                pos = kwargs["cache_position"][None].expand(hidden.shape[0], -1)
+            pos = compat.step_positions(kwargs, hidden)
             state.decode_rope[key] = self.backbone.language_model.rotary_emb(hidden, pos - shift[:, None])
         return state.decode_rope[key]
 
@@ -644,9 +628,7 @@ class PruningSession:
         saved_rope_deltas = getattr(inner, "rope_deltas", None)  # Qwen2-VL caches it per prefill
         try:
             with torch.no_grad():
-                self.backbone.model(**{k: v for k, v in inputs.items()
-                                       if k not in ("past_key_values", "use_cache", "cache_position")},
-                                    use_cache=False)
+                self.backbone.model(**compat.without_cache(inputs, "use_cache", "cache_position"), use_cache=False)
         except _ProbeDone as done:
             return done.result
         finally:
