@@ -238,3 +238,21 @@ def match_state_dict(model: torch.nn.Module, state: dict) -> dict:
                         break
         out[key] = value
     return out
+
+
+# -- the video path (tests and tools that compare with the model's own features) ------------------
+def vision_tokens(output) -> torch.Tensor:
+    """The LLM tokens a vision tower call returns (5.x: a ModelOutput whose ``pooler_output`` holds them)."""
+    return getattr(output, "pooler_output", output)
+
+
+def llava_ov_video_features(inner: torch.nn.Module, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+    """LLaVA-OV's pooled video features (b, T x side'^2, d) WITHOUT the image_newline: 4.57's
+    ``get_video_features`` returns them and its forward appends the newline; 5.x appends it inside
+    ``get_video_features`` (``pooler_output`` (b, T x side'^2 + 1, d)). apply_pooling is unchanged."""
+    cfg = inner.config
+    out = inner.get_video_features(pixel_values_videos, vision_feature_layer=cfg.vision_feature_layer,
+                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    if hasattr(out, "pooler_output"):
+        return out.pooler_output[:, :-1]
+    return out
