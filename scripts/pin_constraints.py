@@ -51,7 +51,8 @@ def closure(reqs: list[str]) -> dict[str, str]:
         try:
             dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
-            sys.exit(f"error: {req.name} is required but not installed; run scripts/setup.sh first")
+            print(f"error: {req.name} is required but not installed; run scripts/setup.sh first", file=sys.stderr)
+            sys.exit(2)
         pinned[name] = dist.version.split("+")[0]  # 2.13.0+cpu -> 2.13.0 (the same wheel resolves)
         todo.extend(dist.requires or [])
     return pinned
