@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import sharp
+from sharp.engine import compat
 
 
 def _sync(device) -> None:
@@ -87,7 +88,7 @@ def run_once(bb, inputs, new_tokens: int, prune=None) -> dict:
         if ctx:
             ctx.__exit__(None, None, None)
     row = {"prefill_ms": calls[0] * 1e3, "decode_ms_per_token": statistics.fmean(calls[1:]) * 1e3,
-           "kv_bytes_end": cache_bytes(out.past_key_values), "kv_entries_end": cache_entries(out.past_key_values)}
+           "kv_bytes_end": cache_bytes(compat.output_cache(out)), "kv_entries_end": cache_entries(compat.output_cache(out))}
     # after the prefill each layer holds its prompt entries; every decode step adds one per layer
     per_entry = row["kv_bytes_end"] // max(1, sum(row["kv_entries_end"]))  # bytes of one entry, whole batch
     row["kv_bytes_after_prefill"] = row["kv_bytes_end"] - (new_tokens - 1) * len(row["kv_entries_end"]) * per_entry

@@ -5,6 +5,8 @@ import contextlib
 
 import torch
 
+from sharp.engine import compat
+
 
 def generate_with_logits(bb, inputs, max_new_tokens=5):
     out = bb.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
@@ -64,8 +66,9 @@ def masked_reference_logits(bb, inputs, sequences, key_allowed, query_from=None,
             restrict[:, :, :start, :] = True
             a = a & (restrict | torch.eye(s, dtype=torch.bool)[None, None])
         allowed[layer] = a
-    kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     kwargs["input_ids"] = sequences
+    kwargs.update(compat.text_inputs(bb.model, sequences))  # 5.x Qwen2-VL: token types of the longer sequence
     kwargs["attention_mask"] = mask2d
     if "mrope_section" not in (bb.text_config.rope_scaling or {}):  # 1-D RoPE: generate's positions for left padding
         pos = mask2d.long().cumsum(-1) - 1

@@ -474,8 +474,8 @@ def test_unchanged_stages_cost_nothing(name, monkeypatch):
     bb = backbone(name, "eager")
     inputs = bb.synthetic_inputs(frames=8, seed=22)
     masks = []
-    real = engine_prefill.create_causal_mask
-    monkeypatch.setattr(engine_prefill, "create_causal_mask", lambda **kw: masks.append(1) or real(**kw))
+    real = engine_prefill.compat.causal_mask
+    monkeypatch.setattr(engine_prefill.compat, "causal_mask", lambda *a, **kw: masks.append(1) or real(*a, **kw))
     with sharp.prune(bb, "_test_every_layer", 0.25) as trace, torch.no_grad():
         bb.model(**inputs)
     n = bb.layout(inputs).n_visual
@@ -545,11 +545,12 @@ def test_pre_llm_stage_reads_the_vision_tower(name, batch):
 def test_vision_layers_are_hooked_only_when_asked():
     bb = backbone("tiny_llava_onevision")
     hooked = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in bb.vision_layers)  # noqa: E731
+    own = hooked()  # transformers 5.x itself hooks layers to record outputs
     with sharp.prune(bb, "fastv", 0.25):
-        assert hooked() == 0
+        assert hooked() == own
     with sharp.prune(bb, "_test_vision_topk", 0.25):
-        assert hooked() == 2
-    assert hooked() == 0
+        assert hooked() == own + 2
+    assert hooked() == own
 
     @dataclass
     class Unasked(_VisionTopK):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sharp
-from sharp.engine import StageContext
+from sharp.engine import StageContext, compat
 from sharp.methods import budget
 from sharp.methods.sharpv import (adaptive_ratios, frame_scores, keep_top_per_frame, non_visual_entries,
                                   split_budget)
@@ -273,6 +273,8 @@ def _sample(bb, inputs, b):
     ids, mask = inputs["input_ids"][b:b + 1], inputs["attention_mask"][b:b + 1]
     start = int((mask[0] == 0).sum())  # drop its left padding
     out = {"input_ids": ids[:, start:], "attention_mask": mask[:, start:]}
+    if "mm_token_type_ids" in inputs:  # transformers 5.x Qwen2-VL
+        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][b:b + 1, start:]
     pv = inputs["pixel_values_videos"]
     if bb.family == "qwen2_vl":
         half = pv.shape[0] // 2
@@ -411,7 +413,7 @@ def test_memory_threshold_one_shrinks_degraded_layers_zero_keeps_cache(name):
     for m_value in (0.0, 1.0):
         with sharp.prune(bb, "sharpv", memory_threshold=m_value) as trace, torch.no_grad():
             out = bb.model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
-        caches[m_value], traces[m_value] = _cache_bytes(out.past_key_values), trace.method("sharpv")
+        caches[m_value], traces[m_value] = _cache_bytes(compat.output_cache(out)), trace.method("sharpv")
     with torch.no_grad():
         seq_len = bb.model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1]
     # M = 0: no memory stage; the cache has the visual stage's length in every layer

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import sharp
 from sharp.backbones import VisionMaps
 from sharp.backbones.vision import ATTENTION_BUDGET, chunk_groups, received_attention
+from sharp.engine import compat
 
 NAMES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
 FRAMES = 4  # LLaVA-OV: 4 frames of 8x8 patches; Qwen2-VL: 2 temporal patches of 8x8 patches
@@ -94,7 +95,7 @@ def reference_ov(ref, layer: int, inputs: dict) -> VisionMaps:
     b = pv.shape[0]
     with torch.no_grad():
         out = ref.model.model.vision_tower(pv.flatten(0, 1), output_hidden_states=True, output_attentions=True)
-        block = ref.model.model.vision_tower.vision_model.encoder.layers[layer]
+        block = compat.siglip_encoder(ref.model.model.vision_tower).layers[layer]
         x = out.hidden_states[layer]  # input of the layer, (b*T, P, d)
         k = block.self_attn.k_proj(block.layer_norm1(x))
         k = k.view(*x.shape[:2], block.self_attn.num_heads, -1).mean(dim=2)
@@ -106,6 +107,21 @@ def reference_ov(ref, layer: int, inputs: dict) -> VisionMaps:
 def _merge_qwen(x: torch.Tensor, b: int) -> torch.Tensor:
     """(N, C) -> (b, N / 4 / b, C): the merger's 4 consecutive patches, mean."""
     return x.reshape(b, -1, 4, x.shape[-1]).mean(dim=2)
+
+
+def _vision_rope_of(vis, pv, thw):
+    """The (cos, sin) the tower gives its blocks (4.57 computes them from ``rot_pos_emb``, 5.x from
+    its ``rotary_pos_emb`` module): read off block 0's call."""
+    got = {}
+    handle = vis.blocks[0].register_forward_pre_hook(lambda m, a, kw: got.update(kw), with_kwargs=True)
+    try:
+        vis(pv, grid_thw=thw)
+    finally:
+        handle.remove()
+    if got.get("position_embeddings") is not None:
+        return got["position_embeddings"]
+    emb = torch.cat((got["rotary_pos_emb"], got["rotary_pos_emb"]), dim=-1)
+    return emb.cos(), emb.sin()
 
 
 def reference_qwen(ref, layer: int, inputs: dict, monkeypatch) -> VisionMaps:
@@ -128,13 +144,13 @@ def reference_qwen(ref, layer: int, inputs: dict, monkeypatch) -> VisionMaps:
     pv, thw = inputs["pixel_values_videos"], inputs["video_grid_thw"]
     b = thw.shape[0]
     with torch.no_grad():
+        cos, sin = _vision_rope_of(vis, pv, thw)
+        recorded.clear()  # that whole-tower call recorded the target block too
         x = vis.patch_embed(pv)
-        rot = vis.rot_pos_emb(thw)
-        emb = torch.cat((rot, rot), dim=-1)
         cu = F.pad(torch.repeat_interleave(thw[:, 1] * thw[:, 2], thw[:, 0]).cumsum(0, dtype=torch.int32), (1, 0))
         for block in vis.blocks[: layer + 1]:
             x_in = x
-            x = block(x, cu_seqlens=cu, position_embeddings=(emb.cos(), emb.sin()))
+            x = block(x, cu_seqlens=cu, position_embeddings=(cos, sin))
         qkv = block.attn.qkv(block.norm1(x_in)).reshape(x.shape[0], 3, block.attn.num_heads, -1)
     monkeypatch.setattr(mq, "eager_attention_forward", original)
     assert len(recorded) == len(cu) - 1  # one call per temporal patch
@@ -204,11 +220,10 @@ def test_feature_layer_feeds_the_llm(bb):
     inner = bb.model.model
     with torch.no_grad():
         if isinstance(bb, sharp.backbones.LlavaOneVisionBackbone):
-            want = inner.get_video_features(inputs["pixel_values_videos"], bb.config.vision_feature_layer,
-                                            bb.config.vision_feature_select_strategy)
+            want = compat.llava_ov_video_features(inner, inputs["pixel_values_videos"])
             got = inner.apply_pooling(inner.multi_modal_projector(out)).reshape(want.shape)
         else:
-            want = inner.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
+            want = compat.vision_tokens(inner.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"]))
             got = inner.visual.merger(out)
     torch.testing.assert_close(got, want)
 
@@ -252,7 +267,7 @@ def test_resolve_vision_layer(bb):
 def test_vision_layer_paths(bb):
     inner = bb.model.model
     if isinstance(bb, sharp.backbones.LlavaOneVisionBackbone):
-        assert bb.vision_layers is inner.vision_tower.vision_model.encoder.layers
+        assert bb.vision_layers is compat.siglip_encoder(inner.vision_tower).layers
         assert bb.feature_layer == len(bb.vision_layers) - 1  # vision_feature_layer -1
     else:
         assert bb.vision_layers is inner.visual.blocks

@@ -19,6 +19,7 @@ from sharp.methods.visionzip import apportion, split_budget, visionzip_group
 from sharp import flops
 from sharp.methods import budget
 from conftest import shared_backbone
+from sharp.engine import compat
 
 NAMES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
 FRAMES = 8
@@ -64,10 +65,10 @@ def reference_maps_ov(bb, inputs):
     pv = inputs["pixel_values_videos"]
     b = pv.shape[0]
     tower = bb.model.model.vision_tower
-    layer = len(tower.vision_model.encoder.layers) - 1  # vision_feature_layer -1
+    layer = len(compat.siglip_encoder(tower).layers) - 1  # vision_feature_layer -1
     with torch.no_grad():
         out = tower(pv.flatten(0, 1), output_hidden_states=True, output_attentions=True)
-        block = tower.vision_model.encoder.layers[layer]
+        block = compat.siglip_encoder(tower).layers[layer]
         x = out.hidden_states[layer]
         k = block.self_attn.k_proj(block.layer_norm1(x)).view(*x.shape[:2], block.self_attn.num_heads, -1).mean(2)
     received = out.attentions[layer].mean(dim=(1, 2))  # (b*T, P): heads and queries

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from sharp.engine import compat
 from sharp.backbones.tokenizer import assign_special_ids, byte_tokenizer
 from sharp.backbones.vision import (ATTENTION_BUDGET, RopeFn, VisionMaps, captured_input, captured_output,
                                     received_attention)
@@ -171,6 +172,9 @@ class Backbone(abc.ABC):
     family: ClassVar[str] = ""  # "llava_onevision" | "qwen2_vl" | ...
     # Most float32 attention-logit elements vision_maps holds at once (see sharp.backbones.vision).
     attention_budget: ClassVar[int] = ATTENTION_BUDGET
+
+    def __post_init__(self):
+        compat.adapt_model(self.model)  # transformers 5.x runs as 4.57 (sharp/engine/compat.py)
 
     @property
     def kind(self) -> str:
@@ -334,7 +338,8 @@ class Backbone(abc.ABC):
     def _tokenize(self, prompts: Sequence[str]) -> dict:
         self.tokenizer.padding_side = "left"
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                **compat.text_inputs(self.model, enc["input_ids"])}
 
     def pixels_to_inputs(self, frames: np.ndarray, questions: Union[str, Sequence[str]]) -> dict:
         """Model inputs from decoded frames (T, H, W, 3) uint8 and one question per sample."""
@@ -495,7 +500,7 @@ def _load_weights(model: torch.nn.Module, folder: str, name: str) -> None:
     from safetensors.torch import load_file
 
     state = load_file(os.path.join(folder, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(compat.match_state_dict(model, state), strict=False)
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise RuntimeError(f"weights of {name} do not match its config: missing={missing} unexpected={unexpected}")
 

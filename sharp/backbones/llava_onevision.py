@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from sharp.backbones import video as V
+from sharp.engine import compat
 from sharp.backbones.base import CHATML_SYSTEM, Backbone, VisualLayout, register_family
 
 # lmms-eval's llava_onevision wrapper: LLaVA-NeXT conv template "qwen_1_5" (ChatML), "<image>\n" +
@@ -122,7 +123,7 @@ class LlavaOneVisionBackbone(Backbone):
 
     @property
     def vision_layers(self) -> torch.nn.ModuleList:
-        return self.model.model.vision_tower.vision_model.encoder.layers
+        return compat.siglip_encoder(self.model.model.vision_tower).layers
 
     @property
     def feature_layer(self) -> int:

@@ -1,10 +1,11 @@
 """Attention scores without the N x N matrix: the last query rows of one decoder layer."""
 from __future__ import annotations
 
-import sys
 from typing import Callable, Optional
 
 import torch
+
+from sharp.engine import compat
 
 SCORE_SPACES = ("prob", "logit")
 
@@ -17,12 +18,7 @@ def cuda_sync(device: torch.device) -> None:
 
 def rope_apply(backbone, layer: int) -> Callable:
     """The attention module's own RoPE function, as f(x (b, h, n, d), cos, sin) -> x."""
-    attn = backbone.layers[layer].self_attn
-    module = sys.modules[type(attn).__module__]
-    if hasattr(module, "apply_multimodal_rotary_pos_emb"):
-        section = attn.rope_scaling["mrope_section"]
-        return lambda x, cos, sin: module.apply_multimodal_rotary_pos_emb(x, x, cos, sin, section)[0]
-    return lambda x, cos, sin: module.apply_rotary_pos_emb(x, x, cos, sin)[0]
+    return compat.rope_function(backbone.layers[layer].self_attn)
 
 
 def attention_of_last_tokens(backbone, layer: int, hidden: torch.Tensor, position_embeddings,

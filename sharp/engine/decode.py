@@ -13,19 +13,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
-
-class _MaskSizes:
-    """Stands in for a cache in ``create_causal_mask``: answers for one layer's cache length."""
-
-    is_compileable = False
-
-    def __init__(self, past_length: int):
-        self.past_length = past_length
-
-    def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
-        return self.past_length + cache_position.shape[0], 0
+from sharp.engine import compat
 
 
 @dataclass
@@ -65,7 +54,7 @@ class DecodePatcher:
 
     def finish_call(self, output) -> None:
         """A prefill or decode step finished: its cache is the one ``drop_kv`` edits."""
-        pkv = getattr(output, "past_key_values", None)
+        pkv = compat.output_cache(output)
         if pkv is not None:
             self.last_cache = pkv
 
@@ -81,7 +70,8 @@ class DecodePatcher:
         new_kwargs = dict(kwargs, position_ids=None)
         if idx in self.kv_masks:
             mask2d, mask, cache_position = self._mask(idx, hidden)
-            new_kwargs.update(attention_mask=mask, cache_position=cache_position)
+            new_kwargs["attention_mask"] = mask
+            compat.set_cache_position(self.backbone.layers[idx], new_kwargs, cache_position)
         if idx in self.position_shift:
             new_kwargs["position_embeddings"] = self._rope(idx, hidden, kwargs)
         return args, new_kwargs
@@ -102,9 +92,7 @@ class DecodePatcher:
             new_cols = full[:, -q:].long() if full is not None else past.new_ones(past.shape[0], q)
             mask2d = torch.cat([past, new_cols], dim=1)  # (b, kv_len + q)
             cache_position = torch.arange(past.shape[1], past.shape[1] + q, device=hidden.device)
-            mask = create_causal_mask(
-                config=self.backbone.text_config, input_embeds=hidden, attention_mask=mask2d,
-                cache_position=cache_position, past_key_values=_MaskSizes(past.shape[1]), position_ids=None)
+            mask = compat.causal_mask(self.backbone.text_config, hidden, mask2d, past=past.shape[1])
             self._step.masks[key] = (mask2d, mask, cache_position)
         return self._step.masks[key]
 
@@ -113,9 +101,7 @@ class DecodePatcher:
         shift = self.position_shift[idx].to(hidden.device)  # (b,)
         key = tuple(shift.tolist())
         if key not in self._step.rope:
-            pos = kwargs.get("position_ids")
-            if pos is None:
-                pos = kwargs["cache_position"][None].expand(hidden.shape[0], -1)
+            pos = compat.step_positions(kwargs, hidden)
             self._step.rope[key] = self.backbone.language_model.rotary_emb(hidden, pos - shift[:, None])
         return self._step.rope[key]
 

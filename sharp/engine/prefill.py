@@ -23,8 +23,8 @@ from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
+from sharp.engine import compat
 from sharp.engine.attention import cuda_sync
 from sharp.engine.context import StageContext
 from sharp.engine.decode import DecodePatcher
@@ -133,7 +133,7 @@ class PrefillRunner:
         self._start_sequence(forward, input_ids, kwargs)
         cuda_sync(input_ids.device)
         self._prefill_t0, self._llm_t0 = time.perf_counter(), None  # llm: set when decoder layer 0 starts
-        self.prefill_inputs = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        self.prefill_inputs = compat.without_cache(kwargs)
         self.prefill_inputs.setdefault("input_ids", input_ids)
         self.input_length = input_ids.shape[1]
         self._applied, self._applied_after = {}, {}
@@ -220,9 +220,10 @@ class PrefillRunner:
             return None
         new_kwargs = dict(kwargs)
         if seq.pruned:
-            new_kwargs.update(position_embeddings=seq.position_embeddings, cache_position=seq.cache_position,
+            new_kwargs.update(position_embeddings=seq.position_embeddings,
                               position_ids=None,  # RoPE is in position_embeddings; FA2 must not see gapped ids
                               attention_mask=seq.mask)
+            compat.set_cache_position(self.backbone.layers[idx], new_kwargs, seq.cache_position)
         if extra is not None:
             new_kwargs["attention_mask"] = self._custom_mask(idx, extra, seq, hidden)
             if state.phase == "prefill":
@@ -337,9 +338,7 @@ class PrefillRunner:
         new = seq.gathered(index, pad)
         if method.compacts_at(idx):
             new = self._compact(idx, seq, new, new_hidden, record_kv)
-        new = replace(new, mask=create_causal_mask(
-            config=self.backbone.text_config, input_embeds=new_hidden, attention_mask=new.attention_mask_2d,
-            cache_position=new.cache_position, past_key_values=None, position_ids=None))
+        new = replace(new, mask=compat.causal_mask(self.backbone.text_config, new_hidden, new.attention_mask_2d))
         state.seq = new
         if record_kv:
             self.kv.record_pruned(idx, new.attention_mask_2d)
@@ -404,9 +403,7 @@ class PrefillRunner:
         saved_rope_deltas = getattr(inner, "rope_deltas", None)  # Qwen2-VL caches it per prefill
         try:
             with torch.no_grad():
-                self.backbone.model(**{k: v for k, v in inputs.items()
-                                       if k not in ("past_key_values", "use_cache", "cache_position")},
-                                    use_cache=False)
+                self.backbone.model(**compat.without_cache(inputs, "use_cache", "cache_position"), use_cache=False)
         except _ProbeDone as done:
             return done.result
         finally:

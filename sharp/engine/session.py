@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from sharp.engine import compat
 from sharp.engine.context import SessionContext
 from sharp.engine.decode import DecodePatcher
 from sharp.engine.method import PruningMethod
@@ -89,7 +90,7 @@ class PruningSession:
         if self.prefill.probe_pending:  # the model called again by a stage: its probe
             self.prefill.start(input_ids, kwargs)
             return None
-        pkv = kwargs.get("past_key_values")
+        pkv = compat.cache_of(kwargs)
         self.kv.last_mask2d = kwargs.get("attention_mask")
         if pkv is None or pkv.get_seq_length() == 0:
             self._call = "prefill"

@@ -1,0 +1,98 @@
+"""sharp/engine/compat.py: the same answers on transformers 4.57.x and 5.x (run on both lines in CI)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sharp
+from sharp.engine import compat
+
+
+def _qwen():
+    return sharp.load_backbone("tiny_qwen2_vl")
+
+
+def test_qwen2vl_positions_follow_457_rule_when_video_is_longer_than_wide():
+    """Text after a video continues after the video's LARGEST position (4.57; 5.x native uses max(h, w))."""
+    bb = _qwen()
+    inputs = bb.synthetic_inputs(frames=32, batch_size=2, size=(56, 56))  # 16 temporal patches of 2x2 tokens
+    t, h, w = (int(x) for x in inputs["video_grid_thw"][0])
+    gh, gw = h // 2, w // 2
+    assert t > max(gh, gw)  # the case where the two rules differ
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    kwargs = {"video_grid_thw": inputs["video_grid_thw"], "attention_mask": mask}
+    kwargs.update(compat.text_inputs(bb.model, ids))
+    pos, deltas = bb.model.model.get_rope_index(ids, **kwargs)
+    for b in range(2):
+        real = mask[b].bool()
+        vis = (ids[b][real] == bb.video_token_id).nonzero().squeeze(1)
+        first, n = int(vis[0]), len(vis)
+        s_real = int(real.sum())
+        expect = torch.empty(3, s_real, dtype=torch.long)
+        expect[:, :first] = torch.arange(first)
+        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        expect[:, first:first + n] = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + first
+        after = first + max(t, gh, gw)
+        expect[:, first + n:] = torch.arange(after, after + s_real - first - n)
+        assert torch.equal(pos[:, b, real], expect)
+        assert torch.equal(pos[:, b, ~real], torch.ones_like(pos[:, b, ~real]))  # padding: 1, as 4.57
+        assert int(deltas[b]) == int(expect.max()) + 1 - ids.shape[1]  # against the padded length, as 4.57
+
+
+def test_generate_prefill_sees_pixels_and_positions_match_rope_index():
+    """adapt_model: generate's first forward carries the pixels (5.x would pre-encode them), so the
+    engine's prefill hook sees the layout; its M-RoPE positions are get_rope_index's."""
+    bb = _qwen()
+    inputs = bb.synthetic_inputs(frames=32, batch_size=1, size=(56, 56))
+    seen = []
+    handle = bb.model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            bb.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
+    first = seen[0]
+    assert first.get("pixel_values_videos") is not None and first.get("video_grid_thw") is not None
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values_videos")}
+    ref, _ = bb.model.model.get_rope_index(inputs["input_ids"], **extra)
+    got = first.get("position_ids")
+    if got is not None:  # 5.x: (4, b, s) = text row + the three M-RoPE rows; 4.57 leaves it to the model
+        assert torch.equal(got[-3:], ref)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("past", [0, 5])
+def test_causal_mask_matches_hand_built(impl, past):
+    bb = sharp.load_backbone("tiny_llava_onevision", attn_implementation=impl)
+    q = 3 if past else 7
+    hidden = torch.zeros(2, q, bb.text_config.hidden_size)
+    mask2d = torch.ones(2, past + q, dtype=torch.long)
+    mask2d[1, :2] = 0  # left padding of sample 1
+    got = compat.causal_mask(bb.text_config, hidden, mask2d, past=past)
+    allowed = (torch.arange(past + q)[None, :] <= torch.arange(past, past + q)[:, None])[None, None]
+    allowed = allowed & mask2d.bool()[:, None, None, :]
+    if impl == "sdpa":
+        assert got.dtype == torch.bool and torch.equal(got, allowed)
+    else:
+        assert torch.equal(got == 0, allowed) and bool((got[~allowed.expand_as(got)] < -1e30).all())
+
+
+def test_state_dict_names_match_either_line():
+    bb = sharp.load_backbone("tiny_llava_onevision")
+    own = bb.model.state_dict()
+    moved = {}
+    for k, v in own.items():  # rename to the OTHER line's names
+        if k.startswith("model.vision_tower.vision_model."):
+            k = "model.vision_tower." + k[len("model.vision_tower.vision_model."):]
+        elif k.startswith("model.vision_tower."):
+            k = "model.vision_tower.vision_model." + k[len("model.vision_tower."):]
+        moved[k] = v
+    assert set(moved) != set(own)
+    assert set(compat.match_state_dict(bb.model, moved)) == set(own)
+
+
+def test_cache_keyword_helpers():
+    out = type("Out", (), {"past_key_values": None, "cache": "C"})()
+    assert compat.output_cache(out) == "C"
+    assert compat.cache_of({"past_key_values": "P"}) == "P" and compat.cache_of({"cache": "C"}) == "C"
+    assert compat.without_cache({"cache": 1, "past_key_values": 2, "x": 3}, "x") == {}
