@@ -7,11 +7,10 @@ restricted; causality and padding are the engine's. How the restricted layer com
 ``MODE`` (env ``SHARP_SEGM_ATTENTION``, or :func:`set_mode`):
 
 * ``"segments"`` (``"auto"`` on every device): the layer runs the attention function registered
-  here as ``"sharp_segments"``: one sdpa call per segment (queries = the segment's rows, keys = the
-  text before the video + the segment, lower-right causal), one for the text before the video
-  (``is_causal``) and one for the text after it (lower-right causal over every key). No ``s x s``
-  tensor; sdpa keeps its fast kernels (``torch.nn.attention.bias.causal_lower_right`` dispatches to
-  the flash / memory-efficient kernels on GPU). Used when the visual tokens of every sample form
+  here as ``"sharp_segments"``: plain causal sdpa over [text before the video, first segment], then
+  one causal sdpa call per further segment over [text before the video, segment] (the text rows
+  recomputed and dropped), and one for the text after the video (lower-right causal over every key,
+  ``torch.nn.attention.bias.causal_lower_right``). No ``s x s`` tensor; sdpa keeps its fast kernels. Used when the visual tokens of every sample form
   one contiguous run with non-decreasing segment ids and there is no padding; otherwise ``dense``.
 * ``"flex"``: FlexAttention with a block mask built from the segment ids (GPU: compiled; CPU: the
   eager reference, for tests only).
@@ -158,13 +157,20 @@ def segments_attention(module, query, key, value, attention_mask, dropout: float
     out = query.new_empty(b, h, s, value.shape[-1])
     for i, (p, e, segments) in enumerate(plan_.samples):
         q, k, v = query[i], key[i], value[i]
-        if p > 0:
-            out[i, :, :p] = _sdpa(q[:, :p], k[:, :p], v[:, :p], scaling, "top")
+        sees = plan_.visual_sees_text
+        first = segments[0][1] if sees and segments else p  # text before the video (+ the 1st segment)
+        if first > 0:  # causal over [0, first): exactly what those rows may see
+            out[i, :, :first] = _sdpa(q[:, :first], k[:, :first], v[:, :first], scaling, "top")
         for a, z in segments:
-            if plan_.visual_sees_text and p > 0:
+            if sees and a == p:
+                continue  # done with the text before the video
+            if sees and p > 0:
+                # queries = the text before the video + the segment (its rows recomputed, p of them, and
+                # dropped): plain causal over [text, segment] is the segment rows' restriction
+                qq = torch.cat([q[:, :p], q[:, a:z]], dim=1)
                 kk = torch.cat([k[:, :p], k[:, a:z]], dim=1)
                 vv = torch.cat([v[:, :p], v[:, a:z]], dim=1)
-                out[i, :, a:z] = _sdpa(q[:, a:z], kk, vv, scaling, "lower_right")
+                out[i, :, a:z] = _sdpa(qq, kk, vv, scaling, "top")[:, p:]
             else:
                 out[i, :, a:z] = _sdpa(q[:, a:z], k[:, a:z], v[:, a:z], scaling, "top")
         if e < s:
