@@ -23,8 +23,8 @@ selection % = selection ms / the method's own LLM prefill ms.
 
 Clock (``--clock``, default ``auto``): on a CPU with ``--threads 1`` the main thread's CPU time
 (``time.thread_time``: every prefill FLOP runs in that thread and the time a shared machine gives to
-other processes does not count), else wall-clock with CUDA synchronisation. The engine's stage times
-(selection) are wall-clock, so on a loaded machine the selection share is an upper bound.
+other processes does not count), else wall-clock with CUDA synchronisation. The engine's stage timers
+(selection) then read the same clock.
 speed/FLOPs = speedup (LLM) / FLOPs ratio (the trace's for methods whose schedule depends on the
 video: SharpV adaptive, FrameFusion, HoliTom). The paper's FLOPs convention counts visual tokens only
 (4nd^2 + 2n^2d + 2ndm per layer); ``flops_ratio_sequence`` counts what the LLM really computes (text
@@ -108,6 +108,28 @@ def set_clock(name: str, device, threads: int) -> str:
         raise BenchError("--clock cpu measures CPU work; on a GPU use --clock wall")
     CLOCK.update(name=name, fn=time.thread_time if name == "cpu" else time.perf_counter)
     return name
+
+
+class _ClockShim:
+    """Stands in for the ``time`` module inside sharp's modules: ``perf_counter`` reads the bench clock."""
+
+    def __init__(self, fn):
+        self.perf_counter = fn
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def engine_clock(name: str) -> None:
+    """With ``--clock cpu`` the engine's and methods' stage timers (``time.perf_counter`` in
+    sharp.engine / sharp.methods / baselines) read the same thread CPU time, so the selection share
+    is of one clock; ``wall`` restores them."""
+    for mod_name, mod in list(sys.modules.items()):
+        if not (mod_name.startswith("sharp.") or mod_name.startswith("baselines")):
+            continue
+        current = getattr(mod, "time", None)
+        if current is time or isinstance(current, _ClockShim):
+            mod.time = _ClockShim(time.thread_time) if name == "cpu" else time
 
 
 def _time_prefill(bb, inputs, repeats, warmup, prune_ctx=None, peaks=None):
@@ -402,6 +424,7 @@ def run(args) -> dict:
     check_names(methods)
     if args.threads:
         torch.set_num_threads(args.threads)
+    engine_clock("wall")
     bb = sharp.load_backbone(args.backbone, attn_implementation=args.attn,
                              random_weights=True if args.random_weights else None,
                              dtype=getattr(torch, args.dtype) if args.dtype else None)
@@ -415,6 +438,7 @@ def run(args) -> dict:
             "num_layers": bb.num_layers, "repeats": args.repeats, "warmup": args.warmup,
             "torch": torch.__version__}
     info["clock"] = set_clock(args.clock, bb.device, torch.get_num_threads())
+    engine_clock(info["clock"])
     print(f"backbone {bb.name} ({bb.device}, {bb.dtype}, {args.attn}): {n_visual} visual tokens "
           f"= {layout.frames} x {layout.tokens_per_frame}, sequence {info['sequence']}", flush=True)
 
@@ -456,6 +480,8 @@ def main(argv=None) -> dict:
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        engine_clock("wall")
 
 
 if __name__ == "__main__":

@@ -157,3 +157,16 @@ def test_clock_choice():
     with pytest.raises(bench_prefill.BenchError):
         bench_prefill.set_clock("cpu", "cuda", 1)
     bench_prefill.set_clock("wall", "cpu", 1)
+
+
+def test_engine_clock_follows_the_bench_clock():
+    import time
+
+    import sharp.engine.session as session
+
+    bench_prefill.engine_clock("cpu")
+    try:
+        assert session.time.perf_counter is time.thread_time
+    finally:
+        bench_prefill.engine_clock("wall")
+    assert session.time is time
