@@ -419,15 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> dict:
+def run(args, backbone=None) -> dict:
+    """The benchmark; ``backbone``: an already built Backbone to use instead of loading ``--backbone``
+    (scripts/gpu_check.py builds the 7B models directly on the GPU)."""
     methods = args.methods if args.methods is not None else [args.method or "fastv"]
     check_names(methods)
     if args.threads:
         torch.set_num_threads(args.threads)
     engine_clock("wall")
-    bb = sharp.load_backbone(args.backbone, attn_implementation=args.attn,
-                             random_weights=True if args.random_weights else None,
-                             dtype=getattr(torch, args.dtype) if args.dtype else None)
+    bb = backbone if backbone is not None else sharp.load_backbone(
+        args.backbone, attn_implementation=args.attn, random_weights=True if args.random_weights else None,
+        dtype=getattr(torch, args.dtype) if args.dtype else None)
     inputs = bb.synthetic_inputs(frames=args.frames, seed=0, size=tuple(args.size) if args.size else None)
     layout = bb.layout(inputs)
     n_visual = layout.n_visual
