@@ -16,7 +16,8 @@ Reported per configuration: median prefill ms; decode ms per token (median over 
 the mean decode-step time; every round's value is in the JSON); KV-cache bytes after the prefill (the cache the decode steps read:
 vanilla's full cache, SharpV's after its visual stage and, when on, its memory drop) and at the end
 of generation (``out.past_key_values``); the layers whose visual entries were dropped and the
-per-layer similarity sim_l from the trace. Rows: vanilla, then ``sharpv`` with
+per-layer similarity sim_l from the trace; the peak memory one generate added (``peak_mib``: CPU peak
+RSS, GPU ``torch.cuda.max_memory_allocated``, ``sharp.engine.memory``). Rows: vanilla, then ``sharpv`` with
 ``memory_threshold`` = each of ``--thresholds`` (0 = no memory stage: the visual stage alone).
 Writes the Markdown table to stdout and, with ``--json FILE``, the figures to FILE.
 """
@@ -37,6 +38,7 @@ if str(REPO) not in sys.path:
 
 import sharp
 from sharp.engine import compat
+from sharp.engine.memory import peak_memory
 
 
 def _sync(device) -> None:
@@ -83,12 +85,14 @@ def run_once(bb, inputs, new_tokens: int, prune=None) -> dict:
     ctx = prune() if prune else None
     trace = ctx.__enter__() if ctx else None
     try:
-        out, calls = timed_generate(bb, inputs, new_tokens)
+        with peak_memory(bb.device) as peak:
+            out, calls = timed_generate(bb, inputs, new_tokens)
     finally:
         if ctx:
             ctx.__exit__(None, None, None)
     row = {"prefill_ms": calls[0] * 1e3, "decode_ms_per_token": statistics.fmean(calls[1:]) * 1e3,
-           "kv_bytes_end": cache_bytes(compat.output_cache(out)), "kv_entries_end": cache_entries(compat.output_cache(out))}
+           "kv_bytes_end": cache_bytes(compat.output_cache(out)), "kv_entries_end": cache_entries(compat.output_cache(out)),
+           "peak_mib": peak.mib, "peak_kind": peak.kind}
     # after the prefill each layer holds its prompt entries; every decode step adds one per layer
     per_entry = row["kv_bytes_end"] // max(1, sum(row["kv_entries_end"]))  # bytes of one entry, whole batch
     row["kv_bytes_after_prefill"] = row["kv_bytes_end"] - (new_tokens - 1) * len(row["kv_entries_end"]) * per_entry
@@ -117,6 +121,8 @@ def measure(bb, inputs, configs: dict, new_tokens: int, repeats: int, warmup: in
         for key in ("prefill_ms", "decode_ms_per_token"):
             row[key] = statistics.median(r[key] for r in got)
             row[key + "_runs"] = [round(r[key], 2) for r in got]
+        peaks = [r["peak_mib"] for r in got if r["peak_mib"] is not None]
+        row["peak_mib"] = max(peaks) if peaks else None  # the most memory one generate added
         rows.append(row)
     return rows
 
@@ -165,15 +171,16 @@ def main(argv=None):
 
     van = rows[0]
     print("\n| config | visual kept | prefill ms | decode ms/token | KV MiB after prefill | KV MiB at end "
-          "| KV vs vanilla | dropped layers |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+          "| KV vs vanilla | dropped layers | peak MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
         kept = r.get("visual_tokens_kept", layout.n_visual)
         dropped = r.get("dropped_layers", [])
         print(f"| {r['config']} | {kept} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | "
               f"{r['kv_bytes_after_prefill'] / 2**20:.2f} | {r['kv_bytes_end'] / 2**20:.2f} | "
               f"{100 * r['kv_bytes_after_prefill'] / van['kv_bytes_after_prefill']:.1f}% | "
-              f"{len(dropped)} of {bb.num_layers}" + (f" ({dropped[0]}..{dropped[-1]})" if dropped else "") + " |")
+              f"{len(dropped)} of {bb.num_layers}" + (f" ({dropped[0]}..{dropped[-1]})" if dropped else "") + " | "
+              + ("—" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}") + " |")
     sims = next((r["similarity"] for r in rows if r.get("similarity")), None)
     if sims:
         print("\nsim_l (layer input vs layer 0, sample 0): " + " ".join(f"{s:.3f}" for s in sims))

@@ -21,6 +21,18 @@ in the JSON and the single-method printout). Speedup = vanilla ms / method ms; F
 schedule; ``flops_ratio_trace`` in the files uses the measured ``trace.visual_tokens_per_layer``);
 selection % = selection ms / the method's own LLM prefill ms.
 
+Clock (``--clock``, default ``auto``): on a CPU with ``--threads 1`` the main thread's CPU time
+(``time.thread_time``: every prefill FLOP runs in that thread and the time a shared machine gives to
+other processes does not count), else wall-clock with CUDA synchronisation. The engine's stage timers
+(selection) then read the same clock.
+speed/FLOPs = speedup (LLM) / FLOPs ratio (the trace's for methods whose schedule depends on the
+video: SharpV adaptive, FrameFusion, HoliTom). The paper's FLOPs convention counts visual tokens only
+(4nd^2 + 2n^2d + 2ndm per layer); ``flops_ratio_sequence`` counts what the LLM really computes (text
+rows too, SwiGLU, GQA, causal attention: ``sharp.flops`` "exact") on the measured schedule, so
+speed / sequence FLOPs is the implementation's efficiency (1.0 = time exactly proportional to FLOPs).
+Peak memory (``peak_mib``): the most memory one prefill added (CPU: peak RSS through
+``/proc/self/clear_refs``; GPU: ``torch.cuda.max_memory_allocated``; ``sharp.engine.memory``).
+
 Methods and their settings:
 
 * ``--method NAME`` (one method, the default ``fastv``) or ``--methods A B ...`` (one table, one
@@ -62,6 +74,7 @@ for _path in (REPO, REPO / "scripts"):
         sys.path.insert(0, str(_path))
 
 import sharp  # noqa: E402
+from sharp.engine.memory import peak_memory  # noqa: E402
 from sharp.flops import lm_dims, prefill_tflops, schedule_tflops  # noqa: E402
 
 # the engine's own trace.stage_times keys; every other key is a method's step inside select / mask
@@ -69,7 +82,8 @@ ENGINE_KEYS = ("prefill", "llm", "forward", "select", "mask")
 
 CSV_FIELDS = ["method", "retention", "kwargs", "n_visual", "kept_last_layer", "tflops", "flops_ratio",
               "flops_ratio_trace", "llm_ms", "total_ms", "speedup_llm", "speedup_total", "selection_ms",
-              "selection_pct_of_llm", "selection_pct_of_vanilla_llm", "method_steps_ms"]
+              "selection_pct_of_llm", "selection_pct_of_vanilla_llm", "method_steps_ms", "speed_per_flops",
+              "speed_per_flops_trace", "flops_ratio_sequence", "speed_per_flops_sequence", "peak_mib"]
 
 
 class BenchError(ValueError):
@@ -81,21 +95,60 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time_prefill(bb, inputs, repeats, warmup, prune_ctx=None):
-    """Median (total_ms, llm_ms, stage_ms, last trace) of prefill forwards."""
+CLOCK = {"name": "wall", "fn": time.perf_counter}
+
+
+def set_clock(name: str, device, threads: int) -> str:
+    """``wall`` (perf_counter), ``cpu`` (the main thread's CPU time: with one torch thread on a CPU every
+    prefill FLOP runs in that thread, and time the OS gives other processes does not count, so a
+    shared machine's load hardly moves it) or ``auto`` (cpu on a CPU device with 1 thread, else wall)."""
+    if name == "auto":
+        name = "cpu" if torch.device(device).type == "cpu" and threads == 1 else "wall"
+    if name == "cpu" and torch.device(device).type != "cpu":
+        raise BenchError("--clock cpu measures CPU work; on a GPU use --clock wall")
+    CLOCK.update(name=name, fn=time.thread_time if name == "cpu" else time.perf_counter)
+    return name
+
+
+class _ClockShim:
+    """Stands in for the ``time`` module inside sharp's modules: ``perf_counter`` reads the bench clock."""
+
+    def __init__(self, fn):
+        self.perf_counter = fn
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def engine_clock(name: str) -> None:
+    """With ``--clock cpu`` the engine's and methods' stage timers (``time.perf_counter`` in
+    sharp.engine / sharp.methods) read the same thread CPU time, so the selection share
+    is of one clock; ``wall`` restores them."""
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("sharp."):
+            continue
+        current = getattr(mod, "time", None)
+        if current is time or isinstance(current, _ClockShim):
+            mod.time = _ClockShim(time.thread_time) if name == "cpu" else time
+
+
+def _time_prefill(bb, inputs, repeats, warmup, prune_ctx=None, peaks=None):
+    """Median (total_ms, llm_ms, stage_ms, last trace) of prefill forwards; ``peaks`` (a list, if
+    given) receives every timed forward's peak memory in MiB above its start (sharp.engine.memory)."""
     lm = bb.language_model
     marks = {}
+    clock = CLOCK["fn"]
 
     # first entry to last exit of the LLM in one forward: a method's probe (ShaRP's PosC pass) re-enters
     # the LLM inside a stage (and may leave it early), which must not restart the clock
     def pre(module, args, kwargs):
         if "lm0" not in marks:
             _sync(bb.device)
-            marks["lm0"] = time.perf_counter()
+            marks["lm0"] = clock()
 
     def post(module, args, kwargs, out):
         _sync(bb.device)
-        marks["lm1"] = time.perf_counter()
+        marks["lm1"] = clock()
 
     h1 = lm.register_forward_pre_hook(pre, with_kwargs=True)
     h2 = lm.register_forward_hook(post, with_kwargs=True)
@@ -107,12 +160,13 @@ def _time_prefill(bb, inputs, repeats, warmup, prune_ctx=None):
             ctx = prune_ctx() if prune_ctx else None
             trace = ctx.__enter__() if ctx else None
             try:
-                _sync(bb.device)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    bb.model(**inputs, use_cache=True)
-                _sync(bb.device)
-                t1 = time.perf_counter()
+                with peak_memory(bb.device) as peak:
+                    _sync(bb.device)
+                    t0 = clock()
+                    with torch.no_grad():
+                        bb.model(**inputs, use_cache=True)
+                    _sync(bb.device)
+                    t1 = clock()
             finally:
                 if ctx:
                     ctx.__exit__(None, None, None)
@@ -120,6 +174,8 @@ def _time_prefill(bb, inputs, repeats, warmup, prune_ctx=None):
                 totals.append((t1 - t0) * 1e3)
                 llms.append((marks["lm1"] - marks["lm0"]) * 1e3)
                 stages.append(dict(trace.stage_times) if trace else {})
+                if peaks is not None and peak.mib is not None:
+                    peaks.append(peak.mib)
     finally:
         h1.remove()
         h2.remove()
@@ -209,9 +265,14 @@ def method_settings(args, methods: list[str], bb, n_visual: int) -> list[dict]:
 def bench_method(bb, inputs, n_visual: int, setting: dict, vanilla: dict, repeats: int, warmup: int) -> dict:
     """One row: the method's prefill timings, TFLOPs and selection overhead against ``vanilla``."""
     method, retention, kwargs, pruner = setting["method"], setting["retention"], setting["kwargs"], setting["pruner"]
-    total, llm, stages, trace = _time_prefill(bb, inputs, repeats, warmup, prune_ctx=lambda: sharp.prune(bb, pruner))
+    peaks = []
+    total, llm, stages, trace = _time_prefill(bb, inputs, repeats, warmup, prune_ctx=lambda: sharp.prune(bb, pruner),
+                                              peaks=peaks)
     tflops = prefill_tflops(bb, pruner, visual_tokens=n_visual)
     tflops_trace = schedule_tflops(list(trace.visual_tokens_per_layer), lm_dims(bb))
+    # what the LLM really computes: text + visual rows of every layer, exact FLOPs (SwiGLU, GQA, causal)
+    n_text = vanilla["sequence"] - n_visual
+    tflops_seq = schedule_tflops([v + n_text for v in trace.visual_tokens_per_layer], lm_dims(bb), "exact")
     # selection overhead = the engine-timed stage (scoring + method selection) + custom masks
     select_ms = stages.get("select", 0.0) + stages.get("mask", 0.0)
     return {
@@ -230,6 +291,12 @@ def bench_method(bb, inputs, n_visual: int, setting: dict, vanilla: dict, repeat
         "selection_pct_of_llm": 100 * select_ms / llm,
         "selection_pct_of_vanilla_llm": 100 * select_ms / vanilla["llm_ms"],
         "selection_share_of_vanilla_llm": select_ms / vanilla["llm_ms"],
+        "speed_per_flops": (vanilla["llm_ms"] / llm) / (vanilla["tflops"] / tflops),
+        "speed_per_flops_trace": (vanilla["llm_ms"] / llm) / (vanilla["tflops"] / tflops_trace),
+        "tflops_sequence": tflops_seq, "flops_ratio_sequence": vanilla["tflops_sequence"] / tflops_seq,
+        "speed_per_flops_sequence": (vanilla["llm_ms"] / llm) / (vanilla["tflops_sequence"] / tflops_seq),
+        "input_dependent_schedule": bool(getattr(pruner, "input_dependent_schedule", False)),
+        "peak_mib": max(peaks) if peaks else None, "peak_mib_repeats": peaks,
     }
 
 
@@ -240,29 +307,43 @@ def _kwargs_text(kwargs: dict, changes: list[str]) -> str:
     return "; ".join(given + changes)
 
 
+def _mib(value) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
 def _steps_text(steps: dict) -> str:
     return ", ".join(f"{k} {v:.1f}" for k, v in steps.items())
 
 
 def markdown_table(rows: list[dict], vanilla: dict, info: dict) -> str:
     caption = (f"Prefill on `{info['backbone']}` ({info['device']}, {info['dtype']}, {info['attn']}, "
-               f"{info['threads']} threads): {info['n_visual']} visual tokens = {info['frames']} x "
+               f"{info['threads']} threads, {info.get('clock', 'wall')} clock): {info['n_visual']} visual tokens = {info['frames']} x "
                f"{info['tokens_per_frame']}, sequence {info['sequence']}; median of {info['repeats']} after "
                f"{info['warmup']} warm-up. Speedup = vanilla / method ms; FLOPs ratio = vanilla / method TFLOPs "
                "(`sharp.flops.prefill_tflops`; trace: of the measured visual tokens per layer); "
                "selection = engine-timed select + mask, % of the method's LLM prefill; kept = visual tokens of "
-               "the last layer.")
+               "the last layer. speed/FLOPs = speedup (LLM) / FLOPs ratio (for an input-dependent schedule, "
+               "marked *, the trace's); seq. FLOPs ratio = exact FLOPs (SwiGLU, GQA, causal) of every row the "
+               "LLM computes, text included, measured schedule; peak MiB = "
+               f"{info.get('peak_kind') or 'peak memory'} of one prefill.")
     header = ("| method | retention | kwargs | kept | TFLOPs | LLM prefill ms | total ms | speedup (LLM) "
-              "| speedup (total) | FLOPs ratio | FLOPs ratio (trace) | selection ms | selection % | method steps (ms) |")
+              "| speedup (total) | FLOPs ratio | FLOPs ratio (trace) | speed/FLOPs | seq. FLOPs ratio | speed/seq. FLOPs "
+              "| selection ms | selection % | peak MiB | method steps (ms) |")
     vanilla_row = (f"| vanilla | 1 | | {info['n_visual']} | {vanilla['tflops']:.4g} | {vanilla['llm_ms']:.1f} | "
-                   f"{vanilla['total_ms']:.1f} | 1.00x | 1.00x | 1.00x | 1.00x | — | — | |")
-    lines = [caption, "", header, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|", vanilla_row]
+                   f"{vanilla['total_ms']:.1f} | 1.00x | 1.00x | 1.00x | 1.00x | 1.00 | 1.00x | 1.00 | — | — | "
+                   f"{_mib(vanilla.get('peak_mib'))} | |")
+    lines = [caption, "", header, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+             vanilla_row]
     for r in rows:
+        dep = r.get("input_dependent_schedule")
+        spf = r["speed_per_flops_trace"] if dep else r["speed_per_flops"]
         lines.append(
             f"| {r['method']} | {r['retention']:g} | {_kwargs_text(r['kwargs'], r.get('settings') or [])} | {r['kept_last_layer']} | "
             f"{r['tflops']:.4g} | {r['llm_ms']:.1f} | {r['total_ms']:.1f} | {r['speedup_llm']:.2f}x | "
             f"{r['speedup_total']:.2f}x | {r['flops_ratio']:.2f}x | {r['flops_ratio_trace']:.2f}x | "
-            f"{r['selection_ms']:.1f} | {r['selection_pct_of_llm']:.1f}% | {_steps_text(r['method_steps_ms'])} |")
+            f"{spf:.2f}{'*' if dep else ''} | {r['flops_ratio_sequence']:.2f}x | {r['speed_per_flops_sequence']:.2f} | "
+            f"{r['selection_ms']:.1f} | {r['selection_pct_of_llm']:.1f}% | {_mib(r.get('peak_mib'))} | "
+            f"{_steps_text(r['method_steps_ms'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -330,19 +411,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default=None, help="write the JSON here (and the .csv / .md beside it); default "
                    "results/bench_prefill/<backbone>/bench_prefill.json")
+    p.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
+                   help="auto: the main thread's CPU time on a CPU device with --threads 1 (robust on a shared "
+                   "machine), else wall-clock")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 gives stable timings on a shared machine)")
     return p
 
 
-def run(args) -> dict:
+def run(args, backbone=None) -> dict:
+    """The benchmark; ``backbone``: an already built Backbone to use instead of loading ``--backbone``
+    (scripts/gpu_check.py builds the 7B models directly on the GPU)."""
     methods = args.methods if args.methods is not None else [args.method or "fastv"]
     check_names(methods)
     if args.threads:
         torch.set_num_threads(args.threads)
-    bb = sharp.load_backbone(args.backbone, attn_implementation=args.attn,
-                             random_weights=True if args.random_weights else None,
-                             dtype=getattr(torch, args.dtype) if args.dtype else None)
+    engine_clock("wall")
+    bb = backbone if backbone is not None else sharp.load_backbone(
+        args.backbone, attn_implementation=args.attn, random_weights=True if args.random_weights else None,
+        dtype=getattr(torch, args.dtype) if args.dtype else None)
     inputs = bb.synthetic_inputs(frames=args.frames, seed=0, size=tuple(args.size) if args.size else None)
     layout = bb.layout(inputs)
     n_visual = layout.n_visual
@@ -352,19 +439,30 @@ def run(args) -> dict:
             "tokens_per_frame": layout.tokens_per_frame, "sequence": int(inputs["input_ids"].shape[1]),
             "num_layers": bb.num_layers, "repeats": args.repeats, "warmup": args.warmup,
             "torch": torch.__version__}
+    info["clock"] = set_clock(args.clock, bb.device, torch.get_num_threads())
+    engine_clock(info["clock"])
     print(f"backbone {bb.name} ({bb.device}, {bb.dtype}, {args.attn}): {n_visual} visual tokens "
           f"= {layout.frames} x {layout.tokens_per_frame}, sequence {info['sequence']}", flush=True)
 
-    van_total, van_llm, _, _ = _time_prefill(bb, inputs, args.repeats, args.warmup)
+    van_peaks = []
+    van_total, van_llm, _, _ = _time_prefill(bb, inputs, args.repeats, args.warmup, peaks=van_peaks)
     vanilla = {"total_ms": van_total, "llm_ms": van_llm,
-               "tflops": prefill_tflops(bb, "vanilla", 1.0, visual_tokens=n_visual)}
+               "tflops": prefill_tflops(bb, "vanilla", 1.0, visual_tokens=n_visual),
+               "sequence": info["sequence"],
+               "tflops_sequence": schedule_tflops([info["sequence"]] * bb.num_layers, lm_dims(bb), "exact"),
+               "peak_mib": max(van_peaks) if van_peaks else None}
+    with peak_memory(bb.device) as probe_peak:
+        pass
+    info["peak_kind"] = probe_peak.kind or None
     print(f"vanilla: LLM prefill {van_llm:.1f} ms, total {van_total:.1f} ms", flush=True)
     rows = []
     for s in settings:
         row = bench_method(bb, inputs, n_visual, s, vanilla, args.repeats, args.warmup)
         rows.append(row)
         print(f"{s['method']} r={s['retention']:g}: LLM prefill {row['llm_ms']:.1f} ms "
-              f"({row['speedup_llm']:.2f}x, FLOPs {row['flops_ratio']:.2f}x), selection {row['selection_ms']:.1f} ms",
+              f"({row['speedup_llm']:.2f}x, FLOPs {row['flops_ratio']:.2f}x, trace {row['flops_ratio_trace']:.2f}x, "
+              f"sequence {row['flops_ratio_sequence']:.2f}x), selection {row['selection_ms']:.1f} ms, "
+              f"peak {_mib(row['peak_mib'])} MiB",
               flush=True)
     table = markdown_table(rows, vanilla, info)
     print()
@@ -384,6 +482,8 @@ def main(argv=None) -> dict:
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        engine_clock("wall")
 
 
 if __name__ == "__main__":

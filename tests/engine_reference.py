@@ -130,7 +130,9 @@ class Recorder:
         def recording_mask(ctx):
             mask = attention_mask(ctx)
             if mask is not None and ctx.phase == "prefill":
-                self.masks.setdefault(ctx.layer_idx, []).append((ctx.seq.origin.clone(), mask.clone()))
+                from sharp.engine.masks import as_dense  # a structured restriction (SegM) as its dense form
+
+                self.masks.setdefault(ctx.layer_idx, []).append((ctx.seq.origin.clone(), as_dense(mask).clone()))
             return mask
 
         object.__setattr__(m, "select", recorder_of(select, self.merges))

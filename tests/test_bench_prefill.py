@@ -128,3 +128,45 @@ def test_bad_arguments_are_one_error_line(argv, needle, capsys):
     if "registered methods" in needle:
         registered = [m for m in sharp.method_names() if not m.startswith("_")]
         assert err[0].split("registered methods: ")[1].startswith(", ".join(registered))
+
+
+def test_speed_per_flops_sequence_flops_and_peak_memory(table, backbone, n_visual):
+    """The efficiency columns follow their definitions; every row and vanilla carry a peak memory."""
+    from sharp.flops import lm_dims, schedule_tflops
+
+    res, out = table
+    van = res["vanilla"]
+    seq = res["info"]["sequence"]
+    assert van["tflops_sequence"] == pytest.approx(schedule_tflops([seq] * backbone.num_layers, lm_dims(backbone),
+                                                                   "exact"))
+    assert res["info"]["clock"] == "wall"  # the test runs with the default threads (auto -> cpu only at 1)
+    for r in res["rows"]:
+        text = seq - n_visual
+        exact = schedule_tflops([v + text for v in r["visual_tokens_per_layer"]], lm_dims(backbone), "exact")
+        assert r["flops_ratio_sequence"] == pytest.approx(van["tflops_sequence"] / exact)
+        assert r["speed_per_flops"] == pytest.approx(r["speedup_llm"] / r["flops_ratio"])
+        assert r["speed_per_flops_sequence"] == pytest.approx(r["speedup_llm"] / r["flops_ratio_sequence"])
+        assert r["peak_mib"] is not None and r["peak_mib"] > 0, r["method"]  # Linux: /proc/self/clear_refs
+    assert van["peak_mib"] > 0
+    assert "peak MiB" in out.with_suffix(".md").read_text()
+
+
+def test_clock_choice():
+    assert bench_prefill.set_clock("auto", "cpu", 1) == "cpu"
+    assert bench_prefill.set_clock("auto", "cpu", 2) == "wall"
+    with pytest.raises(bench_prefill.BenchError):
+        bench_prefill.set_clock("cpu", "cuda", 1)
+    bench_prefill.set_clock("wall", "cpu", 1)
+
+
+def test_engine_clock_follows_the_bench_clock():
+    import time
+
+    import sharp.engine.prefill as prefill
+
+    bench_prefill.engine_clock("cpu")
+    try:
+        assert prefill.time.perf_counter is time.thread_time
+    finally:
+        bench_prefill.engine_clock("wall")
+    assert prefill.time is time

@@ -198,6 +198,12 @@ class SessionContext:
     prefill_inputs = property(lambda self: self._session.prefill.prefill_inputs)
 
     @property
+    def sequence(self):
+        """The SeqState of the forward in progress: in a decoder-layer pre-hook added by ``install``
+        (it runs after the engine's), the sequence entering that layer, after the layer's stages."""
+        return self._session.prefill.state.seq
+
+    @property
     def trace(self) -> SimpleNamespace:
         """The method's namespace on the trace."""
         return self._session.prefill.method_trace(self.owner)

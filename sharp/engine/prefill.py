@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from sharp.engine import compat
+from sharp.engine import masks as structured_masks
 from sharp.engine.attention import cuda_sync
 from sharp.engine.context import StageContext
 from sharp.engine.decode import DecodePatcher
@@ -361,11 +362,16 @@ class PrefillRunner:
         for owner, m in enumerate(self.plan.methods):
             mask = m.attention_mask(self._context(idx, hidden, seq, owner))
             if mask is not None:
-                extra = mask if extra is None else extra & mask
+                extra = structured_masks.combine(extra, mask)
         return extra
 
     def _custom_mask(self, idx: int, extra: torch.Tensor, seq: SeqState, hidden: torch.Tensor):
         """Causal + padding mask AND the methods' restriction, in the layer's attention format."""
+        if isinstance(extra, structured_masks.SegmentRestriction):  # SegM: no dense s x s mask if it fits
+            structured = self._structured_mask(idx, extra, seq, hidden)
+            if structured is not None:
+                return structured
+            extra = extra.dense()
         b, s = hidden.shape[:2]
         allowed = torch.ones(s, s, dtype=torch.bool, device=hidden.device).tril()[None, None]  # (1, 1, s, s)
         allowed = allowed & seq.attention_mask_2d.bool()[:, None, None, :]
@@ -380,6 +386,21 @@ class PrefillRunner:
             return allowed
         return torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
             ~allowed, torch.finfo(hidden.dtype).min)
+
+    def _structured_mask(self, idx: int, extra, seq: SeqState, hidden: torch.Tensor):
+        """A :class:`sharp.engine.masks.SegmentPlan` for this layer (run on the ``sharp_segments``
+        attention function), or None when the dense mask is needed (mode, padding, eager, layout)."""
+        mode = structured_masks.resolved_mode(hidden.device)
+        impl = self.backbone.text_config._attn_implementation
+        if mode == "dense" or impl not in ("sdpa", "flash_attention_2", "flex_attention"):
+            return None
+        plan = structured_masks.plan(extra.to(hidden.device), seq.attention_mask_2d)
+        if plan is None:
+            return None
+        plan.mode = mode
+        structured_masks.register()
+        self._switch_layer_attn(idx, structured_masks.ATTN_NAME)
+        return plan
 
     def _switch_layer_attn(self, idx: int, impl: str) -> None:
         attn = self.backbone.layers[idx].self_attn

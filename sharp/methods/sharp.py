@@ -35,10 +35,11 @@ from typing import Any, Optional
 import torch
 
 from sharp.engine.attention import cuda_sync
+from sharp.engine.masks import SegmentRestriction
 from sharp.engine.method import PruningMethod, Selection, budget, layer_kwarg
 from sharp.methods.posc import POSC_KEYS, BiasCache, default_cache_dir, positional_bias
 from sharp.methods.regd import ABSORB_MODES, CLUSTER_MODES, DEDUP_MODES, FILL_MODES, regd as run_regd
-from sharp.methods.segm import segment_mask, token_segments
+from sharp.methods.segm import token_segments
 
 SCORE_AT = ("previous", "stage")
 POSC_SPACES = ("prob", "logit")
@@ -181,9 +182,14 @@ class ShaRP(PruningMethod):
         elif self.segm_sees_text and all(len(s) == 1 for s in ctx.trace.segments):
             mask = None  # one segment per sample that sees the text anyway: no restriction (fast path)
         else:
-            positions = [ctx.visual_positions(b) for b in range(ctx.batch_size)]
-            ids = [of_index[b][ctx.current_visual_index(b)] for b in range(ctx.batch_size)]
-            mask = segment_mask(ctx.seq_len, positions, ids, visual_sees_text=self.segm_sees_text, device=device)
+            # structured (sharp.engine.masks): the engine runs per-segment attention, or densifies it
+            seq = ctx.seq
+            vidx = seq.visual_index.to(device)
+            seg = torch.full_like(vidx, -1)
+            for b in range(ctx.batch_size):
+                present = vidx[b] >= 0
+                seg[b, present] = of_index[b].to(device)[vidx[b, present]]
+            mask = SegmentRestriction(seg, visual_sees_text=self.segm_sees_text)
         st.mask, st.mask_seq = mask, ctx.seq
         cuda_sync(device)
         ctx.add_time("attn", time.perf_counter() - t0)

@@ -246,28 +246,72 @@ class SharpV(PruningMethod):
         return [0] if self.visual else []
 
     def score_layers(self, num_layers: int) -> list[int]:
-        """Memory stage: every layer's prefill input (V_l, or the rows of its output); none without it."""
-        return list(range(num_layers)) if self.memory else []
+        """None: the memory stage computes sim_l on the fly (:meth:`install`), no layer input is kept."""
+        return []
 
     def install(self, ctx) -> None:
-        """``memory_features="output"``: a forward hook on every decoder layer keeps its prefill output
-        (b, s_l, d) in the method's per-prefill state (V_l is read from it after the prefill)."""
-        if not (self.memory and self.memory_features == "output"):
+        """Memory stage: a hook on every decoder layer computes sim_l on the fly from that layer's
+        prefill input (a pre-hook that runs after the engine's, so it sees the current, pruned
+        sequence) or output (``memory_features="output"``), against V_0 = layer 0's visual rows.
+        Only V_0 (b, n_0, d) and, per layer, the (b,) similarities and the rows' masks are kept:
+        no layer's hidden states outlive its forward."""
+        if not self.memory:
             return
         for idx, layer in enumerate(ctx.backbone.layers):
-            ctx.add_hook(layer, self._output_hook(ctx, idx), pre=False)
+            ctx.add_hook(layer, self._input_hook(ctx, idx))
+            if self.memory_features == "output":
+                ctx.add_hook(layer, self._output_hook(ctx, idx), pre=False)
 
-    def _output_hook(self, ctx, idx: int):
-        def hook(module, args, kwargs, output):
-            if ctx.phase == "prefill":
-                out = output[0] if isinstance(output, tuple) else output
-                state = ctx.state
-                if not hasattr(state, "outputs"):
-                    state.outputs = {}
-                state.outputs[idx] = out.detach()
+    @staticmethod
+    def _memory_state(ctx):
+        state = ctx.state
+        if not hasattr(state, "memory"):
+            state.memory = {}  # layer -> {"sims": (b,), "visual_mask", "attention_mask_2d", "dtype"}
+        return state
+
+    def _input_hook(self, ctx, idx: int):
+        def hook(module, args, kwargs):
+            if ctx.phase != "prefill":
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]  # (b, s_l, d)
+            seq = ctx.sequence
+            state = self._memory_state(ctx)
+            if idx == 0:  # V_0: the visual rows entering the LLM (after the visual stage), by original index
+                state.reference = [(seq.visual_index[i, seq.visual_positions(i)],
+                                    hidden[i, seq.visual_positions(i)].detach())
+                                   for i in range(hidden.shape[0])]
+            state.memory[idx] = {"visual_mask": seq.visual_mask, "attention_mask_2d": seq.attention_mask_2d,
+                                 "dtype": hidden.dtype}
+            if self.memory_features == "output":
+                state.memory[idx]["seq"] = seq  # the output has the input's rows
+            else:
+                state.memory[idx]["sims"] = self._similarities(state, hidden, seq) if idx > 0 else \
+                    torch.ones(hidden.shape[0])
             return None
 
         return hook
+
+    def _output_hook(self, ctx, idx: int):
+        def hook(module, args, kwargs, output):
+            if ctx.phase != "prefill":
+                return None
+            out = output[0] if isinstance(output, tuple) else output
+            state = self._memory_state(ctx)
+            state.memory[idx]["sims"] = self._similarities(state, out, state.memory[idx].pop("seq"))
+            return None
+
+        return hook
+
+    def _similarities(self, state, hidden: torch.Tensor, seq) -> torch.Tensor:
+        """(b,) sim_l of the visual rows of ``hidden`` (rows of ``seq``) against V_0, per sample."""
+        out = torch.ones(hidden.shape[0])
+        for i, (index0, v_0) in enumerate(state.reference):
+            pos = seq.visual_positions(i)
+            row_of = torch.full((int(index0.max()) + 1 if index0.numel() else 1,), -1, dtype=torch.long,
+                                device=index0.device)
+            row_of[index0] = torch.arange(index0.numel(), device=index0.device)
+            out[i] = degradation_similarity(hidden[i, pos], v_0[row_of[seq.visual_index[i, pos]]], self.similarity)
+        return out
 
     # -- Visual SharpV -------------------------------------------------------------------------
     def select(self, ctx) -> Selection:
@@ -338,18 +382,19 @@ class SharpV(PruningMethod):
     def drop_degraded_layer(self, ctx, layer: int, sims: torch.Tensor) -> dict:
         """Drop layer ``layer``'s visual cache entries if every sample is degraded there (sims (b,));
         returns the layer's row of ``trace.memory_layers``."""
-        hidden, seq = ctx.recorded_input(layer)  # the layer's cache rows are its input rows
-        b, s = seq.visual_mask.shape
-        per_entry = self._kv_bytes_per_entry(ctx.backbone, layer, hidden.dtype)
+        rows = self._memory_state(ctx).memory[layer]  # the layer's cache rows are its input rows
+        visual_mask, attention_mask_2d = rows["visual_mask"], rows["attention_mask_2d"]
+        b, s = visual_mask.shape
+        per_entry = self._kv_bytes_per_entry(ctx.backbone, layer, rows["dtype"])
         degraded = self.degraded(sims, layer).tolist()
         row = {"layer": layer, "similarity": sims.tolist(), "degraded": degraded,
-               "visual_entries": seq.visual_mask.sum(dim=1).tolist(), "dropped": [0] * b,
+               "visual_entries": visual_mask.sum(dim=1).tolist(), "dropped": [0] * b,
                "bytes_before": s * b * per_entry, "bytes_saved": 0, "note": ""}
         if not all(degraded):
             if any(degraded):
                 row["note"] = "not dropped: only some samples degraded (a batch drops what every sample drops)"
             return row
-        keep = non_visual_entries(seq.visual_mask, seq.attention_mask_2d)
+        keep = non_visual_entries(visual_mask, attention_mask_2d)
         if keep is None:
             row["note"] = "not dropped: the samples cannot keep equal entry counts (drop_kv needs it)"
             return row
@@ -365,26 +410,12 @@ class SharpV(PruningMethod):
         return torch.zeros_like(sims, dtype=torch.bool) if layer == 0 else sims < self.memory_threshold
 
     def layer_similarities(self, ctx) -> torch.Tensor:
-        """(b, L) float32 sim_l per sample: layer l's visual rows (its recorded input, or with
-        ``memory_features="output"`` its output) against the same tokens' rows entering layer 0
-        (V_0, matched by original visual index). Input reading: sim_0 = 1 by definition."""
-        hidden0, seq0 = ctx.recorded_input(0)
-        b = hidden0.shape[0]
-        outputs = getattr(ctx.state, "outputs", {}) if self.memory_features == "output" else None
-        first = 0 if outputs is not None else 1
-        out = torch.ones(b, ctx.num_layers)
-        for i in range(b):
-            pos0 = seq0.visual_positions(i)
-            row_of = torch.full((ctx.layout.n_visual,), -1, dtype=torch.long, device=pos0.device)
-            row_of[seq0.visual_index[i, pos0]] = pos0
-            for layer in range(first, ctx.num_layers):
-                hidden, seq = ctx.recorded_input(layer)  # the output has the input's rows
-                if outputs is not None:
-                    hidden = outputs[layer]
-                pos = seq.visual_positions(i)
-                v_0 = hidden0[i, row_of[seq.visual_index[i, pos]]]
-                out[i, layer] = degradation_similarity(hidden[i, pos], v_0, self.similarity)
-        return out
+        """(b, L) float32 sim_l per sample, computed on the fly during the prefill (:meth:`install`):
+        layer l's visual rows (its input, or with ``memory_features="output"`` its output) against the
+        same tokens' rows entering layer 0 (V_0, matched by original visual index). Input reading:
+        sim_0 = 1 by definition."""
+        memory = self._memory_state(ctx).memory
+        return torch.stack([memory[layer]["sims"] for layer in range(ctx.num_layers)], dim=1)
 
     @staticmethod
     def _kv_bytes_per_entry(backbone, layer: int, dtype: torch.dtype) -> int:

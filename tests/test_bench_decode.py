@@ -1,0 +1,51 @@
+"""scripts/bench_decode.py on the tiny LLaVA-OV backbone: every row reports the peak memory one
+generate added, and SharpV's memory stage keeps no decoder layer's input alive (sim_l on the fly)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import sharp
+from sharp.harness.config import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import bench_decode  # noqa: E402
+
+
+def test_rows_report_peak_memory(tmp_path, capsys):
+    rows = bench_decode.main(["--backbone", "tiny_llava_onevision", "--frames", "8", "--new-tokens", "3",
+                              "--repeats", "1", "--warmup", "0", "--thresholds", "0", "1",
+                              "--json", str(tmp_path / "d.json")])
+    assert [r["config"] for r in rows] == ["vanilla", "sharpv M=0", "sharpv M=1"]
+    for r in rows:
+        assert r["peak_mib"] is not None and r["peak_mib"] > 0, r["config"]
+    assert "peak MiB" in capsys.readouterr().out
+    assert rows[2]["dropped_layers"]  # M = 1: the memory stage ran
+
+
+def test_memory_stage_records_no_layer_input():
+    """The engine records no layer input for SharpV (score_layers is empty) and the method keeps V_0 and
+    per-layer masks only: no (b, s, d) hidden state of any layer > 0 is referenced after the prefill."""
+    bb = sharp.load_backbone("tiny_llava_onevision")
+    inputs = bb.synthetic_inputs(frames=8, seed=0)
+    method = sharp.resolve_method("sharpv", bb, 0.25, memory_threshold=1.0).method
+    assert method.score_layers(bb.num_layers) == []
+    seen = []
+    orig = method.after_prefill
+
+    def spy(ctx):  # ctx: the method's SessionContext; the runner's recorded inputs are read through it
+        seen.append((dict(ctx._session.prefill.state.layer_inputs), ctx.state))
+        orig(ctx)
+
+    method.after_prefill = spy
+    with sharp.prune(bb, method) as trace, torch.no_grad():
+        bb.model(**inputs)
+    layer_inputs, state = seen[0]
+    assert layer_inputs == {}
+    d = bb.text_config.hidden_size
+    big = [k for row in state.memory.values() for k, v in row.items()
+           if isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[-1] == d]
+    assert big == []
+    assert len(trace.method("sharpv").similarity) == bb.num_layers
