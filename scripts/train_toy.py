@@ -161,6 +161,10 @@ def _train(name: str, bb, d: dict, args, train, test) -> tuple[list, float]:
     t0 = time.time()
     hist, run = [], []
     for step in range(steps):
+        if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
+            print(f"[{name}] time budget of {args.max_minutes:g} min reached after {step} steps: stopping", flush=True)
+            d["steps_done"] = step
+            break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, d["lr"], d["warmup"], d["schedule"])
         idx = order[step * bs:(step + 1) * bs].tolist()
@@ -261,6 +265,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic splits")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the shipped toys: 1; fix it for bit-reproducibility)")
     ap.add_argument("--cache-dir", default=str(paths.cache_dir("toy")), help="preprocessed-video cache (default $SHARP_CACHE/toy)")
+    ap.add_argument("--max-minutes", type=float, default=0,
+                    help="stop training after this many minutes (0: never); metadata records steps_done")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=0, help="score the test split every N steps (0: never)")
     ap.add_argument("--eval-batch", type=int, default=16)
