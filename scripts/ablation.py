@@ -60,10 +60,8 @@ def applies(need, kwargs: dict) -> bool:
 
 
 def run(backbone: str, retentions, readings, n: int, batch_size: int, log=print) -> list[dict]:
-    from sharp.synthetic import ensure_split
-
     bb = sharp.load_backbone(backbone, device="cpu")
-    docs = ensure_split("test", n=n)
+    docs = toy.toy_benchmark(backbone).ensure_split("test", n=n)  # the backbone's own benchmark
     store = toy.cached_pixels(bb, docs)
     rows = []
     for retention in retentions:

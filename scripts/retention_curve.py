@@ -62,10 +62,11 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
         data_seed: int = 0, weights_dir=None, log=print, method_kwargs=None) -> tuple[list[dict], dict]:
     """``method_kwargs``: {method: kwargs} set on top of the resolved defaults (e.g. SharpV's fixed mode)."""
     from sharp.methods import budget
-    from sharp.synthetic import QTYPES, ensure_split
 
+    bench = toy.toy_benchmark(backbone)  # the scenes toys: sharp.synthetic.scenes; others: the first benchmark
+    QTYPES = bench.QTYPES
     bb = sharp.load_backbone(backbone, device="cpu", weights_dir=weights_dir)
-    docs = ensure_split(split, n=n, seed=data_seed)
+    docs = bench.ensure_split(split, n=n, seed=data_seed)
     store = toy.cached_pixels(bb, docs, cache_dir)
     rows = []
     plan = [("vanilla", 1.0)] + [(m, r) for m in methods for r in retentions]
@@ -95,6 +96,7 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
                 f"  {row['tflops'] * 1e6:.2f} MFLOPs  ({row['seconds']:.0f} s)")
     info = {"backbone": backbone, "split": split, "n": len(docs), "n_visual": n_visual, "batch_size": batch_size,
             "methods": list(methods), "retentions": list(retentions), "data_seed": data_seed,
+            "benchmark": bench.__name__, "qtypes": list(QTYPES),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     return rows, info
 
@@ -104,8 +106,9 @@ def _fmt_acc(row) -> str:
 
 
 def write_outputs(rows: list[dict], info: dict, out: Path) -> dict:
-    from sharp.synthetic import QTYPES
+    from sharp.synthetic import QTYPES as FIRST_QTYPES
 
+    QTYPES = info.get("qtypes", FIRST_QTYPES)
     out.mkdir(parents=True, exist_ok=True)
     fields = ["method", "retention", "accuracy", "kept_tokens", "layer_share", "budget", "n_visual", "tflops",
               *[f"acc_{q}" for q in QTYPES], "settings", "seconds", "error"]

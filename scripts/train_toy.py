@@ -51,6 +51,12 @@ DEFAULTS = {
                                 schedule="constant"),
     "toy_qwen2_vl": dict(steps=2000, batch_size=32, lr=1e-3, warmup=30, train_n=2000, aux_weight=0.5, aux_layer=1,
                                 schedule="constant"),
+    # the multi-scene benchmark (sharp.synthetic.scenes): 8 layers, 512 / 576 visual tokens, sized to train in
+    # under an hour on 2 shared CPU cores (see docs/toy.md)
+    "toy_scenes_llava_onevision": dict(steps=300, batch_size=8, lr=2e-3, warmup=20, train_n=600, aux_weight=0.5,
+                                       aux_layer=1, schedule="cosine"),
+    "toy_scenes_qwen2_vl": dict(steps=300, batch_size=8, lr=2e-3, warmup=20, train_n=600, aux_weight=0.5,
+                                aux_layer=1, schedule="cosine"),
 }
 
 
@@ -68,26 +74,31 @@ class TokenProbe(torch.nn.Module):
     """Training-only linear probe on visual tokens: object colour (5 classes, 0 = none) and object
     frame (frames + 1 classes, 0 = no object) of each token (``sharp.toy.visual_token_labels``)."""
 
-    def __init__(self, hidden: int, frames: int):
+    def __init__(self, hidden: int, frames: int, scenes: int = 0):
         super().__init__()
         self.color = torch.nn.Linear(hidden, len(toy.COLOR_IDS) + 1)
         self.frame = torch.nn.Linear(hidden, frames + 1)
+        # multi-scene benchmark: also the scene (0..scenes-1) of every token
+        self.scene = torch.nn.Linear(hidden, scenes) if scenes else None
 
-    def loss(self, h: torch.Tensor, color: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
-        # h: (b, n_visual, hidden); color, frame: (b, n_visual)
-        return (F.cross_entropy(self.color(h).flatten(0, 1), color.flatten())
-                + F.cross_entropy(self.frame(h).flatten(0, 1), frame.flatten()))
+    def loss(self, h: torch.Tensor, color: torch.Tensor, frame: torch.Tensor,
+             scene: torch.Tensor | None = None) -> torch.Tensor:
+        # h: (b, n_visual, hidden); color, frame, scene: (b, n_visual)
+        out = (F.cross_entropy(self.color(h).flatten(0, 1), color.flatten())
+               + F.cross_entropy(self.frame(h).flatten(0, 1), frame.flatten()))
+        if self.scene is not None:
+            out = out + F.cross_entropy(self.scene(h).flatten(0, 1), scene.flatten())
+        return out
 
 
 def _load_data(name: str, d: dict, args):
     """The train/test docs, the untrained toy and their cached pixels."""
-    from sharp.synthetic import ensure_split
-
-    print(f"[{name}] data: train {d['train_n']} docs, test {args.test_n} docs", flush=True)
-    train_docs = ensure_split("train", n=d["train_n"], seed=args.data_seed)
-    test_docs = ensure_split("test", n=args.test_n, seed=args.data_seed)
+    bench = toy.toy_benchmark(name)
+    print(f"[{name}] data ({bench.__name__}): train {d['train_n']} docs, test {args.test_n} docs", flush=True)
+    train_docs = bench.ensure_split("train", n=d["train_n"], seed=args.data_seed)
+    test_docs = bench.ensure_split("test", n=args.test_n, seed=args.data_seed)
     config = toy.toy_config(name)
-    words = toy.toy_words()
+    words = toy.toy_words(name)
     bb = toy.build_untrained(name, config=config, seed=args.seed, words=words)
     train_px = toy.cached_pixels(bb, train_docs, args.cache_dir, verbose=True)
     test_px = toy.cached_pixels(bb, test_docs, args.cache_dir, verbose=True)
@@ -100,7 +111,8 @@ def _make_probe(bb, d: dict, args, train_docs, layout):
         return None, None
     labels = [toy.visual_token_labels(bb, doc, layout.grid) for doc in train_docs]
     torch.manual_seed(args.seed + 1)
-    return TokenProbe(bb.text_config.hidden_size, layout.frames), labels
+    scenes = len(train_docs[0]["scenes"]) if "scenes" in train_docs[0] else 0
+    return TokenProbe(bb.text_config.hidden_size, layout.frames, scenes), labels
 
 
 def _train_step(bb, batch: dict, probe, labels, idx, layout, aux_weight: float, aux_layer: int):
@@ -115,7 +127,8 @@ def _train_step(bb, batch: dict, probe, labels, idx, layout, aux_weight: float, 
         vis = bb.visual_mask(batch["input_ids"], layout)  # (b, s)
         h = out.hidden_states[aux_layer][vis].view(len(idx), layout.n_visual, -1)
         aux = probe.loss(h, torch.stack([labels[i]["color"] for i in idx]),
-                         torch.stack([labels[i]["oframe"] for i in idx]))
+                         torch.stack([labels[i]["oframe"] for i in idx]),
+                         torch.stack([labels[i]["scene"] for i in idx]) if probe.scene is not None else None)
         loss = loss + aux_weight * aux
         rec["aux"] = aux.item()
     return loss, rec
@@ -148,6 +161,10 @@ def _train(name: str, bb, d: dict, args, train, test) -> tuple[list, float]:
     t0 = time.time()
     hist, run = [], []
     for step in range(steps):
+        if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
+            print(f"[{name}] time budget of {args.max_minutes:g} min reached after {step} steps: stopping", flush=True)
+            d["steps_done"] = step
+            break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, d["lr"], d["warmup"], d["schedule"])
         idx = order[step * bs:(step + 1) * bs].tolist()
@@ -229,7 +246,8 @@ def _fmt(per: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="all", choices=["all", *toy.TOY_BACKBONES])
+    ap.add_argument("--backbone", default="all", choices=["all", "scenes", *toy.TOY_BACKBONES],
+                    help="all: toy_llava_onevision and toy_qwen2_vl; scenes: the two toys of the scenes benchmark")
     ap.add_argument("--out-dir", default=str(toy.WEIGHTS_DIR), help="writes <out-dir>/<backbone>/ (default: sharp/weights)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
@@ -247,13 +265,19 @@ def main(argv=None) -> int:
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic splits")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the shipped toys: 1; fix it for bit-reproducibility)")
     ap.add_argument("--cache-dir", default=str(paths.cache_dir("toy")), help="preprocessed-video cache (default $SHARP_CACHE/toy)")
+    ap.add_argument("--max-minutes", type=float, default=0,
+                    help="stop training after this many minutes (0: never); metadata records steps_done")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=0, help="score the test split every N steps (0: never)")
     ap.add_argument("--eval-batch", type=int, default=16)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    names = list(toy.TOY_BACKBONES) if args.backbone == "all" else [args.backbone]
+    if args.backbone in ("all", "scenes"):  # all: the two toys of the first benchmark; scenes: the multi-scene toys
+        bench = "benchmark" if args.backbone == "all" else "scenes"
+        names = [n for n in toy.TOY_BACKBONES if toy.TOY_BENCHMARKS[n] == bench]
+    else:
+        names = [args.backbone]
     summary = {}
     for name in names:
         meta = train_one(name, args)

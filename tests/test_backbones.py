@@ -93,7 +93,8 @@ def test_family_classes_and_registry():
     expected = {"llava_onevision_7b": "llava_onevision", "tiny_llava_onevision": "llava_onevision",
                 "mid_llava_onevision": "llava_onevision", "toy_llava_onevision": "llava_onevision",
                 "qwen2_vl_7b": "qwen2_vl", "tiny_qwen2_vl": "qwen2_vl", "mid_qwen2_vl": "qwen2_vl",
-                "toy_qwen2_vl": "qwen2_vl",
+                "toy_qwen2_vl": "qwen2_vl", "toy_scenes_llava_onevision": "llava_onevision",
+                "toy_scenes_qwen2_vl": "qwen2_vl",
                 # the newer families (tests/test_new_backbones.py)
                 "llava_video_7b": "llava_video", "tiny_llava_video": "llava_video",
                 "qwen2_5_vl_7b": "qwen2_5_vl", "tiny_qwen2_5_vl": "qwen2_5_vl",

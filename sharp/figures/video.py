@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-DOC_ID = re.compile(r"^synth-(?P<split>train|test)-s(?P<seed>\d+)-(?P<index>\d+)$")
+DOC_ID = re.compile(r"^(?P<bench>synth|scenes)-(?P<split>train|test)-s(?P<seed>\d+)-(?P<index>\d+)$")
 
 
 @dataclass
@@ -54,21 +54,22 @@ class FigureVideo:
 
 
 def find_doc(doc_id: str, cache_dir=None) -> dict:
-    """The synthetic doc ``synth-<split>-s<seed>-<index>`` with its mp4: from the smallest cached split
-    that holds it, else from a new split of ``index + 1`` docs (a split of n docs is a prefix of any
-    larger one, so the doc is the same either way)."""
-    from sharp.synthetic.benchmark import FORMAT_VERSION, default_cache_dir, ensure_split
+    """The synthetic doc ``synth-<split>-s<seed>-<index>`` (or ``scenes-...``, the multi-scene benchmark)
+    with its mp4: from the smallest cached split that holds it, else from a new split of ``index + 1``
+    docs (a split of n docs is a prefix of any larger one, so the doc is the same either way)."""
+    from sharp.synthetic import benchmark, scenes
 
     m = DOC_ID.match(doc_id)
     if m is None:
-        raise ValueError(f"synthetic doc id {doc_id!r}: expected synth-<train|test>-s<seed>-<index>, "
-                         f"e.g. synth-test-s0-00003")
+        raise ValueError(f"synthetic doc id {doc_id!r}: expected synth-<train|test>-s<seed>-<index> "
+                         f"or scenes-<train|test>-s<seed>-<index>, e.g. synth-test-s0-00003")
+    bench = scenes if m["bench"] == "scenes" else benchmark
     split, seed, index = m["split"], int(m["seed"]), int(m["index"])
-    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    cached = sorted(int(d.name.rsplit("_n", 1)[1]) for d in (base / f"v{FORMAT_VERSION}").glob(f"{split}_seed{seed}_n*")
+    folder = bench.split_dir(split, 0, seed, cache_dir).parent
+    cached = sorted(int(d.name.rsplit("_n", 1)[1]) for d in folder.glob(f"{split}_seed{seed}_n*")
                     if d.name.rsplit("_n", 1)[1].isdigit() and (d / "manifest.json").is_file())
     n = next((k for k in cached if k > index), index + 1)
-    doc = ensure_split(split, n=n, seed=seed, cache_dir=cache_dir)[index]
+    doc = bench.ensure_split(split, n=n, seed=seed, cache_dir=cache_dir)[index]
     assert doc["id"] == doc_id, (doc["id"], doc_id)
     return doc
 

@@ -339,8 +339,9 @@ def generate_docs(split: str, n: int | None = None, seed: int = 0) -> list[dict[
 # ----------------------------------------------------------------------------- rendering
 
 
-def _shape_mask(shape: str, cx: int, cy: int, size: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+def _shape_mask(shape: str, cx: int, cy: int, size: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    """(height, width) bool mask of a filled shape of side ``size`` centred at (cx, cy)."""
+    yy, xx = np.mgrid[0:height, 0:width]
     dx, dy = xx - cx, yy - cy
     r = size / 2.0
     if shape == "square":
@@ -447,14 +448,14 @@ def _write_video_atomic(path: Path, frames: np.ndarray) -> None:
 # ----------------------------------------------------------------------------- cache
 
 
-def _load_manifest(d: Path, split: str, n: int, seed: int) -> list[dict] | None:
+def _load_manifest(d: Path, split: str, n: int, seed: int, format_version: int = FORMAT_VERSION) -> list[dict] | None:
     mpath = d / _MANIFEST
     try:
         with open(mpath, "r", encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError):
         return None
-    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("split") != split or manifest.get("n") != n or manifest.get("seed") != seed:
+    if manifest.get("format_version") != format_version or manifest.get("split") != split or manifest.get("n") != n or manifest.get("seed") != seed:
         return None
     docs = manifest.get("docs")
     if not isinstance(docs, list) or len(docs) != n:
@@ -485,8 +486,15 @@ def ensure_split(split: str, n: int | None = None, seed: int = 0, cache_dir: str
     if n < 0:
         raise ValueError("n must be >= 0")
     seed = int(seed)
-    d = split_dir(split, n, seed, cache_dir)
-    docs = _load_manifest(d, split, n, seed)
+    return materialize_split(split_dir(split, n, seed, cache_dir), split, n, seed, FORMAT_VERSION,
+                             generate_docs, render_video)
+
+
+def materialize_split(d: Path, split: str, n: int, seed: int, format_version: int, generate, render) -> list[dict]:
+    """Load the split cached in folder ``d``, or write it there: ``generate(split, n, seed)`` gives the
+    docs, ``render(doc)`` each video's frames ``(T, H, W, 3)`` uint8 (an mp4 per doc, then the manifest,
+    atomically). Shared by every synthetic benchmark of :mod:`sharp.synthetic`."""
+    docs = _load_manifest(d, split, n, seed, format_version)
     if docs is not None:
         return docs
 
@@ -494,11 +502,11 @@ def ensure_split(split: str, n: int | None = None, seed: int = 0, cache_dir: str
     vdir = d / "videos"
     vdir.mkdir(exist_ok=True)
     rel_docs = []
-    for doc in generate_docs(split, n, seed):
+    for doc in generate(split, n, seed):
         rel = f"videos/{doc['id']}.mp4"
-        _write_video_atomic(d / rel, render_video(doc))
+        _write_video_atomic(d / rel, render(doc))
         rel_docs.append({**doc, "video": rel})
-    manifest = {"format_version": FORMAT_VERSION, "split": split, "n": n, "seed": seed, "docs": rel_docs}
+    manifest = {"format_version": format_version, "split": split, "n": n, "seed": seed, "docs": rel_docs}
     _atomic_write_bytes(d / _MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
     return [{**doc, "video": str(d / doc["video"])} for doc in rel_docs]
 

@@ -22,14 +22,15 @@ everything family-specific is asked of the backbone's family class (``sharp.back
 * ``evaluation``: :func:`evaluate`, accuracy of greedy generation through ``sharp.prune`` for one
   method and retention, per question type, with the kept-token counts.
 """
-from sharp.toy.configs import TOY_BACKBONES, WEIGHTS_DIR, build_untrained, toy_config, toy_kind, toy_words
+from sharp.toy.configs import (TOY_BACKBONES, TOY_BENCHMARKS, WEIGHTS_DIR, build_untrained, toy_benchmark, toy_config,
+                               toy_kind, toy_words)
 from sharp.toy.evaluation import EvalResult, evaluate, letter_accuracy
 from sharp.toy.labels import COLOR_IDS, sampled_frames, visual_token_labels
 from sharp.toy.pixels import CACHE_VERSION, PixelStore, cached_pixels, default_cache_dir, make_batch, video_pixels
 from sharp.toy.prompts import ANSWER_END, answer_text, question_text
 
 __all__ = [
-    "TOY_BACKBONES", "WEIGHTS_DIR", "ANSWER_END", "CACHE_VERSION", "COLOR_IDS",
+    "TOY_BACKBONES", "TOY_BENCHMARKS", "toy_benchmark", "WEIGHTS_DIR", "ANSWER_END", "CACHE_VERSION", "COLOR_IDS",
     "toy_kind", "toy_config", "toy_words", "build_untrained", "question_text", "answer_text",
     "default_cache_dir", "video_pixels", "PixelStore", "cached_pixels", "make_batch",
     "EvalResult", "evaluate", "letter_accuracy", "sampled_frames", "visual_token_labels",

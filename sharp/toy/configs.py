@@ -9,7 +9,11 @@ import torch
 
 from sharp.toy.prompts import question_text
 
-TOY_BACKBONES = {"toy_llava_onevision": "llava_onevision", "toy_qwen2_vl": "qwen2_vl"}  # name -> family
+TOY_BACKBONES = {"toy_llava_onevision": "llava_onevision", "toy_qwen2_vl": "qwen2_vl",  # name -> family
+                 "toy_scenes_llava_onevision": "llava_onevision", "toy_scenes_qwen2_vl": "qwen2_vl"}
+# name -> the synthetic benchmark (module of sharp.synthetic) it is trained and scored on
+TOY_BENCHMARKS = {"toy_llava_onevision": "benchmark", "toy_qwen2_vl": "benchmark",
+                  "toy_scenes_llava_onevision": "scenes", "toy_scenes_qwen2_vl": "scenes"}
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 # -- architectures ----------------------------------------------------------------------------
@@ -63,7 +67,42 @@ _QWEN_CONFIG = {
     },
 }
 
-_TOY_CONFIGS = {"toy_llava_onevision": _LLAVA_CONFIG, "toy_qwen2_vl": _QWEN_CONFIG}
+
+def _deeper(config: dict, comment: str, layers: int = 8, hidden: int = 64, heads: int = 2, **vision) -> dict:
+    """A copy of a toy config with ``layers`` decoder layers of width ``hidden`` (``heads`` heads of
+    32, half as many KV heads, FFN 2 x hidden) and other vision settings."""
+    out = copy.deepcopy(config)
+    out["_comment"] = comment
+    out["text_config"].update(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
+    out["vision_config"].update(vision)
+    return out
+
+
+# The toys of the multi-scene benchmark (sharp.synthetic.scenes, 168x168 videos, 32 frames): twice the
+# depth, 512 / 576 visual tokens.
+_SCENES_LLAVA_CONFIG = _deeper(_LLAVA_CONFIG, (
+    "Trained toy LLaVA-OneVision of the scenes benchmark (scripts/train_toy.py): SigLIP 112 px / patch 14 -> 8x8 "
+    "patches, 2x2 pooled to 4x4 = 16 tokens per frame (512 for 32 frames); Qwen2 LM 8 layers, hidden 64, 2 heads "
+    "(1 KV head); word-level tokenizer (backbone.json)."),
+    image_size=112)
+_SCENES_QWEN_CONFIG = _deeper(_QWEN_CONFIG, (
+    "Trained toy Qwen2-VL of the scenes benchmark (scripts/train_toy.py): patch 14, merge 2, temporal patch 2; the "
+    "168x168 videos -> 6x6 = 36 tokens per temporal patch (576 for 32 frames); Qwen2 LM 8 layers, hidden 64, "
+    "2 heads of 32 (1 KV head), mrope_section [4, 6, 6]; word-level tokenizer (backbone.json)."),
+    hidden_size=64)
+
+_TOY_CONFIGS = {"toy_llava_onevision": _LLAVA_CONFIG, "toy_qwen2_vl": _QWEN_CONFIG,
+                "toy_scenes_llava_onevision": _SCENES_LLAVA_CONFIG, "toy_scenes_qwen2_vl": _SCENES_QWEN_CONFIG}
+
+
+def toy_benchmark(name: str):
+    """The synthetic benchmark module (``ensure_split``, ``generate_docs``, ``QTYPES``...) a backbone is
+    scored on: :mod:`sharp.synthetic.scenes` for the scenes toys, :mod:`sharp.synthetic.benchmark` for
+    every other backbone."""
+    import importlib
+
+    return importlib.import_module(f"sharp.synthetic.{TOY_BENCHMARKS.get(name, 'benchmark')}")
 
 
 def toy_kind(name: str) -> str:
@@ -79,17 +118,15 @@ def toy_config(name: str) -> dict:
     return copy.deepcopy(_TOY_CONFIGS[name])
 
 
-def toy_words() -> list[str]:
-    """The toys' word vocabulary: every word piece (GPT-2 pre-tokenization, ByteLevel alphabet) of the
-    chat templates and of the synthetic benchmark's prompts; each is one token (others: bytes)."""
+def toy_words(name: str = "toy_llava_onevision") -> list[str]:
+    """A toy's word vocabulary: every word piece (GPT-2 pre-tokenization, ByteLevel alphabet) of the
+    chat templates and of its benchmark's prompts (:func:`toy_benchmark`); each is one token (others: bytes)."""
     import re
 
     from tokenizers import pre_tokenizers
 
-    from sharp.synthetic import generate_docs
-
     texts = ["You are a helpful assistant.", "system\nuser\nassistant\n"]
-    texts += [question_text(d) for d in generate_docs("train", 200)]
+    texts += [question_text(d) for d in toy_benchmark(name).generate_docs("train", 200)]
     split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     words = {piece for t in texts for line in re.split(r"<[^>]+>", t) for piece, _ in split.pre_tokenize_str(line)}
     return sorted(w for w in words if len(w) > 1)
@@ -104,5 +141,5 @@ def build_untrained(name: str, config: Optional[dict] = None, seed: int = 0, num
     cfg = cls.build_config(config or toy_config(name), "sdpa")
     torch.manual_seed(seed)
     model = cls.model_class()(cfg).float()
-    tokenizer = cls.make_tokenizer(cfg, toy_words() if words is None else words, name)
+    tokenizer = cls.make_tokenizer(cfg, toy_words(name) if words is None else words, name)
     return cls(name=name, model=model, tokenizer=tokenizer, num_frames=num_frames)

@@ -40,4 +40,9 @@ def visual_token_labels(bb, doc: dict, grid: tuple[int, int]) -> dict:
     frame = np.repeat(np.arange(len(frames)), gh * gw)
     color = color.reshape(-1)
     oframe = np.where(color > 0, frame + 1, 0)  # the frame of object tokens, 0 elsewhere
-    return {"color": torch.from_numpy(color), "frame": torch.from_numpy(frame), "oframe": torch.from_numpy(oframe)}
+    out = {"color": torch.from_numpy(color), "frame": torch.from_numpy(frame), "oframe": torch.from_numpy(oframe)}
+    if "scenes" in doc:  # multi-scene benchmark: the scene (0..3) of each token's first frame
+        from sharp.synthetic.scenes import scene_of_frame
+
+        out["scene"] = torch.from_numpy(np.repeat(scene_of_frame(doc)[frames[:, 0]], gh * gw))
+    return out
