@@ -38,6 +38,7 @@ import torch
 from sharp.backbones import video as V
 from sharp.backbones.base import register_backbone, register_family
 from sharp.backbones.qwen2_vl import Qwen2VLBackbone
+from sharp.engine import compat
 from sharp.backbones.vision import VisionMaps, captured_input, captured_output, received_attention
 
 # lmms-eval 0.7.3 qwen2_5_vl wrapper defaults (lmms_eval/models/simple/qwen2_5_vl.py)
@@ -112,9 +113,10 @@ class Qwen2_5_VLBackbone(Qwen2VLBackbone):
             session.add_hook(self.model.model.visual, post, pre=False)
 
     def window_index(self, grid_thw: torch.Tensor) -> torch.Tensor:
-        """(N / merge^2,) the model's own ``get_window_index``: row group i of the tower holds merge
-        group ``window_index[i]`` of the preprocessing order (sample after sample)."""
-        index, _ = self.model.model.visual.get_window_index(grid_thw)
+        """(N / merge^2,) the model's own window index (4.57 ``visual.get_window_index``, 5.x
+        ``vision_utils.get_vision_window_index``: :func:`sharp.engine.compat.vision_window_index`): row
+        group i of the tower holds merge group ``window_index[i]`` of the preprocessing order (sample after sample)."""
+        index, _ = compat.vision_window_index(self.model.model.visual, grid_thw)
         return index
 
     def visual_features_to_tokens(self, per_patch: torch.Tensor, batch_size: int,
