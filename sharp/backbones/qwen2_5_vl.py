@@ -3,7 +3,8 @@
 What differs from Qwen2-VL (``qwen2_vl.py``, which this class extends) and how it is handled:
 
 * Vision tower (transformers ``Qwen2_5_VisionTransformerPretrainedModel.forward``): before the blocks the
-  patch rows are REORDERED by ``window_index`` (``get_window_index``): merge groups of
+  patch rows are REORDERED by ``window_index`` (4.57 ``get_window_index``, 5.x
+  ``vision_utils.get_vision_window_index``: :func:`sharp.engine.compat.vision_window_index`): merge groups of
   ``spatial_merge_size^2`` consecutive rows are moved window by window (``window_size`` px = 112 for
   the 7B: 4 x 4 merged tokens = 8 x 8 patches per window). Blocks in ``fullatt_block_indexes``
   (7B: 7, 15, 23, 31) attend inside each temporal patch (``cu_seqlens``); every other block
@@ -23,6 +24,9 @@ What differs from Qwen2-VL (``qwen2_vl.py``, which this class extends) and how i
   (``Qwen2_5_VLProcessor.__call__``); lmms-eval 0.7.3's ``qwen2_5_vl`` wrapper passes no fps, so
   1.0 s per temporal patch. :meth:`video_pixels` returns it; the engine keeps every token's
   original angles (positions="original" on M-RoPE), so nothing else changes.
+  transformers 5.x numbers text after the video from ``max(h, w)`` and computes the time in float;
+  :func:`sharp.engine.compat.adapt_model` gives the 5.x model 4.57's ``get_rope_index`` (text after
+  the video's largest position, ``second_per_grid_t`` cast to int64 first), so both lines agree.
 * lmms-eval ``qwen2_5_vl`` wrapper: ``max_num_frames=32``, ``min_pixels=256*28*28``,
   ``max_pixels=1605632`` (Qwen2-VL: 3136 / 602112), the same ChatML prompt with the system turn and
   the video before the text; it appends the last decoded frame when ``np.linspace`` missed it

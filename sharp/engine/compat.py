@@ -14,17 +14,35 @@ decoder layer kwargs        ``cache_position`` passed        no ``cache_position
 ``generate`` and pixels     pixels reach the first forward   the vision tower runs BEFORE the
                                                              first forward (``mm_encoder_outputs``)
 Qwen2-VL M-RoPE positions   from ``input_ids``               need ``mm_token_type_ids``; text after
-                                                             a video starts at ``max(h, w)``, not
+(Qwen2.5-VL, Qwen3-VL too)                                   a video starts at ``max(h, w)``, not
                                                              after the video's largest position
+                                                             (Qwen2.5-VL: absolute time is larger);
+                                                             padding 0, deltas vs. unpadded length
+Qwen2.5-VL temporal index   ``t * int64(second_per_grid_t)   ``(t * second_per_grid_t * tps)``
+                            * tokens_per_second``            in float, then ``long()``
+``get_rope_index`` call     ``(input_ids, image_grid_thw,    ``(input_ids, mm_token_type_ids,
+                            video_grid_thw, ...)``           image_grid_thw, ...)``
 Qwen2-VL ``(cos, sin)``     (3, b, s, d), merged by          (b, s, d), sections already merged:
-                            ``apply_multimodal_rotary...``   plain ``apply_rotary_pos_emb``
-SigLIP tower (LLaVA-OV)     ``vision_model.encoder``         ``encoder``
+(Qwen2.5-VL too)            ``apply_multimodal_rotary...``   plain ``apply_rotary_pos_emb``
+Qwen2.5-VL window index     ``visual.get_window_index``      ``get_vision_window_index`` in
+                                                             ``transformers.vision_utils``
+Qwen2.5-VL vision RoPE      ``visual.rot_pos_emb(grid)``     ``visual.rotary_pos_emb(x, ids)`` ->
+                            (angles)                         (cos, sin), ids from ``vision_utils``
+Qwen3-VL video features     ``(embeds, deepstack)``, the     ModelOutput, ``deepstack_features``
+                            features (N, d) per layer        split per video
+Qwen2-VL image processor    takes ``videos=``                images only (videos: the torchvision
+                                                             ``Qwen2VLVideoProcessor``)
+SigLIP tower (LLaVA-OV,     ``vision_model.encoder``         ``encoder``
+LLaVA-Video)
 ==========================  ===============================  ====================================
 
 :func:`adapt_model` (called once per :class:`~sharp.backbones.Backbone`) makes a 5.x model run as
 the 4.57 code behind the recorded numbers does: pixels go through the first forward (so the
 engine's hooks see the vision tower and the layout inside the prefill, and timings include it),
-and Qwen2-VL's positions follow 4.57's ``get_rope_index``.
+and the M-RoPE positions of Qwen2-VL, Qwen2.5-VL and Qwen3-VL follow 4.57's ``get_rope_index``.
+The remaining rows have a helper each: :func:`rope_index`, :func:`vision_window_index`,
+:func:`vision_rope`, :func:`qwen3vl_video_features`, :func:`qwen_video_patches`, :func:`siglip_encoder`.
+LLaVA-Video is LLaVA-OV's HF class, so it needs nothing beyond LLaVA-OV's rows.
 """
 from __future__ import annotations
 
