@@ -180,8 +180,9 @@ def replay_reference_logits(bb, inputs, sequences, trace, recorder, compact_laye
         merged.setdefault(layer, []).append((i, origin, rows))
     for layer, i, origin, rows in recorder.mid_merges:
         mid.setdefault(layer, []).append((i, origin, rows))
-    kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     kwargs.update(input_ids=sequences, attention_mask=mask2d)
+    kwargs.update(compat.text_inputs(bb.model, sequences))  # 5.x: token types of the longer sequence
     if "mrope_section" not in (bb.text_config.rope_scaling or {}):  # 1-D RoPE: generate's positions for left padding
         pos = mask2d.long().cumsum(-1) - 1
         kwargs["position_ids"] = pos.masked_fill(mask2d == 0, 1)

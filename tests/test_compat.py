@@ -39,11 +39,31 @@ def test_qwen2vl_positions_follow_457_rule_when_video_is_longer_than_wide():
         assert int(deltas[b]) == int(expect.max()) + 1 - ids.shape[1]  # against the padded length, as 4.57
 
 
-def test_generate_prefill_sees_pixels_and_positions_match_rope_index():
+def test_new_qwen_families_pad_and_deltas_as_457():
+    """Qwen2.5-VL and Qwen3-VL get the same 4.57 conventions as Qwen2-VL: padded positions 1, deltas
+    against the padded length; Qwen2.5-VL's text after the video continues after its largest
+    (absolute-time) position, which 5.x's own rule (max(h, w)) would not."""
+    for name in ("tiny_qwen2_5_vl", "tiny_qwen3_vl"):
+        bb = sharp.load_backbone(name)
+        inputs = bb.synthetic_inputs(frames=8, batch_size=2)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        extra = {k: inputs[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in inputs}
+        pos, deltas = compat.rope_index(bb.model, ids, attention_mask=mask, **extra)
+        for b in range(2):
+            real = mask[b].bool()
+            assert torch.equal(pos[:, b, ~real], torch.ones_like(pos[:, b, ~real]))
+            assert int(deltas[b]) == int(pos[:, b, real].max()) + 1 - ids.shape[1]
+            vis = (ids[b] == bb.video_token_id).nonzero().squeeze(1)
+            after = int(vis[-1]) + 1  # the first token after the (last) video patch
+            assert int(pos[0, b, after]) == int(pos[:, b, vis].max()) + 1
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl"])
+def test_generate_prefill_sees_pixels_and_positions_match_rope_index(name):
     """adapt_model: generate's first forward carries the pixels (5.x would pre-encode them), so the
     engine's prefill hook sees the layout; its M-RoPE positions are get_rope_index's."""
-    bb = _qwen()
-    inputs = bb.synthetic_inputs(frames=32, batch_size=1, size=(56, 56))
+    bb = sharp.load_backbone(name)
+    inputs = bb.synthetic_inputs(frames=32 if name == "tiny_qwen2_vl" else 8, batch_size=1, size=(56, 56))
     seen = []
     handle = bb.model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
     try:
