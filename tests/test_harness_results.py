@@ -113,6 +113,8 @@ def test_aggregate_requests_and_summary(tmp_path):
     assert s["scores"] == {"videomme": 50.0} and s["n_samples"] == {"videomme": 2}
     assert set(s["per_task"]) == {"mvbench", "videomme"}
     assert s["per_task"]["videomme"]["latency_ms"]["prefill_mean"] == 300.0
-    assert s["versions"]["torch"] and s["versions"]["transformers"] == "4.57.6"
+    import transformers
+
+    assert s["versions"]["torch"] and s["versions"]["transformers"] == transformers.__version__  # the installed one
     assert set(s["git"]) == {"commit", "dirty"}
     json.dumps(s)

@@ -388,7 +388,7 @@ def test_compact_positions_put_a_windows_static_tokens_before_its_dynamic_tokens
 # -- (d) the in-LLM stage ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bb_name", ["tiny_llava_onevision", "tiny_qwen2_vl"])
 @pytest.mark.parametrize("seed,keep,newline_like_video", [  # OV: the newline dropped / kept / kept and absorbing
-    (21, 0.5, False), (21, 0.75, False), (3, 0.75, False), (1, 0.5, True)])
+    (21, 0.5, False), (21, 0.75, False), (3, 0.75, False), (22, 0.5, True)])
 def test_in_llm_stage_keeps_top_of_previous_map_and_merges_sequentially(bb_name, seed, keep, newline_like_video):
     """The official in-LLM stage (``holitom/modeling_qwen2.py``) ranks the image SPAN: on LLaVA-OV the
     current visual tokens AND the trailing image_newline (``image_tokens`` counts it), keeps the top
@@ -473,8 +473,12 @@ def _check_in_llm_stage(bb, inputs, keep, seed, absorbing):
     assert torch.equal(post, pre[[i for i in top if i < len(pre)]])
     assert len(post) == k - int(newline_kept)
     assert trace.method("holitom").newline_kept == ([newline_kept] if has_newline else [None])
-    if has_newline:  # the cases cover both: the newline merged away, and kept as a merge target
-        assert newline_kept == (absorbing or (keep == 0.75 and seed == 21))
+    # whether the newline is kept is checked above against the independent top-k of layer 1's map, in
+    # either outcome; which outcome a case hits depends on the random weights (transformers 4.57 draws an
+    # image_newline that is dropped at keep 0.5, 5.x one that is kept). The absorbing case needs it kept
+    # (it is, on both lines' weights), so that tokens merge into it.
+    if absorbing:
+        assert newline_kept
     # the merge, by hand: every dropped span token in index order into its most similar kept one
     rows = {p: seen["h"][0, p].double() for p in span}
     for p in [p for p in span if p not in kept_span]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from sharp.engine import compat
 from sharp.backbones.video import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -174,7 +175,7 @@ def test_qwen2vl_preprocess_matches_transformers(t, h, w, kwargs):
         patch_size=kwargs.get("patch_size", 14),
         merge_size=kwargs.get("merge_size", 2),
     )
-    ref = proc(images=None, videos=[frames], return_tensors="pt")
+    ref = compat.qwen_video_patches(proc, frames)  # 5.x: videos left the image processor
     assert grid.dtype == torch.long and grid.shape == (1, 3)
     torch.testing.assert_close(grid, ref["video_grid_thw"].long(), atol=0, rtol=0)
     assert ours.shape == ref["pixel_values_videos"].shape and ours.dtype == torch.float32
@@ -202,7 +203,10 @@ def test_qwen2vl_default_token_geometry():
 
 def test_smart_resize_flavours():
     transformers = pytest.importorskip("transformers")
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    try:  # 5.x: the torchvision-free image processor's module; 4.57: the only one
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     rng = np.random.RandomState(0)
     for _ in range(300):
