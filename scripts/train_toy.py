@@ -52,10 +52,10 @@ DEFAULTS = {
     "toy_qwen2_vl": dict(steps=2000, batch_size=32, lr=1e-3, warmup=30, train_n=2000, aux_weight=0.5, aux_layer=1,
                                 schedule="constant"),
     # the multi-scene benchmark (sharp.synthetic.scenes): 8 layers, 512 / 576 visual tokens, sized to train in
-    # under an hour on 2 shared CPU cores (see docs/toy.md)
-    "toy_scenes_llava_onevision": dict(steps=300, batch_size=8, lr=2e-3, warmup=20, train_n=600, aux_weight=0.5,
+    # under an hour on 2 CPU cores, the two toys side by side with one thread each (see docs/toy.md)
+    "toy_scenes_llava_onevision": dict(steps=2000, batch_size=8, lr=2e-3, warmup=50, train_n=2000, aux_weight=0.5,
                                        aux_layer=1, schedule="cosine"),
-    "toy_scenes_qwen2_vl": dict(steps=300, batch_size=8, lr=2e-3, warmup=20, train_n=600, aux_weight=0.5,
+    "toy_scenes_qwen2_vl": dict(steps=1800, batch_size=8, lr=2e-3, warmup=50, train_n=2000, aux_weight=0.5,
                                 aux_layer=1, schedule="cosine"),
 }
 
@@ -78,16 +78,20 @@ class TokenProbe(torch.nn.Module):
         super().__init__()
         self.color = torch.nn.Linear(hidden, len(toy.COLOR_IDS) + 1)
         self.frame = torch.nn.Linear(hidden, frames + 1)
-        # multi-scene benchmark: also the scene (0..scenes-1) of every token
+        # multi-scene benchmark: also the scene (0..scenes-1) of every token, and (read one layer later,
+        # ``h2``) the colour of the object its scene has shown so far (0 = none yet)
         self.scene = torch.nn.Linear(hidden, scenes) if scenes else None
+        self.scene_color = torch.nn.Linear(hidden, len(toy.COLOR_IDS) + 1) if scenes else None
 
     def loss(self, h: torch.Tensor, color: torch.Tensor, frame: torch.Tensor,
-             scene: torch.Tensor | None = None) -> torch.Tensor:
-        # h: (b, n_visual, hidden); color, frame, scene: (b, n_visual)
+             scene: torch.Tensor | None = None, h2: torch.Tensor | None = None,
+             scene_color: torch.Tensor | None = None) -> torch.Tensor:
+        # h, h2: (b, n_visual, hidden); color, frame, scene, scene_color: (b, n_visual)
         out = (F.cross_entropy(self.color(h).flatten(0, 1), color.flatten())
                + F.cross_entropy(self.frame(h).flatten(0, 1), frame.flatten()))
         if self.scene is not None:
             out = out + F.cross_entropy(self.scene(h).flatten(0, 1), scene.flatten())
+            out = out + F.cross_entropy(self.scene_color(h2).flatten(0, 1), scene_color.flatten())
         return out
 
 
@@ -126,9 +130,12 @@ def _train_step(bb, batch: dict, probe, labels, idx, layout, aux_weight: float, 
     if probe is not None:
         vis = bb.visual_mask(batch["input_ids"], layout)  # (b, s)
         h = out.hidden_states[aux_layer][vis].view(len(idx), layout.n_visual, -1)
+        scenes = probe.scene is not None
+        h2 = out.hidden_states[aux_layer + 1][vis].view(len(idx), layout.n_visual, -1) if scenes else None
         aux = probe.loss(h, torch.stack([labels[i]["color"] for i in idx]),
                          torch.stack([labels[i]["oframe"] for i in idx]),
-                         torch.stack([labels[i]["scene"] for i in idx]) if probe.scene is not None else None)
+                         torch.stack([labels[i]["scene"] for i in idx]) if scenes else None, h2,
+                         torch.stack([labels[i]["scene_color"] for i in idx]) if scenes else None)
         loss = loss + aux_weight * aux
         rec["aux"] = aux.item()
     return loss, rec

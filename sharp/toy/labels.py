@@ -44,5 +44,21 @@ def visual_token_labels(bb, doc: dict, grid: tuple[int, int]) -> dict:
     if "scenes" in doc:  # multi-scene benchmark: the scene (0..3) of each token's first frame
         from sharp.synthetic.scenes import scene_of_frame
 
-        out["scene"] = torch.from_numpy(np.repeat(scene_of_frame(doc)[frames[:, 0]], gh * gw))
+        scene = scene_of_frame(doc)[frames[:, 0]]  # (F,) scene of each visual frame
+        out["scene"] = torch.from_numpy(np.repeat(scene, gh * gw))
+        out["scene_color"] = torch.from_numpy(np.repeat(_scene_color_so_far(doc, frames, scene), gh * gw))
+    return out
+
+
+def _scene_color_so_far(doc: dict, frames: np.ndarray, scene: np.ndarray) -> np.ndarray:
+    """(F,) int: per visual frame, the colour (``COLOR_IDS``) of an object already shown in the frame's
+    scene up to and including that frame, 0 if none yet (causal: what a token can have seen). Every scene
+    of the multi-scene benchmark holds one object, so this is the scene's object once it has appeared."""
+    out = np.zeros(len(frames), np.int64)
+    for e in doc["events"]:
+        for j in range(len(frames)):
+            sc = doc["scenes"][scene[j]]
+            lo = max(e["start"], sc["start"])  # the event's first frame inside this scene
+            if lo < min(e["end"], sc["end"]) and lo <= frames[j].max() and out[j] == 0:
+                out[j] = COLOR_IDS[e["color"]]
     return out
