@@ -450,15 +450,21 @@ class Backbone(abc.ABC):
         Recomputes only that layer's queries and keys; the attention is float32, computed a few
         frames at a time (``attention_budget`` logits at most). See :class:`VisionMaps`.
         """
+        layout = self._captured_token_layout(captured)
         block = self.vision_layers[self.resolve_vision_layer(layer)]
         x, out = captured_input(captured), captured_output(captured)
         q, k = self._vision_qk(block, x)  # (N, heads, head_dim)
         attention = received_attention(q, k, self._vision_scale(block), self._vision_chunks(captured, q.shape[0]),
                                        rope=self._vision_rope(block, captured), budget=self.attention_budget)
         return VisionMaps(
-            hidden=self.visual_features_to_tokens(out.reshape(-1, out.shape[-1]), batch_size),
-            keys=self.visual_features_to_tokens(k.mean(dim=1), batch_size),
-            attention=self.visual_features_to_tokens(attention, batch_size))
+            hidden=self.visual_features_to_tokens(out.reshape(-1, out.shape[-1]), batch_size, **layout),
+            keys=self.visual_features_to_tokens(k.mean(dim=1), batch_size, **layout),
+            attention=self.visual_features_to_tokens(attention, batch_size, **layout))
+
+    def _captured_token_layout(self, captured: dict) -> dict:
+        """Extra keyword arguments of :meth:`visual_features_to_tokens` that a captured vision-layer
+        call determines (none by default; Qwen2.5-VL: the call's ``grid_thw`` for its window order)."""
+        return {}
 
     # -- building --------------------------------------------------------------------------
     @classmethod

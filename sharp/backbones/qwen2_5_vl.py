@@ -43,7 +43,6 @@ from sharp.backbones import video as V
 from sharp.backbones.base import register_backbone, register_family
 from sharp.backbones.qwen2_vl import Qwen2VLBackbone
 from sharp.engine import compat
-from sharp.backbones.vision import VisionMaps, captured_input, captured_output, received_attention
 
 # lmms-eval 0.7.3 qwen2_5_vl wrapper defaults (lmms_eval/models/simple/qwen2_5_vl.py)
 QWEN25VL_MIN_PIXELS = 256 * 28 * 28
@@ -138,23 +137,14 @@ class Qwen2_5_VLBackbone(Qwen2VLBackbone):
         tokens = grouped[reverse]  # (N/4, [C]) preprocessing (LLM) order
         return tokens.reshape(batch_size, -1, *per_patch.shape[1:])
 
-    @torch.no_grad()
-    def vision_maps(self, layer: int, captured: dict, batch_size: int) -> VisionMaps:
-        """As :meth:`Backbone.vision_maps`, with the window permutation of the captured call's
-        ``grid_thw`` (``captured["grid_thw"]``, added by :meth:`install_session_hooks`)."""
+    def _captured_token_layout(self, captured: dict) -> dict:
+        """The window permutation of the captured call's ``grid_thw`` (``captured["grid_thw"]``, added
+        by :meth:`install_session_hooks`), for :meth:`Backbone.vision_maps`."""
         grid = captured.get("grid_thw")
         if grid is None:
             raise ValueError(f"{self.name}: the captured vision block call has no grid_thw (install the "
                              "backbone's session hooks, or add captured['grid_thw'] = video_grid_thw)")
-        block = self.vision_layers[self.resolve_vision_layer(layer)]
-        x, out = captured_input(captured), captured_output(captured)
-        q, k = self._vision_qk(block, x)  # (N, heads, head_dim)
-        attention = received_attention(q, k, self._vision_scale(block), self._vision_chunks(captured, q.shape[0]),
-                                       rope=self._vision_rope(block, captured), budget=self.attention_budget)
-        return VisionMaps(
-            hidden=self.visual_features_to_tokens(out.reshape(-1, out.shape[-1]), batch_size, grid),
-            keys=self.visual_features_to_tokens(k.mean(dim=1), batch_size, grid),
-            attention=self.visual_features_to_tokens(attention, batch_size, grid))
+        return {"grid_thw": grid}
 
 
 register_backbone("qwen2_5_vl_7b", family="qwen2_5_vl", hub="Qwen/Qwen2.5-VL-7B-Instruct",

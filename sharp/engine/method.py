@@ -101,6 +101,25 @@ def budget(n_visual: int, retention: float) -> int:
     return max(1, min(n_visual, int(round(retention * n_visual))))
 
 
+def apportion(k: int, counts: list[int]) -> list[int]:
+    """k tokens over groups of ``counts`` tokens, proportionally and exactly:
+    k_g = floor(k C_g / N) - floor(k C_{g-1} / N), C_g the cumulative count, N = sum(counts).
+
+    Equal groups get floor(k / G) or one more, the extra ones spread evenly (32 frames x 196 at
+    12.8%: k = 803 -> 29 frames of 25 and 3 of 26); k_g <= counts[g] whenever k <= N.
+    """
+    total = sum(counts)
+    if total == 0:
+        return [0] * len(counts)
+    out, before, cum = [], 0, 0
+    for n in counts:
+        cum += n
+        upto = (k * cum) // total
+        out.append(upto - before)
+        before = upto
+    return out
+
+
 @dataclass
 class Selection:
     """What a stage keeps, per sample.

@@ -58,7 +58,7 @@ import torch
 
 from sharp.engine.attention import cuda_sync
 from sharp.engine.compose import ComposedMethod
-from sharp.engine.method import LayerRule, PruningMethod, Selection, budget, layer_kwarg
+from sharp.engine.method import LayerRule, PruningMethod, Selection, apportion, budget, layer_kwarg
 
 ROUNDINGS = ("exact", "official")
 CLUSTER_MERGES = ("beta", "mean")
@@ -135,23 +135,14 @@ def group_quotas(sizes: list[int], kinds: list[str], ratio: float, total: int, r
 
     ``"official"``: ceil(n_g r') for dynamic sets, round(n_g r') for static sets (Python's round).
     ``"exact"``: ``total`` tokens in proportion to the group sizes (n_g r' with one r'), by cumulative
-    rounding: k_g = floor(total C_g / C) - floor(total C_{g-1} / C) with C_g = n_1 + ... + n_g and
-    C = C_last, in integers: within one token of total n_g / C, the extra tokens spread evenly over
+    rounding (:func:`~sharp.engine.method.apportion`): k_g = floor(total C_g / C) - floor(total C_{g-1} / C)
+    with C_g = n_1 + ... + n_g and C = C_last, in integers: within one token of total n_g / C, the extra tokens spread evenly over
     the video, never more than n_g (total <= C).
     """
     if rounding == "official":
         return [min(n, math.ceil(n * ratio) if kind == "dynamic" else round(n * ratio))
                 for n, kind in zip(sizes, kinds)]
-    whole = sum(sizes)
-    if whole == 0:
-        return [0] * len(sizes)
-    quotas, cumulative, before = [], 0, 0
-    for n in sizes:
-        cumulative += n
-        upto = total * cumulative // whole
-        quotas.append(upto - before)
-        before = upto
-    return quotas
+    return apportion(total, sizes)
 
 
 # -- DPC-kNN clustering -------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from sharp.engine.compose import ComposedMethod
-from sharp.engine.method import PruningMethod, Selection
+from sharp.engine.method import PruningMethod, Selection, apportion
 from sharp.methods.settings import fit_vision_layer
 
 SCOPES = ("auto", "frame", "video")
@@ -57,25 +57,6 @@ def split_budget(k: int, dominant_ratio: float) -> tuple[int, int]:
     ``int(spatial_tokens * dominant_ratio)``, c = k - d (so exactly k tokens are kept)."""
     d = int(k * dominant_ratio)
     return d, k - d
-
-
-def apportion(k: int, counts: list[int]) -> list[int]:
-    """k tokens over groups of ``counts`` tokens, proportionally and exactly:
-    k_g = floor(k C_g / N) - floor(k C_{g-1} / N), C_g the cumulative count, N = sum(counts).
-
-    Equal groups get floor(k / G) or one more, the extra ones spread evenly (32 frames x 196 at
-    12.8%: k = 803 -> 29 frames of 25 and 3 of 26); k_g <= counts[g] whenever k <= N.
-    """
-    total = sum(counts)
-    if total == 0:
-        return [0] * len(counts)
-    out, before, cum = [], 0, 0
-    for n in counts:
-        cum += n
-        upto = (k * cum) // total
-        out.append(upto - before)
-        before = upto
-    return out
 
 
 # -- one group ----------------------------------------------------------------------------------
