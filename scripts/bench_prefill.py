@@ -24,7 +24,7 @@ selection % = selection ms / the method's own LLM prefill ms.
 Clock (``--clock``, default ``auto``): on a CPU with ``--threads 1`` the main thread's CPU time
 (``time.thread_time``: every prefill FLOP runs in that thread and the time a shared machine gives to
 other processes does not count), else wall-clock with CUDA synchronisation. The engine's stage timers
-(selection) then read the same clock.
+(selection) then read the same clock: the bench sets it as the session's ``Trace.clock``.
 speed/FLOPs = speedup (LLM) / FLOPs ratio (the trace's for methods whose schedule depends on the
 video: SharpV adaptive, FrameFusion, HoliTom). The paper's FLOPs convention counts visual tokens only
 (4nd^2 + 2n^2d + 2ndm per layer); ``flops_ratio_sequence`` counts what the LLM really computes (text
@@ -110,28 +110,6 @@ def set_clock(name: str, device, threads: int) -> str:
     return name
 
 
-class _ClockShim:
-    """Stands in for the ``time`` module inside sharp's modules: ``perf_counter`` reads the bench clock."""
-
-    def __init__(self, fn):
-        self.perf_counter = fn
-
-    def __getattr__(self, name):
-        return getattr(time, name)
-
-
-def engine_clock(name: str) -> None:
-    """With ``--clock cpu`` the engine's and methods' stage timers (``time.perf_counter`` in
-    sharp.engine / sharp.methods) read the same thread CPU time, so the selection share
-    is of one clock; ``wall`` restores them."""
-    for mod_name, mod in list(sys.modules.items()):
-        if not mod_name.startswith("sharp."):
-            continue
-        current = getattr(mod, "time", None)
-        if current is time or isinstance(current, _ClockShim):
-            mod.time = _ClockShim(time.thread_time) if name == "cpu" else time
-
-
 def _time_prefill(bb, inputs, repeats, warmup, prune_ctx=None, peaks=None):
     """Median (total_ms, llm_ms, stage_ms, last trace) of prefill forwards; ``peaks`` (a list, if
     given) receives every timed forward's peak memory in MiB above its start (sharp.engine.memory)."""
@@ -159,6 +137,8 @@ def _time_prefill(bb, inputs, repeats, warmup, prune_ctx=None, peaks=None):
             marks.clear()
             ctx = prune_ctx() if prune_ctx else None
             trace = ctx.__enter__() if ctx else None
+            if trace is not None:
+                trace.clock = clock  # the engine's and methods' stage timers read the bench clock
             try:
                 with peak_memory(bb.device) as peak:
                     _sync(bb.device)
@@ -426,7 +406,6 @@ def run(args, backbone=None) -> dict:
     check_names(methods)
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine_clock("wall")
     bb = backbone if backbone is not None else sharp.load_backbone(
         args.backbone, attn_implementation=args.attn, random_weights=True if args.random_weights else None,
         dtype=getattr(torch, args.dtype) if args.dtype else None)
@@ -440,7 +419,6 @@ def run(args, backbone=None) -> dict:
             "num_layers": bb.num_layers, "repeats": args.repeats, "warmup": args.warmup,
             "torch": torch.__version__}
     info["clock"] = set_clock(args.clock, bb.device, torch.get_num_threads())
-    engine_clock(info["clock"])
     print(f"backbone {bb.name} ({bb.device}, {bb.dtype}, {args.attn}): {n_visual} visual tokens "
           f"= {layout.frames} x {layout.tokens_per_frame}, sequence {info['sequence']}", flush=True)
 
@@ -482,8 +460,6 @@ def main(argv=None) -> dict:
     except BenchError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    finally:
-        engine_clock("wall")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ class TokenProbe(torch.nn.Module):
     """Training-only linear probe on visual tokens: object colour (5 classes, 0 = none) and object
     frame (frames + 1 classes, 0 = no object) of each token (``sharp.toy.visual_token_labels``)."""
 
-    def __init__(self, hidden: int, frames: int, scenes: int = 0):
+    def __init__(self, hidden: int, frames: int, scenes: int = 0, backgrounds: int = 0,
+                 background_words: torch.nn.Parameter | None = None, background_ids: list[int] | None = None):
         super().__init__()
         self.color = torch.nn.Linear(hidden, len(toy.COLOR_IDS) + 1)
         self.frame = torch.nn.Linear(hidden, frames + 1)
@@ -82,16 +83,28 @@ class TokenProbe(torch.nn.Module):
         # ``h2``) the colour of the object its scene has shown so far (0 = none yet)
         self.scene = torch.nn.Linear(hidden, scenes) if scenes else None
         self.scene_color = torch.nn.Linear(hidden, len(toy.COLOR_IDS) + 1) if scenes else None
+        # and the background colour of every token's scene (what a "the purple scene" question names)
+        self.background = torch.nn.Linear(hidden, backgrounds) if backgrounds else None
+        # ``words`` reading: no probe weights of its own, the class vectors are the LM's input embeddings of
+        # the background words (" gray", " purple", ...): a token of a purple scene is pushed towards the
+        # embedding of the word "purple" in the residual stream (LLaVA's stage-1 alignment in miniature)
+        self._embeddings = background_words  # (vocab, hidden) the model's own embedding matrix, or None
+        self._word_ids = background_ids
 
     def loss(self, h: torch.Tensor, color: torch.Tensor, frame: torch.Tensor,
              scene: torch.Tensor | None = None, h2: torch.Tensor | None = None,
-             scene_color: torch.Tensor | None = None) -> torch.Tensor:
-        # h, h2: (b, n_visual, hidden); color, frame, scene, scene_color: (b, n_visual)
+             scene_color: torch.Tensor | None = None, background: torch.Tensor | None = None) -> torch.Tensor:
+        # h, h2: (b, n_visual, hidden); color, frame, scene, scene_color, background: (b, n_visual)
         out = (F.cross_entropy(self.color(h).flatten(0, 1), color.flatten())
                + F.cross_entropy(self.frame(h).flatten(0, 1), frame.flatten()))
         if self.scene is not None:
             out = out + F.cross_entropy(self.scene(h).flatten(0, 1), scene.flatten())
             out = out + F.cross_entropy(self.scene_color(h2).flatten(0, 1), scene_color.flatten())
+        if self.background is not None:
+            out = out + F.cross_entropy(self.background(h).flatten(0, 1), background.flatten())
+        if self._embeddings is not None:
+            words = self._embeddings[self._word_ids]  # (backgrounds, hidden)
+            out = out + F.cross_entropy((h @ words.T).flatten(0, 1), background.flatten())
         return out
 
 
@@ -116,7 +129,23 @@ def _make_probe(bb, d: dict, args, train_docs, layout):
     labels = [toy.visual_token_labels(bb, doc, layout.grid) for doc in train_docs]
     torch.manual_seed(args.seed + 1)
     scenes = len(train_docs[0]["scenes"]) if "scenes" in train_docs[0] else 0
-    return TokenProbe(bb.text_config.hidden_size, layout.frames, scenes), labels
+    mode = d.get("background_probe") or "off"
+    if not scenes or mode == "off":
+        return TokenProbe(bb.text_config.hidden_size, layout.frames, scenes), labels
+    from sharp.synthetic.scenes import BACKGROUNDS
+
+    if mode == "linear":
+        return TokenProbe(bb.text_config.hidden_size, layout.frames, scenes, len(BACKGROUNDS)), labels
+    ids = [_word_id(bb, " " + name) for name in BACKGROUNDS]
+    return TokenProbe(bb.text_config.hidden_size, layout.frames, scenes,
+                      background_words=bb.model.get_input_embeddings().weight, background_ids=ids), labels
+
+
+def _word_id(bb, text: str) -> int:
+    ids = bb.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{text!r} is not one token of {bb.name}'s vocabulary: {ids}")
+    return ids[0]
 
 
 def _train_step(bb, batch: dict, probe, labels, idx, layout, aux_weight: float, aux_layer: int):
@@ -135,7 +164,8 @@ def _train_step(bb, batch: dict, probe, labels, idx, layout, aux_weight: float, 
         aux = probe.loss(h, torch.stack([labels[i]["color"] for i in idx]),
                          torch.stack([labels[i]["oframe"] for i in idx]),
                          torch.stack([labels[i]["scene"] for i in idx]) if scenes else None, h2,
-                         torch.stack([labels[i]["scene_color"] for i in idx]) if scenes else None)
+                         torch.stack([labels[i]["scene_color"] for i in idx]) if scenes else None,
+                         torch.stack([labels[i]["background"] for i in idx]) if "background" in labels[0] else None)
         loss = loss + aux_weight * aux
         rec["aux"] = aux.item()
     return loss, rec
@@ -151,6 +181,14 @@ def _log(name: str, step: int, run: list, t0: float) -> dict:
             **({"aux": round(mean["aux"], 4)} if "aux" in mean else {}), "seconds": round(time.time() - t0, 1)}
 
 
+def _data_order(docs: list, n: int, weights: dict, seed: int) -> np.ndarray:
+    """``n`` doc indices: shuffled epochs of the train docs, where a doc of question type q appears
+    ``weights.get(q, 1)`` times per epoch (integer weights; 1 for every type: plain epochs)."""
+    pool = np.concatenate([np.full(int(weights.get(doc["qtype"], 1)), i) for i, doc in enumerate(docs)])
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(pool) for _ in range(math.ceil(n / len(pool)) + 1)])
+
+
 def _train(name: str, bb, d: dict, args, train, test) -> tuple[list, float]:
     """AdamW with teacher forcing (+ the probe loss); returns the loss history and the seconds."""
     (train_docs, train_px), (test_docs, test_px) = train, test
@@ -163,8 +201,7 @@ def _train(name: str, bb, d: dict, args, train, test) -> tuple[list, float]:
         params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=d["lr"], weight_decay=args.weight_decay, betas=(0.9, 0.98))
     steps, bs = d["steps"], d["batch_size"]
-    rng = np.random.default_rng(args.seed)
-    order = np.concatenate([rng.permutation(len(train_docs)) for _ in range(math.ceil(steps * bs / len(train_docs)) + 1)])
+    order = _data_order(train_docs, steps * bs, d.get("qtype_weights") or {}, args.seed)
     t0 = time.time()
     hist, run = [], []
     for step in range(steps):
@@ -193,6 +230,20 @@ def _train(name: str, bb, d: dict, args, train, test) -> tuple[list, float]:
     return hist, t_train
 
 
+def _init_from(bb, folder: str) -> dict:
+    """Load the weights of an earlier run of the same toy (``<folder>/model.safetensors``) to continue
+    training it; returns that run's metadata without its history (recorded as ``init_from``)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = bb.model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"--init-from {folder}: not a run of this toy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    meta = json.loads((folder / "metadata.json").read_text())
+    return {k: v for k, v in meta.items() if k != "history"}
+
+
 def _save(out_dir: Path, bb, config: dict, words, meta: dict) -> None:
     """model.safetensors (float32), config.json, backbone.json (family, words), metadata.json."""
     from safetensors.torch import save_file
@@ -207,7 +258,8 @@ def _save(out_dir: Path, bb, config: dict, words, meta: dict) -> None:
 
 
 def train_one(name: str, args) -> dict:
-    d = {**DEFAULTS[name], **{k: v for k, v in vars(args).items() if k in DEFAULTS[name] and v is not None}}
+    known = {"background_probe": "off", "qtype_weights": {}, **DEFAULTS[name]}
+    d = {**known, **{k: v for k, v in vars(args).items() if k in known and v is not None}}
     t_start = time.time()
     bb, config, words, train, test = _load_data(name, d, args)
     (train_docs, train_px), (test_docs, test_px) = train, test
@@ -215,6 +267,7 @@ def train_one(name: str, args) -> dict:
     n_params = sum(p.numel() for p in bb.model.parameters())
     print(f"[{name}] {n_params / 1e6:.2f} M parameters; data ready in {t_data:.0f} s", flush=True)
 
+    earlier = _init_from(bb, args.init_from) if args.init_from else None
     hist, t_train = _train(name, bb, d, args, train, test)
 
     print(f"[{name}] evaluating (greedy generation through sharp.prune, vanilla)", flush=True)
@@ -236,6 +289,9 @@ def train_one(name: str, args) -> dict:
         "test_accuracy": round(te.accuracy, 2),
         "test_accuracy_per_qtype": {key: round(v, 2) for key, v in te.per_qtype.items()},
         "history": hist,
+        **({"init_from": earlier,
+            "total_train_seconds": round(t_train + earlier.get("total_train_seconds", earlier["train_seconds"]), 1)}
+           if earlier else {}),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "machine": platform.machine(),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
@@ -263,6 +319,12 @@ def main(argv=None) -> int:
     ap.add_argument("--aux-weight", type=float, default=None, help="weight of the visual-token probe loss (0: off)")
     ap.add_argument("--aux-layer", type=int, default=None, help="hidden state read by the probe (1: after layer 0)")
     ap.add_argument("--train-n", type=int, default=None, help="train docs (a prefix of the train split)")
+    ap.add_argument("--background-probe", default=None, choices=["off", "linear", "words"],
+                    help="multi-scene toys: also probe each token's scene background colour, with a linear head "
+                         "or against the LM's input embeddings of the background words")
+    ap.add_argument("--qtype-weights", default=None, type=json.loads,
+                    help='JSON, e.g. \'{"scene": 2}\': a doc of that question type appears so many times per epoch')
+    ap.add_argument("--init-from", default=None, help="continue from the weights in this folder (a run of the same toy)")
     ap.add_argument("--schedule", default=None, choices=["constant", "cosine"], help="after the warm-up")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--clip", type=float, default=1.0)

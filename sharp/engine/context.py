@@ -136,6 +136,20 @@ class StageContext:
         """Seconds recorded so far in this prefill under ``stage_times[key]`` (0 when none)."""
         return self._runner.trace.stage_times.get(key, 0.0)
 
+    def timed(self, key: str):
+        """``with ctx.timed("attn"): ...`` adds the block's time (session clock, GPU synced) to
+        ``stage_times[key]``."""
+        return self._runner.trace.timed(key, self.hidden_states.device)
+
+    def now(self) -> float:
+        """The session's stage clock (GPU synced), for spans that ``timed`` cannot bracket."""
+        return self._runner.trace.now(self.hidden_states.device)
+
+    @property
+    def clock(self):
+        """The session's stage clock itself (a zero-argument callable; no GPU sync)."""
+        return self._runner.trace.clock
+
     # -- other layers -----------------------------------------------------------------------------
     def recorded(self, layer: int) -> "StageContext":
         """The context of layer ``layer``'s recorded prefill input (a layer in the method's
@@ -215,6 +229,11 @@ class SessionContext:
 
     def add_time(self, key: str, seconds: float) -> None:
         self._session.trace.add_time(key, seconds)
+
+    def timed(self, key: str):
+        """``with ctx.timed("memory"): ...``: the block's time (session clock, GPU synced) into
+        ``stage_times[key]``."""
+        return self._session.trace.timed(key, self.backbone.device)
 
     def add_hook(self, module: torch.nn.Module, hook: Callable, *, pre: bool = True, with_kwargs: bool = True):
         """Register a forward (pre-)hook that is removed when the ``sharp.prune`` block ends."""

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
@@ -26,7 +25,6 @@ import torch
 
 from sharp.engine import compat
 from sharp.engine import masks as structured_masks
-from sharp.engine.attention import cuda_sync
 from sharp.engine.context import StageContext
 from sharp.engine.decode import DecodePatcher
 from sharp.engine.method import PruningMethod, Selection
@@ -132,8 +130,7 @@ class PrefillRunner:
         forward = _Forward(phase="prefill")
         self._forwards = [forward]
         self._start_sequence(forward, input_ids, kwargs)
-        cuda_sync(input_ids.device)
-        self._prefill_t0, self._llm_t0 = time.perf_counter(), None  # llm: set when decoder layer 0 starts
+        self._prefill_t0, self._llm_t0 = self.trace.now(input_ids.device), None  # llm: set when decoder layer 0 starts
         self.prefill_inputs = compat.without_cache(kwargs)
         self.prefill_inputs.setdefault("input_ids", input_ids)
         self.input_length = input_ids.shape[1]
@@ -154,8 +151,7 @@ class PrefillRunner:
     def finish(self) -> None:
         """The prefill forward returned: restore the layers' attention configs and record its times."""
         self.restore_attn_configs()
-        cuda_sync(self.backbone.device)
-        self._record_times(time.perf_counter())
+        self._record_times(self.trace.now(self.backbone.device))
         self.state.vision_captured, self.state.vision_maps = {}, {}
 
     def reset(self) -> None:
@@ -201,8 +197,7 @@ class PrefillRunner:
         """The forward pre-hook result for decoder layer ``idx`` (None: the layer runs unchanged)."""
         state = self.state
         if idx == 0 and state.phase == "prefill":
-            cuda_sync(self.backbone.device)
-            self._llm_t0 = time.perf_counter()
+            self._llm_t0 = self.trace.now(self.backbone.device)
         hidden_in = args[0] if args else kwargs["hidden_states"]  # (b, s, d)
         if not state.seq.pruned and state.seq.position_embeddings is None:
             state.seq = state.seq.with_rope(kwargs["position_embeddings"])
@@ -215,7 +210,7 @@ class PrefillRunner:
         if state.phase == "prefill" and len(self.trace.visual_tokens_per_layer) == idx:
             self.trace.record_layer_counts(seq.visual_mask.sum(dim=1).tolist())
 
-        t0 = time.perf_counter()
+        t0 = self.trace.clock()
         extra = self._method_masks(idx, hidden, seq)
         if not seq.pruned and extra is None and hidden is hidden_in:
             return None
@@ -228,7 +223,7 @@ class PrefillRunner:
         if extra is not None:
             new_kwargs["attention_mask"] = self._custom_mask(idx, extra, seq, hidden)
             if state.phase == "prefill":
-                self.trace.add_time("mask", time.perf_counter() - t0)
+                self.trace.add_time("mask", self.trace.clock() - t0)
         if args:
             return (hidden,) + tuple(args[1:]), new_kwargs
         new_kwargs["hidden_states"] = hidden
@@ -254,7 +249,7 @@ class PrefillRunner:
     def _run_stage(self, idx: int, owner: int, hidden: torch.Tensor) -> torch.Tensor:
         """Score, select and (unless nothing is removed) shrink the sequence before layer ``idx``."""
         state = self.state
-        t0 = time.perf_counter()
+        t0 = self.trace.clock()
         method = self.plan.methods[owner]
         ctx = self._context(idx, hidden, state.seq, owner)
         selection: Selection = method.select(ctx)
@@ -267,7 +262,7 @@ class PrefillRunner:
         if keep is not None and [len(k) for k in keep] != ctx.visual_counts:
             hidden = self._shrink(idx, method, hidden, keep, record_kv=True)
             self._applied[(idx, owner)] = self._record_selection(idx, owner)
-        self.trace.add_time("select", time.perf_counter() - t0)
+        self.trace.add_time("select", self.trace.clock() - t0)
         return hidden
 
     def _record_selection(self, idx: int, owner: int) -> list[torch.Tensor]:
@@ -288,7 +283,7 @@ class PrefillRunner:
         """Layer ``idx``'s after-attention selections on the residual stream (b, s, d): merged rows are
         written into it in place; the drops are applied before layer ``idx + 1``."""
         state = self.state
-        t0 = time.perf_counter()
+        t0 = self.trace.clock()
         for owner in self.plan.after_attention_owners[idx]:
             ctx = self._context(idx, residual, state.seq, owner, layer_input=state.layer_input)
             selection: Selection = self.plan.methods[owner].after_attention(ctx)
@@ -300,7 +295,7 @@ class PrefillRunner:
             originals = [ctx.current_visual_index(b)[torch.as_tensor(keep[b], device=residual.device).long()]
                          for b in range(residual.shape[0])]
             state.pending.append((owner, originals))
-        self.trace.add_time("select", time.perf_counter() - t0)
+        self.trace.add_time("select", self.trace.clock() - t0)
 
     def _apply_after_attention_drops(self, idx: int, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the drops decided after layer ``idx - 1``'s attention (prefill) or replay them (probe)."""
@@ -312,10 +307,10 @@ class PrefillRunner:
             return hidden
         pending, state.pending = state.pending, []
         for owner, kept in pending:
-            t0 = time.perf_counter()
+            t0 = self.trace.clock()
             hidden = self._keep_originals(idx, owner, hidden, kept, record_kv=True)
             self._applied_after[(idx, owner)] = self._record_selection(idx, owner)
-            self.trace.add_time("select", time.perf_counter() - t0)
+            self.trace.add_time("select", self.trace.clock() - t0)
         return hidden
 
     # -- shrinking the sequence ------------------------------------------------------------------

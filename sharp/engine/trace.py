@@ -1,10 +1,15 @@
 """What pruning did during the last prefill of a ``sharp.prune`` block."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Callable, Iterator, Optional
 
 import torch
+
+from sharp.engine.attention import cuda_sync
 
 
 @dataclass
@@ -17,6 +22,8 @@ class Trace:
     visual_tokens_per_layer: visual tokens each decoder layer processed in prefill (sample 0).
     visual_tokens_by_sample: [layer][sample] the same for every sample of the batch.
     stage_times: seconds per named step (engine: prefill, select, mask; methods add their own keys).
+    clock: what every stage timer of the session reads (``time.perf_counter``; ``scripts/bench_prefill.py
+        --clock cpu`` sets ``time.thread_time`` so that stage shares and prefill times are of one clock).
     methods: method key -> namespace of that method's results (``trace.method("sharp").segments``);
         the key is the method's name, ``name@i`` for the i-th of a repeated child.
     """
@@ -30,9 +37,23 @@ class Trace:
     stage_times: dict[str, float] = field(default_factory=dict)
     prefill_calls: int = 0
     methods: dict[str, SimpleNamespace] = field(default_factory=dict)
+    clock: Callable[[], float] = time.perf_counter
 
     def add_time(self, key: str, seconds: float) -> None:
         self.stage_times[key] = self.stage_times.get(key, 0.0) + seconds
+
+    def now(self, device: Optional[torch.device] = None) -> float:
+        """The stage clock, after waiting for ``device``'s queued GPU work (no wait on a CPU)."""
+        if device is not None:
+            cuda_sync(device)
+        return self.clock()
+
+    @contextmanager
+    def timed(self, key: str, device: Optional[torch.device] = None) -> Iterator[None]:
+        """Add the block's time on the stage clock to ``stage_times[key]``."""
+        t0 = self.now(device)
+        yield
+        self.add_time(key, self.now(device) - t0)
 
     def method(self, key: str) -> SimpleNamespace:
         """The namespace of one method's results (key: its name, or ``name@i`` when repeated)."""

@@ -50,13 +50,11 @@ Our choices (docs/methods/holitom.md has each next to its equation):
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
 import torch
 
-from sharp.engine.attention import cuda_sync
 from sharp.engine.compose import ComposedMethod
 from sharp.engine.method import LayerRule, PruningMethod, Selection, apportion, budget, layer_kwarg
 
@@ -341,13 +339,8 @@ class HoliTom(PruningMethod):
 
     # -- the stages ---------------------------------------------------------------------------------
     def select(self, ctx) -> Selection:
-        device = ctx.hidden_states.device
-        cuda_sync(device)
-        t0 = time.perf_counter()
-        out = self.select_before_llm(ctx) if ctx.layer_idx == 0 else self.select_in_llm(ctx)
-        cuda_sync(device)
-        ctx.add_time("holitom_outer" if ctx.layer_idx == 0 else "holitom_inner", time.perf_counter() - t0)
-        return out
+        with ctx.timed("holitom_outer" if ctx.layer_idx == 0 else "holitom_inner"):
+            return self.select_before_llm(ctx) if ctx.layer_idx == 0 else self.select_in_llm(ctx)
 
     def select_before_llm(self, ctx) -> Selection:
         """Segmentation, static merging, per-frame attention top-k and DPC-kNN, per sample."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import time
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Callable, Optional
 
 import torch
 
-from sharp.engine.attention import cuda_sync
 from sharp.paths import cache_dir
 
 POSC_KEYS = ("layout", "prompt")
@@ -140,17 +138,14 @@ def positional_bias(ctx, score: Callable, cache: BiasCache, reading: str, per_pr
     keys = cache.keys(ctx, reading, per_prompt)
     found = {b: bias for b, key in enumerate(keys) if (bias := cache.load(key)) is not None}
     if len(found) < len(keys):
-        device = ctx.hidden_states.device
-        cuda_sync(device)
-        t0 = time.perf_counter()
+        t0 = ctx.now()
 
         def measure(pctx):
             scores = score(pctx)
             return [scores[b, pctx.visual_positions(b)].float().cpu() for b in range(scores.shape[0])]
 
         probed = ctx.probe(ctx.backbone.black_inputs, measure)
-        cuda_sync(device)
-        ctx.add_time("probe", time.perf_counter() - t0)
+        ctx.add_time("probe", ctx.now() - t0)
         for b in range(len(keys)):
             if b not in found:
                 found[b] = probed[b]

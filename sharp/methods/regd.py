@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +157,7 @@ def regd(
     dedup: str = "pivot",
     cluster: str = "first",
     fill: str = "segment",
+    clock: Callable[[], float] = time.perf_counter,
 ) -> RegDResult:
     """Register-token deduplication of one sample (Sec. 4.3), see the module docstring.
 
@@ -165,6 +166,7 @@ def regd(
         scores: ``(n,)`` calibrated scores (Eq. 5); only used by the filling fallback.
         registers: indices of the top-K register tokens (any order, unique).
         segment_ids: ``(n,)`` non-decreasing segment index of each visual token.
+        clock: what the phase times (``RegDResult.times``) read; ShaRP passes its session's stage clock.
 
     Returns: :class:`RegDResult`; ``keep`` has exactly ``len(registers)`` tokens.
     """
@@ -181,20 +183,20 @@ def regd(
     times: dict[str, float] = {}
 
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     filtered = _prefilter(x, registers, is_reg, segment_ids, tau_filter, absorber)
     _sync(device)
-    t1 = time.perf_counter()
+    t1 = clock()
     kept_reg, deduplicated = _deduplicate(x, registers, segment_ids, tau_merge, dedup, absorber)
     _sync(device)
-    t2 = time.perf_counter()
+    t2 = clock()
     filled, used_centres, fallback = _postfill(x, scores, registers, kept_reg, is_reg, segment_ids, absorber,
                                                tau_cluster, beta, cluster, fill)
     keep = torch.sort(torch.cat([kept_reg, filled])).values
     owner = _final_owners(keep, absorber)
     kept_hidden = _merged_hidden(hidden, keep, owner) if absorb == "mean" else None
     _sync(device)
-    times.update(filter=t1 - t0, dedup=t2 - t1, fill=time.perf_counter() - t2)
+    times.update(filter=t1 - t0, dedup=t2 - t1, fill=clock() - t2)
     return RegDResult(
         keep=keep,
         kept_hidden=kept_hidden,

@@ -27,14 +27,12 @@ to ``trace.method("sharp")``: retention, budget, segments, scores, bias, after_t
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from sharp.engine.attention import cuda_sync
 from sharp.engine.masks import SegmentRestriction
 from sharp.engine.method import PruningMethod, Selection, budget, layer_kwarg
 from sharp.methods.posc import POSC_KEYS, BiasCache, default_cache_dir, positional_bias
@@ -172,9 +170,12 @@ class ShaRP(PruningMethod):
     def attention_mask(self, ctx) -> Optional[torch.Tensor]:
         if not self.segm or ctx.layer_idx >= self.n_segm_layers or ctx.phase != "prefill":
             return None  # the PosC probe runs without SegM: a black video is one segment anyway
+        with ctx.timed("attn"):
+            return self._segment_restriction(ctx)
+
+    def _segment_restriction(self, ctx) -> Optional[SegmentRestriction]:
+        """SegM's structured mask for this layer's sequence (None: one segment that sees the text)."""
         device = ctx.hidden_states.device
-        cuda_sync(device)
-        t0 = time.perf_counter()
         of_index = self.segments(ctx)
         st = ctx.state
         if getattr(st, "mask_seq", None) is ctx.seq:
@@ -191,8 +192,6 @@ class ShaRP(PruningMethod):
                 seg[b, present] = of_index[b].to(device)[vidx[b, present]]
             mask = SegmentRestriction(seg, visual_sees_text=self.segm_sees_text)
         st.mask, st.mask_seq = mask, ctx.seq
-        cuda_sync(device)
-        ctx.add_time("attn", time.perf_counter() - t0)
         return mask
 
     # -- scoring and PosC (Sec. 4.2) -----------------------------------------------------------
@@ -213,17 +212,13 @@ class ShaRP(PruningMethod):
 
     # -- selection (Sec. 4.3) --------------------------------------------------------------------
     def select(self, ctx) -> Selection:
-        device = ctx.hidden_states.device
-        cuda_sync(device)
-        t0 = time.perf_counter()
-        probe0 = ctx.stage_time("probe")
+        t0, probe0 = ctx.now(), ctx.stage_time("probe")
         of_index = self.segments(ctx)
         retention = self.effective_retention(ctx.n_visual, ctx.backbone)
         k = ctx.budget(retention)
         calibrated, bias = self.calibrated_scores(ctx)
         topk = Selection.top_k(calibrated, k).keep_visual
-        cuda_sync(device)
-        ctx.add_time("attn", time.perf_counter() - t0 - (ctx.stage_time("probe") - probe0))
+        ctx.add_time("attn", ctx.now() - t0 - (ctx.stage_time("probe") - probe0))  # PosC's probe: its own key
         self._record(ctx, retention, k, calibrated, bias, topk)
         if not self.regd:
             ctx.trace.after_regd = [t.clone() for t in ctx.trace.after_topk]
@@ -252,7 +247,7 @@ class ShaRP(PruningMethod):
                 ctx.hidden_states[b, tokens.positions], calibrated[b, : len(tokens)], registers,
                 segment_ids, tau_filter=self.tau_filter, tau_merge=self.tau_merge,
                 tau_cluster=self.tau_cluster, beta=self.beta, absorb=self.absorb, dedup=self.dedup,
-                cluster=self.cluster, fill=self.fill)
+                cluster=self.cluster, fill=self.fill, clock=ctx.clock)
             for key in ("filter", "dedup", "fill"):
                 ctx.add_time(key, r.times[key])
             keep.append(r.keep)

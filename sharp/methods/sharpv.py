@@ -47,14 +47,12 @@ per-sample sim_l), ``memory_features``, ``memory_layers`` (one dict per layer), 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from sharp.engine.attention import cuda_sync
 from sharp.engine.method import PruningMethod, Selection, budget
 
 MODES = ("adaptive", "fixed")
@@ -365,8 +363,11 @@ class SharpV(PruningMethod):
         if not self._prefill_has_cache(ctx):
             trace.memory_layers, trace.dropped_layers, trace.kv_bytes_saved = [], [], 0
             return
-        cuda_sync(ctx.backbone.device)
-        t0 = time.perf_counter()
+        with ctx.timed("memory"):
+            self._drop_degraded_layers(ctx, trace)
+
+    def _drop_degraded_layers(self, ctx, trace) -> None:
+        """sim_l of every layer, then each layer's KV drop; results on ``trace``."""
         sims = self.layer_similarities(ctx)  # (b, L)
         trace.similarity = sims.T.tolist()  # per layer l: [sim_l of each sample]
         trace.memory_features = self.memory_features
@@ -376,8 +377,6 @@ class SharpV(PruningMethod):
         trace.kv_bytes_before = sum(r["bytes_before"] for r in trace.memory_layers)
         trace.kv_bytes_saved = sum(r["bytes_saved"] for r in trace.memory_layers)
         trace.kv_bytes_after = trace.kv_bytes_before - trace.kv_bytes_saved
-        cuda_sync(ctx.backbone.device)
-        ctx.add_time("memory", time.perf_counter() - t0)
 
     def drop_degraded_layer(self, ctx, layer: int, sims: torch.Tensor) -> dict:
         """Drop layer ``layer``'s visual cache entries if every sample is degraded there (sims (b,));

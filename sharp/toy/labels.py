@@ -29,7 +29,9 @@ def _cell_cover(event: dict, grid: tuple[int, int], height: int, width: int) -> 
 def visual_token_labels(bb, doc: dict, grid: tuple[int, int]) -> dict:
     """Per visual token (layout order: frame, row, column): the colour of the object covering at least
     a quarter of its image cell (``color``, 0 = none), its frame index (``frame``) and the same for
-    object tokens only (``oframe``: frame + 1, 0 = no object). Training-only targets."""
+    object tokens only (``oframe``: frame + 1, 0 = no object). Multi-scene docs add the scene index
+    (``scene``), the colour its scene has shown so far (``scene_color``) and its scene's background
+    (``background``). Training-only targets."""
     frames = sampled_frames(bb, doc)  # (F, k)
     gh, gw = grid
     color = np.zeros((len(frames), gh, gw), np.int64)
@@ -47,7 +49,17 @@ def visual_token_labels(bb, doc: dict, grid: tuple[int, int]) -> dict:
         scene = scene_of_frame(doc)[frames[:, 0]]  # (F,) scene of each visual frame
         out["scene"] = torch.from_numpy(np.repeat(scene, gh * gw))
         out["scene_color"] = torch.from_numpy(np.repeat(_scene_color_so_far(doc, frames, scene), gh * gw))
+        out["background"] = torch.from_numpy(np.repeat(_background_of(doc, scene), gh * gw))
     return out
+
+
+def _background_of(doc: dict, scene: np.ndarray) -> np.ndarray:
+    """(F,) int: per visual frame, the index of its scene's background colour in ``scenes.BACKGROUNDS``
+    (the word a ``scene`` question names: "the object in the purple scene")."""
+    from sharp.synthetic.scenes import BACKGROUNDS
+
+    names = list(BACKGROUNDS)
+    return np.array([names.index(doc["scenes"][k]["background"]) for k in scene], np.int64)
 
 
 def _scene_color_so_far(doc: dict, frames: np.ndarray, scene: np.ndarray) -> np.ndarray:
