@@ -15,7 +15,10 @@ What it does, per toy:
   a training-only per-visual-token loss (a linear probe on the hidden state after decoder layer
   ``--aux-layer`` predicts the colour of the object in the token's cell and the frame it is in, 0 if
   no object). The probe is thrown away; it only gives the vision tower and the first layer a dense
-  signal, which shortens the plateau at chance of the answer loss several times over;
+  signal, which shortens the plateau at chance of the answer loss several times over; the multi-scene
+  toys add heads for each token's scene, the colour its scene has shown so far, its scene's background
+  (``--background-probe``) and, at the position that predicts the answer, the question's scene word and
+  the scene it asks about (``--question-probe``; docs/toy.md says why each is there);
 * AdamW, linear warm-up then a constant (or cosine-decayed) learning rate, gradient clipping at 1;
 * evaluates by greedy generation through ``sharp.prune`` (vanilla), with the task's answer parser,
   on the test split and the first train docs, and writes ``<out-dir>/<name>/{model.safetensors,
@@ -53,10 +56,11 @@ DEFAULTS = {
                                 schedule="constant"),
     # the multi-scene benchmark (sharp.synthetic.scenes): 8 layers, 512 / 576 visual tokens, sized to train in
     # under an hour on 2 CPU cores, the two toys side by side with one thread each (see docs/toy.md)
+    # (background and question probes: issue 22c, docs/toy.md)
     "toy_scenes_llava_onevision": dict(steps=2000, batch_size=8, lr=2e-3, warmup=50, train_n=2000, aux_weight=0.5,
-                                       aux_layer=1, schedule="cosine"),
-    "toy_scenes_qwen2_vl": dict(steps=1800, batch_size=8, lr=2e-3, warmup=50, train_n=2000, aux_weight=0.5,
-                                aux_layer=1, schedule="cosine"),
+                                       aux_layer=1, schedule="cosine", background_probe="linear", question_probe=True),
+    "toy_scenes_qwen2_vl": dict(steps=2000, batch_size=8, lr=2e-3, warmup=50, train_n=2000, aux_weight=0.5,
+                                aux_layer=1, schedule="cosine", background_probe="linear", question_probe=True),
 }
 
 
@@ -90,6 +94,10 @@ class TokenProbe(torch.nn.Module):
         # embedding of the word "purple" in the residual stream (LLaVA's stage-1 alignment in miniature)
         self._embeddings = background_words  # (vocab, hidden) the model's own embedding matrix, or None
         self._word_ids = background_ids
+        # ``question`` probe: which scene the question is about (the scene asked by its background or its
+        # ordinal; for ``cut``, the scene before the cut), read at the position that predicts the answer
+        self.asked_scene = None
+        self.asked_word = None  # and, one layer earlier, the question's scene word (text only, see _asked_word)
 
     def loss(self, h: torch.Tensor, color: torch.Tensor, frame: torch.Tensor,
              scene: torch.Tensor | None = None, h2: torch.Tensor | None = None,
@@ -141,6 +149,28 @@ def _make_probe(bb, d: dict, args, train_docs, layout):
                       background_words=bb.model.get_input_embeddings().weight, background_ids=ids), labels
 
 
+def _asked_word(doc: dict) -> int:
+    """The word that names the scene in the question, as a class: a background (0-3), an ordinal (4-7),
+    none (8: a ``cut`` question). A property of the question text alone."""
+    from sharp.synthetic.scenes import BACKGROUNDS, SCENE_ORDINALS
+
+    if doc["qtype"] == "scene":
+        return list(BACKGROUNDS).index(doc["subtype"])
+    if doc["qtype"] == "order":
+        return len(BACKGROUNDS) + SCENE_ORDINALS.index(doc["subtype"])
+    return len(BACKGROUNDS) + len(SCENE_ORDINALS)
+
+
+def _question_probe_loss(probe, out, docs: list, idx: list, k: int, layer: int) -> torch.Tensor:
+    """At the position that predicts the answer (``-(k + 1)``; ``k`` answer tokens): the question's scene
+    word read after decoder layer ``layer - 2`` and the asked scene (for ``cut``: the scene before the cut)
+    read after layer ``layer - 1``; (b, hidden) -> class logits."""
+    word = torch.tensor([_asked_word(docs[i]) for i in idx])
+    scene = torch.tensor([docs[i]["target_scene"] for i in idx])
+    return (F.cross_entropy(probe.asked_word(out.hidden_states[layer - 1][:, -(k + 1)]), word)
+            + F.cross_entropy(probe.asked_scene(out.hidden_states[layer][:, -(k + 1)]), scene))
+
+
 def _word_id(bb, text: str) -> int:
     ids = bb.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
@@ -148,7 +178,7 @@ def _word_id(bb, text: str) -> int:
     return ids[0]
 
 
-def _train_step(bb, batch: dict, probe, labels, idx, layout, aux_weight: float, aux_layer: int):
+def _train_step(bb, batch: dict, probe, labels, idx, layout, aux_weight: float, aux_layer: int, docs=None):
     """Loss of one teacher-forced batch and its log record."""
     k = batch.pop("n_answer_tokens")
     out = bb.model(**batch, use_cache=False, output_hidden_states=probe is not None)
@@ -166,6 +196,10 @@ def _train_step(bb, batch: dict, probe, labels, idx, layout, aux_weight: float, 
                          torch.stack([labels[i]["scene"] for i in idx]) if scenes else None, h2,
                          torch.stack([labels[i]["scene_color"] for i in idx]) if scenes else None,
                          torch.stack([labels[i]["background"] for i in idx]) if "background" in labels[0] else None)
+        if probe.asked_scene is not None:
+            question = _question_probe_loss(probe, out, docs, idx, k, aux_layer + 1)
+            aux = aux + question
+            rec["question"] = question.item()
         loss = loss + aux_weight * aux
         rec["aux"] = aux.item()
     return loss, rec
@@ -176,6 +210,7 @@ def _log(name: str, step: int, run: list, t0: float) -> dict:
     mean = {key: float(np.mean([r[key] for r in run])) for key in run[0]}
     print(f"[{name}] step {step:5d}  answer loss {mean['answer']:.4f}  teacher-forced acc "
           f"{100 * mean['correct']:5.1f}%" + (f"  probe {mean['aux']:.3f}" if "aux" in mean else "")
+          + (f" (question {mean['question']:.3f})" if "question" in mean else "")
           + f"  {time.time() - t0:.0f} s", flush=True)
     return {"step": step, "loss": round(mean["answer"], 4), "teacher_forced_acc": round(100 * mean["correct"], 1),
             **({"aux": round(mean["aux"], 4)} if "aux" in mean else {}), "seconds": round(time.time() - t0, 1)}
@@ -197,6 +232,10 @@ def _train(name: str, bb, d: dict, args, train, test) -> tuple[list, float]:
     params = list(model.parameters())
     layout = bb.layout(toy.make_batch(bb, train_docs, train_px, [0]))
     probe, labels = _make_probe(bb, d, args, train_docs, layout)
+    if probe is not None and d.get("question_probe"):
+        torch.manual_seed(args.seed + 2)
+        probe.asked_scene = torch.nn.Linear(bb.text_config.hidden_size, len(train_docs[0]["scenes"]))
+        probe.asked_word = torch.nn.Linear(bb.text_config.hidden_size, 9)
     if probe is not None:
         params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=d["lr"], weight_decay=args.weight_decay, betas=(0.9, 0.98))
@@ -213,7 +252,7 @@ def _train(name: str, bb, d: dict, args, train, test) -> tuple[list, float]:
             g["lr"] = lr_at(step, steps, d["lr"], d["warmup"], d["schedule"])
         idx = order[step * bs:(step + 1) * bs].tolist()
         batch = toy.make_batch(bb, train_docs, train_px, idx, with_answer=True)
-        loss, rec = _train_step(bb, batch, probe, labels, idx, layout, d["aux_weight"], d["aux_layer"])
+        loss, rec = _train_step(bb, batch, probe, labels, idx, layout, d["aux_weight"], d["aux_layer"], train_docs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip)
@@ -258,7 +297,7 @@ def _save(out_dir: Path, bb, config: dict, words, meta: dict) -> None:
 
 
 def train_one(name: str, args) -> dict:
-    known = {"background_probe": "off", "qtype_weights": {}, **DEFAULTS[name]}
+    known = {"background_probe": "off", "qtype_weights": {}, "question_probe": False, **DEFAULTS[name]}
     d = {**known, **{k: v for k, v in vars(args).items() if k in known and v is not None}}
     t_start = time.time()
     bb, config, words, train, test = _load_data(name, d, args)
@@ -322,6 +361,8 @@ def main(argv=None) -> int:
     ap.add_argument("--background-probe", default=None, choices=["off", "linear", "words"],
                     help="multi-scene toys: also probe each token's scene background colour, with a linear head "
                          "or against the LM's input embeddings of the background words")
+    ap.add_argument("--question-probe", default=None, action=argparse.BooleanOptionalAction,
+                    help="multi-scene toys: also probe which scene the question asks about, at the answer position")
     ap.add_argument("--qtype-weights", default=None, type=json.loads,
                     help='JSON, e.g. \'{"scene": 2}\': a doc of that question type appears so many times per epoch')
     ap.add_argument("--init-from", default=None, help="continue from the weights in this folder (a run of the same toy)")

@@ -115,3 +115,55 @@ def test_toy_answers_held_out_split_unpruned(name, held_out, shipped, tmp_path_f
     assert res.accuracy >= ACCURACY_FLOOR, (res.accuracy, res.per_qtype, res.preds, res.answers)
     meta = json.loads((toy.WEIGHTS_DIR / name / "metadata.json").read_text())
     assert meta["test_accuracy"] >= ACCURACY_FLOOR and meta["test_docs"] >= 200  # the whole held-out split
+
+
+def _train_toy_module():
+    import importlib.util
+
+    from sharp.harness.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("train_toy", REPO_ROOT / "scripts" / "train_toy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_targets_follow_the_docs(held_out, shipped, tmp_path_factory):
+    """The training-only targets of the scenes toys, against the docs read directly: each visual token's
+    background is its frame's scene's (``labels.background``), and the question probe's word class names the
+    word that stands in the question (a background, an ordinal, or none for ``cut``)."""
+    train_toy = _train_toy_module()
+    bb, _ = _scored(NAMES[0], held_out, shipped, tmp_path_factory)
+    layout = bb.layout(toy.make_batch(bb, held_out, toy.cached_pixels(bb, held_out[:1], tmp_path_factory.mktemp("p")), [0]))
+    words = list(scenes.BACKGROUNDS) + list(scenes.SCENE_ORDINALS)
+    for doc in held_out:
+        labels = toy.visual_token_labels(bb, doc, layout.grid)
+        first_frames = bb.visual_frame_indices(doc["num_frames"], doc.get("fps"))[:, 0]
+        expected = [next(sc["background"] for sc in doc["scenes"] if sc["start"] <= f < sc["end"]) for f in first_frames]
+        got = labels["background"].view(len(first_frames), -1)
+        assert (got == got[:, :1]).all()  # one background per frame
+        assert [list(scenes.BACKGROUNDS)[i] for i in got[:, 0].tolist()] == expected
+        word = train_toy._asked_word(doc)
+        if doc["qtype"] == "cut":
+            assert word == len(words)
+        else:
+            assert f"the {words[word]} scene" in doc["question"]
+
+
+def test_training_with_every_probe_runs(tmp_path):
+    """scripts/train_toy.py on a scenes toy with the background and question probes (2 steps of 2 videos):
+    weights written, the settings recorded, the loss finite."""
+    train_toy = _train_toy_module()
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert train_toy.main(["--backbone", NAMES[0], "--steps", "2", "--batch-size", "2", "--train-n", "4",
+                               "--test-n", "2", "--train-eval-n", "2", "--log-every", "1",
+                               "--qtype-weights", '{"scene": 2}', "--out-dir", str(tmp_path / "w"),
+                               "--cache-dir", str(tmp_path / "cache")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    meta = json.loads((tmp_path / "w" / NAMES[0] / "metadata.json").read_text())
+    assert meta["background_probe"] == "linear" and meta["question_probe"] is True and meta["qtype_weights"] == {"scene": 2}
+    assert all(np.isfinite(h["loss"]) and h["aux"] > 0 for h in meta["history"]) and meta["steps"] == 2
