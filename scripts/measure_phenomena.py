@@ -23,6 +23,7 @@ benchmark's test split (``sharp.toy.toy_benchmark``), averaged over the docs.
    the visual tokens (uniform: 1%), shallow and deep layer.
 
 Writes ``phenomena_<backbone>.json`` (per doc and mean) to ``--out`` (default results/phenomena).
+``--table`` writes ``phenomena.md`` there instead: every measured backbone side by side (docs/toy.md).
 """
 from __future__ import annotations
 
@@ -127,14 +128,64 @@ def measure_doc(bb, bb_eager, doc: dict, inputs: dict, layers: tuple) -> dict:
     return out
 
 
+# (row label, key in "mean", format) of the side-by-side table; {s}/{d}: the shallow / deep layer
+TABLE_ROWS = [
+    ("visual tokens", "n_visual", "{:d}"),
+    ("layers (shallow, deep)", "layers", "{}"),
+    ("1. last 10% share, shallow, real video", "last10_real_shallow", "{:.1%}"),
+    ("1. last 10% share, shallow, black video", "last10_black_shallow", "{:.1%}"),
+    ("1. last 10% share, deep, real video", "last10_real_deep", "{:.1%}"),
+    ("1. last 10% share, deep, black video", "last10_black_deep", "{:.1%}"),
+    ("2. cross-segment share, layer 0, no SegM", "cross_plain_L0", "{:.1%}"),
+    ("2. cross-segment share, layer 0, SegM", "cross_segm_L0", "{:.1%}"),
+    ("2. cross-segment share, shallow, no SegM", "cross_plain_L{s}", "{:.1%}"),
+    ("2. cross-segment share, shallow, SegM in layer 0", "cross_segm_L{s}", "{:.1%}"),
+    ("2. cross-segment share, uniform causal attention", "cross_uniform_L0", "{:.1%}"),
+    ("2. Eq. 3 segments per video (true scenes: 4 on scenes toys)", "segments", "{:.2f}"),
+    ("2. Eq. 3 boundaries on a true cut, per video (of 3)", "matched", "{:.2f}"),
+    ("3. top 1% share, shallow", "top1_real_shallow", "{:.1%}"),
+    ("3. top 1% share, deep", "top1_real_deep", "{:.1%}"),
+]
+
+
+def side_by_side(results: list[dict]) -> str:
+    """Markdown: one column per measured backbone (``phenomena_<backbone>.json`` contents), TABLE_ROWS."""
+    head = "| measurement | " + " | ".join(r["backbone"] for r in results) + " |"
+    lines = [head, "|---|" + "---:|" * len(results)]
+    for label, key, fmt in TABLE_ROWS:
+        cells = []
+        for r in results:
+            shallow, deep = r["layers"]
+            k = key.format(s=shallow, d=deep)
+            value = r.get(k, r["mean"].get(k))
+            cells.append("—" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out: Path) -> Path:
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("phenomena_*.json"))]
+    if not results:
+        raise SystemExit(f"error: no phenomena_*.json in {out}; run the script with --backbone first")
+    path = out / "phenomena.md"
+    path.write_text(side_by_side(results))
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", required=True)
+    ap.add_argument("--backbone", default=None, help="a trained toy (required unless --table)")
+    ap.add_argument("--table", action="store_true", help="write phenomena.md from the JSON files in --out")
     ap.add_argument("--n", type=int, default=24, help="first docs of the test split")
     ap.add_argument("--layers", nargs=2, type=int, default=None, metavar=("SHALLOW", "DEEP"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "results" / "phenomena"))
     args = ap.parse_args(argv)
+    if args.table:
+        print(write_table(Path(args.out)).read_text())
+        return 0
+    if args.backbone is None:
+        ap.error("--backbone is required (or --table)")
     torch.set_num_threads(args.threads)
 
     t0 = time.time()
