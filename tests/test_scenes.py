@@ -105,10 +105,6 @@ def test_toy_is_deeper_with_512_visual_tokens(name, held_out, shipped, tmp_path_
     assert res.kept_counts == [res.n_visual] * len(held_out)
 
 
-# The shipped scenes toys (issue 22b: 2000 / 1800 steps of 8 videos, 20 / 27 minutes) score 73.0% /
-# 69.5% on the held-out split: `order` and `cut` solved, `scene` near chance (docs/toy.md). Strict: when
-# retrained weights pass, this xfail fails and must be removed.
-@pytest.mark.xfail(strict=True, reason="scenes toys below 85% (docs/toy.md, issue 22b): 73.0% / 69.5%")
 @pytest.mark.parametrize("name", NAMES)
 def test_toy_answers_held_out_split_unpruned(name, held_out, shipped, tmp_path_factory):
     _, res = _scored(name, held_out, shipped, tmp_path_factory)
