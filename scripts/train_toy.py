@@ -92,7 +92,9 @@ class TokenProbe(torch.nn.Module):
         # ``words`` reading: no probe weights of its own, the class vectors are the LM's input embeddings of
         # the background words (" gray", " purple", ...): a token of a purple scene is pushed towards the
         # embedding of the word "purple" in the residual stream (LLaVA's stage-1 alignment in miniature)
-        self._embeddings = background_words  # (vocab, hidden) the model's own embedding matrix, or None
+        # (vocab, hidden) the model's own embedding matrix, or None; kept in a tuple so that it is not registered
+        # as a parameter of the probe too (the optimizer gets it once, from the model)
+        self._embeddings = (background_words,) if background_words is not None else None
         self._word_ids = background_ids
         # ``question`` probe: which scene the question is about (the scene asked by its background or its
         # ordinal; for ``cut``, the scene before the cut), read at the position that predicts the answer
@@ -111,7 +113,7 @@ class TokenProbe(torch.nn.Module):
         if self.background is not None:
             out = out + F.cross_entropy(self.background(h).flatten(0, 1), background.flatten())
         if self._embeddings is not None:
-            words = self._embeddings[self._word_ids]  # (backgrounds, hidden)
+            words = self._embeddings[0][self._word_ids]  # (backgrounds, hidden)
             out = out + F.cross_entropy((h @ words.T).flatten(0, 1), background.flatten())
         return out
 

@@ -146,9 +146,10 @@ def test_probe_targets_follow_the_docs(held_out, shipped, tmp_path_factory):
             assert f"the {words[word]} scene" in doc["question"]
 
 
-def test_training_with_every_probe_runs(tmp_path):
-    """scripts/train_toy.py on a scenes toy with the background and question probes (2 steps of 2 videos):
-    weights written, the settings recorded, the loss finite."""
+@pytest.mark.parametrize("background", ["linear", "words"])
+def test_training_with_every_probe_runs(tmp_path, background):
+    """scripts/train_toy.py on a scenes toy with the background (its own head, or the background words'
+    input embeddings) and question probes, 2 steps of 2 videos: weights written, settings recorded, loss finite."""
     train_toy = _train_toy_module()
     import torch
 
@@ -156,10 +157,11 @@ def test_training_with_every_probe_runs(tmp_path):
     try:
         assert train_toy.main(["--backbone", NAMES[0], "--steps", "2", "--batch-size", "2", "--train-n", "4",
                                "--test-n", "2", "--train-eval-n", "2", "--log-every", "1",
-                               "--qtype-weights", '{"scene": 2}', "--out-dir", str(tmp_path / "w"),
+                               "--qtype-weights", '{"scene": 2}', "--background-probe", background,
+                               "--out-dir", str(tmp_path / "w"),
                                "--cache-dir", str(tmp_path / "cache")]) == 0
     finally:
         torch.set_num_threads(threads)
     meta = json.loads((tmp_path / "w" / NAMES[0] / "metadata.json").read_text())
-    assert meta["background_probe"] == "linear" and meta["question_probe"] is True and meta["qtype_weights"] == {"scene": 2}
+    assert meta["background_probe"] == background and meta["question_probe"] is True and meta["qtype_weights"] == {"scene": 2}
     assert all(np.isfinite(h["loss"]) and h["aux"] > 0 for h in meta["history"]) and meta["steps"] == 2
