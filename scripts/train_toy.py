@@ -278,9 +278,13 @@ def _init_from(bb, folder: str) -> dict:
 
     folder = Path(folder)
     state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = bb.model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise SystemExit(f"--init-from {folder}: not a run of this toy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    own = bb.model.state_dict()
+    differ = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
+    if differ:
+        print(f"error: --init-from {folder}: not a run of {bb.name} ({len(differ)} weights differ in name or "
+              f"shape, e.g. {differ[0]})", file=sys.stderr)
+        raise SystemExit(2)
+    bb.model.load_state_dict(state)
     meta = json.loads((folder / "metadata.json").read_text())
     return {k: v for k, v in meta.items() if k != "history"}
 

@@ -138,3 +138,38 @@ def test_training_is_deterministic(tmp_path):
         sharp.load_backbone("tiny_llava_onevision", weights_dir=tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="no backbone.json"):
         sharp.load_backbone("toy_llava_onevision", weights_dir=tmp_path / "nothing")
+
+
+def test_training_continues_from_earlier_weights(tmp_path, capsys):
+    """``--init-from``: training starts from an earlier run's weights (here the shipped toy's) and the
+    metadata keeps that run's record and the summed training time; another toy's weights are refused."""
+    import importlib.util
+
+    from sharp.harness.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("train_toy", REPO_ROOT / "scripts" / "train_toy.py")
+    train_toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_toy)
+    threads = torch.get_num_threads()
+    common = ["--backbone", "toy_llava_onevision", "--steps", "1", "--batch-size", "2", "--train-n", "4",
+              "--test-n", "2", "--train-eval-n", "2", "--threads", "1", "--lr", "1e-9", "--warmup", "1",
+              "--out-dir", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "cache")]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            train_toy.main(common + ["--init-from", str(toy.WEIGHTS_DIR / "toy_scenes_llava_onevision")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --init-from") and "not a run of toy_llava_onevision" in err[0]
+        assert train_toy.main(common + ["--init-from", str(toy.WEIGHTS_DIR / "toy_llava_onevision")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    shipped = json.loads((toy.WEIGHTS_DIR / "toy_llava_onevision" / "metadata.json").read_text())
+    meta = json.loads((tmp_path / "w" / "toy_llava_onevision" / "metadata.json").read_text())
+    assert meta["init_from"]["command"] == shipped["command"] and "history" not in meta["init_from"]
+    assert meta["total_train_seconds"] == pytest.approx(shipped["train_seconds"] + meta["train_seconds"], abs=0.11)
+    # a learning rate of 1e-9 for one step: the continued weights are the shipped ones, nearly
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "w" / "toy_llava_onevision" / "model.safetensors"))
+    b = load_file(str(toy.WEIGHTS_DIR / "toy_llava_onevision" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
