@@ -368,7 +368,8 @@ def main(argv=None) -> int:
                     help="multi-scene toys: also probe each token's scene background colour, with a linear head "
                          "or against the LM's input embeddings of the background words")
     ap.add_argument("--question-probe", default=None, action=argparse.BooleanOptionalAction,
-                    help="multi-scene toys: also probe which scene the question asks about, at the answer position")
+                    help="multi-scene toys: also probe, at the answer position, the question's scene word (after "
+                         "layer 0) and the scene it asks about (after layer 1)")
     ap.add_argument("--qtype-weights", default=None, type=json.loads,
                     help='JSON, e.g. \'{"scene": 2}\': a doc of that question type appears so many times per epoch')
     ap.add_argument("--init-from", default=None, help="continue from the weights in this folder (a run of the same toy)")
