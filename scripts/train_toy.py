@@ -277,7 +277,9 @@ def _init_from(bb, folder: str) -> dict:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    state = load_file(str(folder / "model.safetensors"))
+    from sharp.engine import compat
+
+    state = compat.match_state_dict(bb.model, load_file(str(folder / "model.safetensors")))  # 4.57 / 5.x names
     own = bb.model.state_dict()
     differ = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
     if differ:
