@@ -151,6 +151,13 @@ def _make_probe(bb, d: dict, args, train_docs, layout):
                       background_words=bb.model.get_input_embeddings().weight, background_ids=ids), labels
 
 
+def _asked_word_classes() -> int:
+    """Classes of :func:`_asked_word`: the backgrounds, the ordinals, and none."""
+    from sharp.synthetic.scenes import BACKGROUNDS, SCENE_ORDINALS
+
+    return len(BACKGROUNDS) + len(SCENE_ORDINALS) + 1
+
+
 def _asked_word(doc: dict) -> int:
     """The word that names the scene in the question, as a class: a background (0-3), an ordinal (4-7),
     none (8: a ``cut`` question). A property of the question text alone."""
@@ -237,7 +244,7 @@ def _train(name: str, bb, d: dict, args, train, test) -> tuple[list, float]:
     if probe is not None and d.get("question_probe"):
         torch.manual_seed(args.seed + 2)
         probe.asked_scene = torch.nn.Linear(bb.text_config.hidden_size, len(train_docs[0]["scenes"]))
-        probe.asked_word = torch.nn.Linear(bb.text_config.hidden_size, 9)
+        probe.asked_word = torch.nn.Linear(bb.text_config.hidden_size, _asked_word_classes())
     if probe is not None:
         params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=d["lr"], weight_decay=args.weight_decay, betas=(0.9, 0.98))
@@ -276,9 +283,9 @@ def _init_from(bb, folder: str) -> dict:
     training it; returns that run's metadata without its history (recorded as ``init_from``)."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
     from sharp.engine import compat
 
+    folder = Path(folder)
     state = compat.match_state_dict(bb.model, load_file(str(folder / "model.safetensors")))  # 4.57 / 5.x names
     own = bb.model.state_dict()
     differ = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]

@@ -113,22 +113,11 @@ def test_toy_answers_held_out_split_unpruned(name, held_out, shipped, tmp_path_f
     assert meta["test_accuracy"] >= ACCURACY_FLOOR and meta["test_docs"] >= 200  # the whole held-out split
 
 
-def _train_toy_module():
-    import importlib.util
-
-    from sharp.harness.config import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("train_toy", REPO_ROOT / "scripts" / "train_toy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_probe_targets_follow_the_docs(held_out, shipped, tmp_path_factory):
+def test_probe_targets_follow_the_docs(held_out, shipped, tmp_path_factory, train_toy_script):
     """The training-only targets of the scenes toys, against the docs read directly: each visual token's
     background is its frame's scene's (``labels.background``), and the question probe's word class names the
     word that stands in the question (a background, an ordinal, or none for ``cut``)."""
-    train_toy = _train_toy_module()
+    train_toy = train_toy_script
     bb, _ = _scored(NAMES[0], held_out, shipped, tmp_path_factory)
     layout = bb.layout(toy.make_batch(bb, held_out, toy.cached_pixels(bb, held_out[:1], tmp_path_factory.mktemp("p")), [0]))
     words = list(scenes.BACKGROUNDS) + list(scenes.SCENE_ORDINALS)
@@ -147,11 +136,12 @@ def test_probe_targets_follow_the_docs(held_out, shipped, tmp_path_factory):
 
 
 @pytest.mark.parametrize("background", ["linear", "words"])
-def test_training_with_every_probe_runs(tmp_path, background):
+def test_training_with_every_probe_runs(tmp_path, background, train_toy_script):
     """scripts/train_toy.py on a scenes toy with the background (its own head, or the background words'
     input embeddings) and question probes, 2 steps of 2 videos: weights written, settings recorded, loss finite."""
-    train_toy = _train_toy_module()
     import torch
+
+    train_toy = train_toy_script
 
     threads = torch.get_num_threads()
     try:

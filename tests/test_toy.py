@@ -101,18 +101,12 @@ def test_fastv_budget_and_degradation(name, docs, evaluated):
     assert low.accuracy <= vanilla.accuracy  # keeping 5% of the tokens cannot help
 
 
-def test_training_is_deterministic(tmp_path):
+def test_training_is_deterministic(tmp_path, train_toy_script):
     """scripts/train_toy.py run twice with the same settings writes bit-identical weights (a short run:
     the shipped toys come from the same code with more steps; see their metadata.json)."""
-    import importlib.util
-
     from safetensors.torch import load_file
 
-    from sharp.harness.config import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("train_toy", REPO_ROOT / "scripts" / "train_toy.py")
-    train_toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_toy)
+    train_toy = train_toy_script
     threads = torch.get_num_threads()
     outs = []
     try:
@@ -140,16 +134,10 @@ def test_training_is_deterministic(tmp_path):
         sharp.load_backbone("toy_llava_onevision", weights_dir=tmp_path / "nothing")
 
 
-def test_training_continues_from_earlier_weights(tmp_path, capsys):
+def test_training_continues_from_earlier_weights(tmp_path, capsys, train_toy_script):
     """``--init-from``: training starts from an earlier run's weights (here the shipped toy's) and the
     metadata keeps that run's record and the summed training time; another toy's weights are refused."""
-    import importlib.util
-
-    from sharp.harness.config import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("train_toy", REPO_ROOT / "scripts" / "train_toy.py")
-    train_toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_toy)
+    train_toy = train_toy_script
     threads = torch.get_num_threads()
     common = ["--backbone", "toy_llava_onevision", "--steps", "1", "--batch-size", "2", "--train-n", "4",
               "--test-n", "2", "--train-eval-n", "2", "--threads", "1", "--lr", "1e-9", "--warmup", "1",

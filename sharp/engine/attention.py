@@ -11,7 +11,7 @@ SCORE_SPACES = ("prob", "logit")
 
 
 def cuda_sync(device: torch.device) -> None:
-    """Wait for the GPU so that perf_counter brackets the real work (no-op on CPU)."""
+    """Wait for the GPU so that a stage timer brackets the real work (no-op on CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -47,6 +47,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from sharp.engine.attention import cuda_sync
+
 __all__ = ["RegDResult", "regd", "sequential_pivots", "DEDUP_MODES", "CLUSTER_MODES", "FILL_MODES", "ABSORB_MODES"]
 
 DEDUP_MODES = ("pivot", "adjacent")
@@ -59,11 +61,6 @@ ABSORB_MODES = ("mean", "drop")
 def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def sequential_pivots(
@@ -182,20 +179,20 @@ def regd(
     absorber = torch.full((n,), -1, dtype=torch.long, device=device)  # token -> the token it went into
     times: dict[str, float] = {}
 
-    _sync(device)
+    cuda_sync(device)
     t0 = clock()
     filtered = _prefilter(x, registers, is_reg, segment_ids, tau_filter, absorber)
-    _sync(device)
+    cuda_sync(device)
     t1 = clock()
     kept_reg, deduplicated = _deduplicate(x, registers, segment_ids, tau_merge, dedup, absorber)
-    _sync(device)
+    cuda_sync(device)
     t2 = clock()
     filled, used_centres, fallback = _postfill(x, scores, registers, kept_reg, is_reg, segment_ids, absorber,
                                                tau_cluster, beta, cluster, fill)
     keep = torch.sort(torch.cat([kept_reg, filled])).values
     owner = _final_owners(keep, absorber)
     kept_hidden = _merged_hidden(hidden, keep, owner) if absorb == "mean" else None
-    _sync(device)
+    cuda_sync(device)
     times.update(filter=t1 - t0, dedup=t2 - t1, fill=clock() - t2)
     return RegDResult(
         keep=keep,
