@@ -30,16 +30,3 @@ def task_index_memo() -> dict:
     """lmms-eval's task indexes by include path, built once per session (each build parses ~3000 task
     YAML files, 8-11 s); ``lmms_helpers.memoised_task_index(memo=task_index_memo)`` fills and reads it."""
     return {}
-
-
-@pytest.fixture(scope="session")
-def train_toy_script():
-    """``scripts/train_toy.py`` as a module (its ``main`` and helpers), loaded once per session."""
-    import importlib.util
-
-    from sharp.harness.config import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("train_toy", REPO_ROOT / "scripts" / "train_toy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from sharp.engine import compat
+from sharp.backbones import compat
 
 
 def generate_with_logits(bb, inputs, max_new_tokens=5):

@@ -1,11 +1,15 @@
-"""sharp/engine/compat.py: the same answers on transformers 4.57.x and 5.x (run on both lines in CI)."""
+"""sharp/engine/compat.py, sharp/backbones/compat.py and tests/compat_helpers.py: the same answers on
+transformers 4.57.x and 5.x (run on both lines in CI)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import sharp
-from sharp.engine import compat
+from sharp.backbones import compat as backbone_compat
+from sharp.engine import compat as engine_compat
+
+import compat_helpers
 
 
 def _qwen():
@@ -21,7 +25,7 @@ def test_qwen2vl_positions_follow_457_rule_when_video_is_longer_than_wide():
     assert t > max(gh, gw)  # the case where the two rules differ
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     kwargs = {"video_grid_thw": inputs["video_grid_thw"], "attention_mask": mask}
-    kwargs.update(compat.text_inputs(bb.model, ids))
+    kwargs.update(backbone_compat.text_inputs(bb.model, ids))
     pos, deltas = bb.model.model.get_rope_index(ids, **kwargs)
     for b in range(2):
         real = mask[b].bool()
@@ -48,7 +52,7 @@ def test_new_qwen_families_pad_and_deltas_as_457():
         inputs = bb.synthetic_inputs(frames=8, batch_size=2)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         extra = {k: inputs[k] for k in ("video_grid_thw", "second_per_grid_ts") if k in inputs}
-        pos, deltas = compat.rope_index(bb.model, ids, attention_mask=mask, **extra)
+        pos, deltas = compat_helpers.rope_index(bb.model, ids, attention_mask=mask, **extra)
         for b in range(2):
             real = mask[b].bool()
             assert torch.equal(pos[:, b, ~real], torch.ones_like(pos[:, b, ~real]))
@@ -88,7 +92,7 @@ def test_causal_mask_matches_hand_built(impl, past):
     hidden = torch.zeros(2, q, bb.text_config.hidden_size)
     mask2d = torch.ones(2, past + q, dtype=torch.long)
     mask2d[1, :2] = 0  # left padding of sample 1
-    got = compat.causal_mask(bb.text_config, hidden, mask2d, past=past)
+    got = engine_compat.causal_mask(bb.text_config, hidden, mask2d, past=past)
     allowed = (torch.arange(past + q)[None, :] <= torch.arange(past, past + q)[:, None])[None, None]
     allowed = allowed & mask2d.bool()[:, None, None, :]
     if impl == "sdpa":
@@ -108,11 +112,11 @@ def test_state_dict_names_match_either_line():
             k = "model.vision_tower.vision_model." + k[len("model.vision_tower."):]
         moved[k] = v
     assert set(moved) != set(own)
-    assert set(compat.match_state_dict(bb.model, moved)) == set(own)
+    assert set(backbone_compat.match_state_dict(bb.model, moved)) == set(own)
 
 
 def test_cache_keyword_helpers():
     out = type("Out", (), {"past_key_values": None, "cache": "C"})()
-    assert compat.output_cache(out) == "C"
-    assert compat.cache_of({"past_key_values": "P"}) == "P" and compat.cache_of({"cache": "C"}) == "C"
-    assert compat.without_cache({"cache": 1, "past_key_values": 2, "x": 3}, "x") == {}
+    assert engine_compat.output_cache(out) == "C"
+    assert engine_compat.cache_of({"past_key_values": "P"}) == "P" and engine_compat.cache_of({"cache": "C"}) == "C"
+    assert engine_compat.without_cache({"cache": 1, "past_key_values": 2, "x": 3}, "x") == {}

@@ -1,4 +1,4 @@
-"""FEATHER (sharp/methods/feather.py): de-RoPE last-token ranking + a uniform grid inside the budget."""
+"""FEATHER (baselines/feather.py): de-RoPE last-token ranking + a uniform grid inside the budget."""
 from __future__ import annotations
 
 import math

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sharp
-from sharp.methods.framefusion import (FrameFusion, _Progress, fold_runs, neighbour_similarity, patch_order,
+from baselines.framefusion import (FrameFusion, _Progress, fold_runs, neighbour_similarity, patch_order,
                                    required_sparsity)
 from sharp.flops import prefill_tflops
 

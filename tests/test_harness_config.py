@@ -89,7 +89,7 @@ def test_method_configs_agree_with_the_registry():
 
 
 def test_config_problems_catches_both_directions(tmp_path):
-    (tmp_path / "fastv.yaml").write_text("name: fastv\nimplemented: false\nplanned: sharp/methods/fastv.py\n")
+    (tmp_path / "fastv.yaml").write_text("name: fastv\nimplemented: false\nplanned: baselines/fastv.py\n")
     (tmp_path / "nosuch.yaml").write_text("name: nosuch\ndefault_retention: 0.5\n")
     (tmp_path / "later.yaml").write_text("name: later\nimplemented: false\nplanned: sharp/methods/later.py\n")
     (tmp_path / "nonote.yaml").write_text("name: nonote\nimplemented: false\n")

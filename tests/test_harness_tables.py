@@ -160,7 +160,7 @@ def test_local_sweep_skips_not_implemented_cells_with_a_count(mini_sweep, capsys
     assert main(["mini", "--results-dir", str(mini_sweep)]) == 0
     out = capsys.readouterr().out
     assert out.count("skip (finished)") == 2 and " run " not in out
-    assert "[ 1] skip (not implemented) tiny_llava_onevision/pdrop/r0.285  # planned: sharp/methods/pdrop.py" in out
+    assert "[ 1] skip (not implemented) tiny_llava_onevision/pdrop/r0.285  # planned: baselines/pdrop.py" in out
     assert out.strip().splitlines()[-1] == ("# mini: 3 cells: 0 ran, 0 failed, 2 skipped (finished), "
                                             "1 skipped (not implemented)")
     assert main(["mini", "--slurm", "--results-dir", str(mini_sweep)]) == 0

@@ -1,4 +1,4 @@
-"""HoliTom and holitom_sharp (sharp/methods/holitom.py) against independent references.
+"""HoliTom and holitom_sharp (baselines/holitom.py) against independent references.
 
 (a) the DP segmentation equals brute force over every segmentation of small inputs;
 (b) DPC-kNN, its cluster merge and the sequential in-LLM merge on hand-made inputs with results
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import engine_reference
 import sharp
-from sharp.methods import holitom as H
+from baselines import holitom as H
 from sharp import flops
 from sharp.methods import budget
 
@@ -244,7 +244,7 @@ def reference_pre_llm(x: torch.Tensor, attn: torch.Tensor, r: float, tau: float,
                       mode: str, beta=0.6, K=7, seed=0):
     """HoliTom before the LLM, written from the paper / official code with brute-force segmentation.
     The DPC noise: one generator seeded with ``seed``, drawn (m values) by each DPC run, static set of
-    a window first, then its frames in order (the documented order of sharp/methods/holitom.py)."""
+    a window first, then its frames in order (the documented order of baselines/holitom.py)."""
     frames, n, _ = x.shape
     xs = x.double().numpy()
     unit = xs / np.linalg.norm(xs, axis=-1, keepdims=True)

@@ -24,8 +24,8 @@ import torch
 
 import sharp
 from sharp.backbones import backbone_config_path, family_class
-from sharp.engine import compat
 
+import compat_helpers
 import test_methods as TM
 from default_methods import TINY_KWARGS
 
@@ -119,7 +119,7 @@ def test_qwen2_5_vl_vision_maps_undo_the_window_order():
     assert lens1 == [h * w] * (2 * t)
     assert lens0 == [16, 16, 8, 8] * (2 * t)  # windows of 2 x 2 tokens (4 patch rows each), row-major
     # reference: the tower's RoPE angles per patch row in PREPROCESSING order, grouped per token
-    emb, _ = compat.vision_rope(visual, grid)  # (N, head_dim) cos (4.57 rot_pos_emb; 5.x rotary module)
+    emb, _ = compat_helpers.vision_rope(visual, grid)  # (N, head_dim) cos (4.57 rot_pos_emb; 5.x rotary module)
     expected = emb.reshape(2, -1, 4, emb.shape[-1]).mean(dim=2)  # (b, n_visual, head_dim)
     cos_window_order = captured[1]["kwargs"]["position_embeddings"][0]  # rows as the blocks see them
     assert not torch.equal(cos_window_order, emb)  # the order really differs
@@ -140,8 +140,8 @@ def test_qwen3_vl_deepstack_lands_on_kept_tokens_only():
     inputs = bb.synthetic_inputs(frames=8, seed=21, batch_size=2)
     layout = bb.layout(inputs)
     with torch.no_grad():  # the features, from the model's own vision call: list of (b * n_visual, d)
-        _, deepstack = compat.qwen3vl_video_features(bb.model.model, inputs["pixel_values_videos"],
-                                                     inputs["video_grid_thw"])
+        _, deepstack = compat_helpers.qwen3vl_video_features(bb.model.model, inputs["pixel_values_videos"],
+                                                             inputs["video_grid_thw"])
     assert len(deepstack) == 2 and deepstack[1].shape[0] == 2 * layout.n_visual
     feats = [d.reshape(2, layout.n_visual, -1) for d in deepstack]
     raw, seen = {}, {}
@@ -223,7 +223,7 @@ def test_qwen2_5_vl_layout_matches_hf_processor():
     frames = _real_video()
     # lmms-eval builds the processor with min/max pixels 200704 / 1605632 (qwen2_5_vl wrapper)
     # (5.x has no video path in the image processor: compat interleaves its per-frame patches)
-    ref = compat.qwen_video_patches(proc, frames, min_pixels=256 * 28 * 28, max_pixels=1605632)
+    ref = compat_helpers.qwen_video_patches(proc, frames, min_pixels=256 * 28 * 28, max_pixels=1605632)
     for name in ("qwen2_5_vl_7b", "tiny_qwen2_5_vl"):
         bb = _family_of_config(name)
         bb.video_kwargs = {}
@@ -245,7 +245,7 @@ def test_qwen3_vl_layout_and_positions_match_hf():
                                  merge_size=cfg["merge_size"], image_mean=cfg["image_mean"], image_std=cfg["image_std"],
                                  min_pixels=cfg["size"]["shortest_edge"], max_pixels=cfg["size"]["longest_edge"])
     frames = _real_video(h=352, w=640)  # multiples of 32, as qwen-vl-utils resizes for patch 16
-    ref = compat.qwen_video_patches(proc, frames, do_resize=False)
+    ref = compat_helpers.qwen_video_patches(proc, frames, do_resize=False)
     bb8 = _family_of_config("qwen3_vl_8b")
     bb8.video_kwargs = {"min_pixels": 0, "max_pixels": 10 ** 9}
     px = bb8.video_pixels(frames)
@@ -256,8 +256,8 @@ def test_qwen3_vl_layout_and_positions_match_hf():
     bb = TM.backbone("tiny_qwen3_vl", "eager")
     inputs = bb.synthetic_inputs(frames=4, seed=0)
     ids = inputs["input_ids"][0]
-    pos, _ = compat.rope_index(bb.model, inputs["input_ids"], video_grid_thw=inputs["video_grid_thw"],
-                               attention_mask=inputs["attention_mask"])  # 5.x: + mm_token_type_ids
+    pos, _ = compat_helpers.rope_index(bb.model, inputs["input_ids"], video_grid_thw=inputs["video_grid_thw"],
+                                       attention_mask=inputs["attention_mask"])  # 5.x: + mm_token_type_ids
     gh, gw = bb.layout(inputs).grid
     expected, nxt, i = [], 0, 0
     while i < len(ids):
@@ -300,10 +300,10 @@ def test_qwen2_5_vl_positions_use_absolute_time():
     bb = TM.backbone("tiny_qwen2_5_vl", "eager")
     inputs = bb.synthetic_inputs(frames=8, seed=0)
     ids = inputs["input_ids"][0]
-    pos, _ = compat.rope_index(bb.model, inputs["input_ids"], image_grid_thw=None,
-                               video_grid_thw=inputs["video_grid_thw"],
-                               second_per_grid_ts=inputs["second_per_grid_ts"],
-                               attention_mask=inputs["attention_mask"])  # 5.x: + mm_token_type_ids
+    pos, _ = compat_helpers.rope_index(bb.model, inputs["input_ids"], image_grid_thw=None,
+                                       video_grid_thw=inputs["video_grid_thw"],
+                                       second_per_grid_ts=inputs["second_per_grid_ts"],
+                                       attention_mask=inputs["attention_mask"])  # 5.x: + mm_token_type_ids
     layout = bb.layout(inputs)
     gh, gw = layout.grid
     step = float(inputs["second_per_grid_ts"][0]) * bb.config.vision_config.tokens_per_second

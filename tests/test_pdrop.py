@@ -1,4 +1,4 @@
-"""PyramidDrop (sharp/methods/pdrop.py) against independent computations.
+"""PyramidDrop (baselines/pdrop.py) against independent computations.
 
 (a) each stage keeps the top-k of the eager map of its OWN layer (last row, mean over heads) in a
     no-cache forward where the keys earlier stages removed are masked and, with compact positions,

@@ -113,11 +113,12 @@ def test_toy_answers_held_out_split_unpruned(name, held_out, shipped, tmp_path_f
     assert meta["test_accuracy"] >= ACCURACY_FLOOR and meta["test_docs"] >= 200  # the whole held-out split
 
 
-def test_probe_targets_follow_the_docs(held_out, shipped, tmp_path_factory, train_toy_script):
+def test_probe_targets_follow_the_docs(held_out, shipped, tmp_path_factory):
     """The training-only targets of the scenes toys, against the docs read directly: each visual token's
     background is its frame's scene's (``labels.background``), and the question probe's word class names the
     word that stands in the question (a background, an ordinal, or none for ``cut``)."""
-    train_toy = train_toy_script
+    from sharp.toy.probes import asked_word
+
     bb, _ = _scored(NAMES[0], held_out, shipped, tmp_path_factory)
     layout = bb.layout(toy.make_batch(bb, held_out, toy.cached_pixels(bb, held_out[:1], tmp_path_factory.mktemp("p")), [0]))
     words = list(scenes.BACKGROUNDS) + list(scenes.SCENE_ORDINALS)
@@ -128,7 +129,7 @@ def test_probe_targets_follow_the_docs(held_out, shipped, tmp_path_factory, trai
         got = labels["background"].view(len(first_frames), -1)
         assert (got == got[:, :1]).all()  # one background per frame
         assert [list(scenes.BACKGROUNDS)[i] for i in got[:, 0].tolist()] == expected
-        word = train_toy._asked_word(doc)
+        word = asked_word(doc)
         if doc["qtype"] == "cut":
             assert word == len(words)
         else:
@@ -136,20 +137,21 @@ def test_probe_targets_follow_the_docs(held_out, shipped, tmp_path_factory, trai
 
 
 @pytest.mark.parametrize("background", ["linear", "words"])
-def test_training_with_every_probe_runs(tmp_path, background, train_toy_script):
-    """scripts/train_toy.py on a scenes toy with the background (its own head, or the background words'
-    input embeddings) and question probes, 2 steps of 2 videos: weights written, settings recorded, loss finite."""
+def test_training_with_every_probe_runs(tmp_path, background):
+    """scripts/train_toy.py (``sharp.toy.training.main``) on a scenes toy with the background (its own head, or
+    the background words' input embeddings) and question probes, 2 steps of 2 videos: weights written, settings
+    recorded, loss finite."""
     import torch
 
-    train_toy = train_toy_script
+    from sharp.toy import training
 
     threads = torch.get_num_threads()
     try:
-        assert train_toy.main(["--backbone", NAMES[0], "--steps", "2", "--batch-size", "2", "--train-n", "4",
-                               "--test-n", "2", "--train-eval-n", "2", "--log-every", "1",
-                               "--qtype-weights", '{"scene": 2}', "--background-probe", background,
-                               "--out-dir", str(tmp_path / "w"),
-                               "--cache-dir", str(tmp_path / "cache")]) == 0
+        assert training.main(["--backbone", NAMES[0], "--steps", "2", "--batch-size", "2", "--train-n", "4",
+                              "--test-n", "2", "--train-eval-n", "2", "--log-every", "1",
+                              "--qtype-weights", '{"scene": 2}', "--background-probe", background,
+                              "--out-dir", str(tmp_path / "w"),
+                              "--cache-dir", str(tmp_path / "cache")]) == 0
     finally:
         torch.set_num_threads(threads)
     meta = json.loads((tmp_path / "w" / NAMES[0] / "metadata.json").read_text())

@@ -1,4 +1,4 @@
-"""SharpV (sharp/methods/sharpv.py): spatio-temporal dissimilarity before the LLM, KV drop of degraded layers."""
+"""SharpV (baselines/sharpv.py): spatio-temporal dissimilarity before the LLM, KV drop of degraded layers."""
 from __future__ import annotations
 
 import math
@@ -11,8 +11,9 @@ import torch
 import sharp
 from sharp.engine import StageContext, compat
 from sharp.methods import budget
-from sharp.methods.sharpv import (adaptive_ratios, frame_scores, keep_top_per_frame, non_visual_entries,
-                                  split_budget)
+from baselines.sharpv import adaptive_ratios, frame_scores, keep_top_per_frame
+from sharp import split_budget
+from sharp.engine.decode import non_visual_entries
 
 from engine_reference import generate_with_logits, kept_key_mask, layer_masks
 from conftest import shared_backbone
@@ -150,11 +151,11 @@ def test_k_and_f_change_the_selection_through_the_engine(name):
 
 
 def test_split_budget_by_hand():
-    assert split_budget(6, [4, 4, 4]) == [2, 2, 2]
-    assert split_budget(5, [4, 4, 4]) == [2, 2, 1]  # ties go to the earlier frames
-    assert split_budget(3, [4, 2]) == [2, 1]
-    assert split_budget(4, [3, 1, 2]) == [2, 1, 1]  # 2, 0.67, 1.33: the remainder to the 0.67
-    assert split_budget(6, [3, 1, 2]) == [3, 1, 2]
+    assert split_budget(6, [4, 4, 4], rule="largest_remainder") == [2, 2, 2]
+    assert split_budget(5, [4, 4, 4], rule="largest_remainder") == [2, 2, 1]  # ties go to the earlier frames
+    assert split_budget(3, [4, 2], rule="largest_remainder") == [2, 1]
+    assert split_budget(4, [3, 1, 2], rule="largest_remainder") == [2, 1, 1]  # 2, 0.67, 1.33: the remainder to the 0.67
+    assert split_budget(6, [3, 1, 2], rule="largest_remainder") == [3, 1, 2]
 
 
 def test_non_visual_entries_by_hand():

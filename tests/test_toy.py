@@ -101,20 +101,22 @@ def test_fastv_budget_and_degradation(name, docs, evaluated):
     assert low.accuracy <= vanilla.accuracy  # keeping 5% of the tokens cannot help
 
 
-def test_training_is_deterministic(tmp_path, train_toy_script):
-    """scripts/train_toy.py run twice with the same settings writes bit-identical weights (a short run:
-    the shipped toys come from the same code with more steps; see their metadata.json)."""
+def test_training_is_deterministic(tmp_path):
+    """scripts/train_toy.py (``sharp.toy.training.main``) run twice with the same settings writes
+    bit-identical weights (a short run: the shipped toys come from the same code with more steps; see
+    their metadata.json)."""
     from safetensors.torch import load_file
 
-    train_toy = train_toy_script
+    from sharp.toy import training
+
     threads = torch.get_num_threads()
     outs = []
     try:
         for run in ("a", "b"):
             out = tmp_path / run
-            assert train_toy.main(["--backbone", "toy_llava_onevision", "--steps", "4", "--batch-size", "4",
-                                   "--train-n", "16", "--test-n", "4", "--train-eval-n", "4", "--threads", "1",
-                                   "--log-every", "2", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+            assert training.main(["--backbone", "toy_llava_onevision", "--steps", "4", "--batch-size", "4",
+                                  "--train-n", "16", "--test-n", "4", "--train-eval-n", "4", "--threads", "1",
+                                  "--log-every", "2", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
             outs.append(out / "toy_llava_onevision")
     finally:
         torch.set_num_threads(threads)
@@ -134,21 +136,22 @@ def test_training_is_deterministic(tmp_path, train_toy_script):
         sharp.load_backbone("toy_llava_onevision", weights_dir=tmp_path / "nothing")
 
 
-def test_training_continues_from_earlier_weights(tmp_path, capsys, train_toy_script):
+def test_training_continues_from_earlier_weights(tmp_path, capsys):
     """``--init-from``: training starts from an earlier run's weights (here the shipped toy's) and the
     metadata keeps that run's record and the summed training time; another toy's weights are refused."""
-    train_toy = train_toy_script
+    from sharp.toy import training
+
     threads = torch.get_num_threads()
     common = ["--backbone", "toy_llava_onevision", "--steps", "1", "--batch-size", "2", "--train-n", "4",
               "--test-n", "2", "--train-eval-n", "2", "--threads", "1", "--lr", "1e-9", "--warmup", "1",
               "--out-dir", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "cache")]
     try:
         with pytest.raises(SystemExit) as exc:
-            train_toy.main(common + ["--init-from", str(toy.WEIGHTS_DIR / "toy_scenes_llava_onevision")])
+            training.main(common + ["--init-from", str(toy.WEIGHTS_DIR / "toy_scenes_llava_onevision")])
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: --init-from") and "not a run of toy_llava_onevision" in err[0]
-        assert train_toy.main(common + ["--init-from", str(toy.WEIGHTS_DIR / "toy_llava_onevision")]) == 0
+        assert training.main(common + ["--init-from", str(toy.WEIGHTS_DIR / "toy_llava_onevision")]) == 0
     finally:
         torch.set_num_threads(threads)
     shipped = json.loads((toy.WEIGHTS_DIR / "toy_llava_onevision" / "metadata.json").read_text())

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from sharp.engine import compat
 from sharp.backbones.video import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -24,6 +23,8 @@ from sharp.backbones.video import (
     uniform_frame_indices,
     write_video,
 )
+
+import compat_helpers
 
 H, W = 48, 64  # decord 0.6.0 mis-decodes a few tiny sizes (e.g. 32x48); 48x64 is safe.
 
@@ -175,7 +176,7 @@ def test_qwen2vl_preprocess_matches_transformers(t, h, w, kwargs):
         patch_size=kwargs.get("patch_size", 14),
         merge_size=kwargs.get("merge_size", 2),
     )
-    ref = compat.qwen_video_patches(proc, frames)  # 5.x: videos left the image processor
+    ref = compat_helpers.qwen_video_patches(proc, frames)  # 5.x: videos left the image processor
     assert grid.dtype == torch.long and grid.shape == (1, 3)
     torch.testing.assert_close(grid, ref["video_grid_thw"].long(), atol=0, rtol=0)
     assert ours.shape == ref["pixel_values_videos"].shape and ours.dtype == torch.float32

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 import sharp
 from sharp.backbones import VisionMaps
 from sharp.backbones.vision import ATTENTION_BUDGET, chunk_groups, received_attention
-from sharp.engine import compat
+from sharp.backbones import compat
+
+import compat_helpers
 
 NAMES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
 FRAMES = 4  # LLaVA-OV: 4 frames of 8x8 patches; Qwen2-VL: 2 temporal patches of 8x8 patches
@@ -220,10 +222,11 @@ def test_feature_layer_feeds_the_llm(bb):
     inner = bb.model.model
     with torch.no_grad():
         if isinstance(bb, sharp.backbones.LlavaOneVisionBackbone):
-            want = compat.llava_ov_video_features(inner, inputs["pixel_values_videos"])
+            want = compat_helpers.llava_ov_video_features(inner, inputs["pixel_values_videos"])
             got = inner.apply_pooling(inner.multi_modal_projector(out)).reshape(want.shape)
         else:
-            want = compat.vision_tokens(inner.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"]))
+            want = compat_helpers.vision_tokens(inner.visual(inputs["pixel_values_videos"],
+                                                             grid_thw=inputs["video_grid_thw"]))
             got = inner.visual.merger(out)
     torch.testing.assert_close(got, want)
 

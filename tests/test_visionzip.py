@@ -1,4 +1,4 @@
-"""VisionZip and visionzip_sharp (sharp/methods/visionzip.py) against independent references.
+"""VisionZip and visionzip_sharp (baselines/visionzip.py) against independent references.
 
 References: the vision tower's own eager attention weights (SigLIP: ``output_attentions``; Qwen2-VL:
 transformers' ``eager_attention_forward`` recorded), its keys recomputed from the layer's input,
@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import sharp
-from sharp.methods.visionzip import apportion, split_budget, visionzip_group
+from baselines.visionzip import dominant_split, visionzip_group
+from sharp import split_budget
 from sharp import flops
 from sharp.methods import budget
 from conftest import shared_backbone
-from sharp.engine import compat
+from sharp.backbones import compat
 
 NAMES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
 FRAMES = 8
@@ -165,17 +166,17 @@ def reference_visionzip(att, keys, emb, groups, budgets, ratio):
 # -- hand-made groups --------------------------------------------------------------------------------
 
 
-def test_budget_split_and_apportion_by_hand():
-    assert split_budget(25, 54 / 64) == (21, 4)  # 12.8% of a 196-token frame
-    assert split_budget(26, 54 / 64) == (21, 5)
-    assert split_budget(64, 54 / 64) == (54, 10)  # the README's 54 + 10
-    assert split_budget(1, 54 / 64) == (0, 1) and split_budget(4, 1.0) == (4, 0)
+def test_dominant_split_and_frame_budgets_by_hand():
+    assert dominant_split(25, 54 / 64) == (21, 4)  # 12.8% of a 196-token frame
+    assert dominant_split(26, 54 / 64) == (21, 5)
+    assert dominant_split(64, 54 / 64) == (54, 10)  # the README's 54 + 10
+    assert dominant_split(1, 54 / 64) == (0, 1) and dominant_split(4, 1.0) == (4, 0)
     # 803 = round(0.128 x 6272) over 32 frames of 196: floor(803 (f+1) / 32) - floor(803 f / 32)
-    per_frame = apportion(803, [196] * 32)
+    per_frame = split_budget(803, [196] * 32)
     assert sum(per_frame) == 803 and [f for f, k in enumerate(per_frame) if k == 26] == [10, 21, 31]
-    assert apportion(800, [196] * 32) == [25] * 32
-    assert apportion(26, [16] * 8) == [3, 3, 3, 4, 3, 3, 3, 4]
-    assert apportion(5, [2, 0, 8]) == [1, 0, 4] and apportion(3, [0, 0]) == [0, 0]
+    assert split_budget(800, [196] * 32) == [25] * 32
+    assert split_budget(26, [16] * 8) == [3, 3, 3, 4, 3, 3, 3, 4]
+    assert split_budget(5, [2, 0, 8]) == [1, 0, 4] and split_budget(3, [0, 0]) == [0, 0]
 
 
 def _hand_group():
@@ -256,7 +257,7 @@ def test_scope_and_layer_kwargs_change_the_selection(name, monkeypatch):
     layout = bb.layout(inputs)
     att, _ = reference_maps(bb, inputs, monkeypatch)
     k = budget(layout.n_visual, 0.25)
-    d = split_budget(k, 54 / 64)[0]
+    d = dominant_split(k, 54 / 64)[0]
     other = "video" if is_ov(bb) else "frame"
     _, trace = layer0_input(bb, inputs, ("visionzip", 0.25, {"scope": other, **native_kwargs(bb)}))
     got = trace.method("visionzip").dominant[0].tolist()
@@ -265,7 +266,7 @@ def test_scope_and_layer_kwargs_change_the_selection(name, monkeypatch):
     else:
         per, k_f = layout.tokens_per_frame, k // layout.frames
         want = [f * per + j for f in range(layout.frames)
-                for j in torch.topk(att[0, f * per:(f + 1) * per], split_budget(k_f, 54 / 64)[0]).indices.tolist()]
+                for j in torch.topk(att[0, f * per:(f + 1) * per], dominant_split(k_f, 54 / 64)[0]).indices.tolist()]
         assert got == sorted(want)
     # the default layer's ranking is not the other layer's (the layer choice is tested above)
     port = len(bb.vision_layers) - 1 if is_ov(bb) else len(bb.vision_layers) - 2
@@ -383,7 +384,8 @@ def test_table3_cell_keeps_the_ports_800_tokens():
     which int(25 x 54 / 64) = 21 dominant and 4 contextual: 32 x 25 = 800 of 32 x 196 (12.76 %, the
     table's "12.8 %"). The Table 3 sweep cell must keep exactly that, frame by frame."""
     from sharp.harness.config import cell_from_cfg, cell_overrides, compose, load_sweep
-    from sharp.methods.visionzip import apportion, split_budget
+    from baselines.visionzip import dominant_split
+    from sharp import split_budget
 
     sweep = load_sweep("table3")
     index = [c["method"] for c in sweep["cells"]].index("visionzip")
@@ -395,6 +397,6 @@ def test_table3_cell_keeps_the_ports_800_tokens():
     n = frames * per_frame
     k = budget(n, cell.retention)
     assert k == official_total
-    per = apportion(k, [per_frame] * frames)
-    assert per == [spatial_tokens] * frames and {split_budget(q, 54 / 64) for q in per} == {official_split}
+    per = split_budget(k, [per_frame] * frames)
+    assert per == [spatial_tokens] * frames and {dominant_split(q, 54 / 64) for q in per} == {official_split}
     assert flops.token_schedule("llava_onevision_7b", "visionzip", cell.retention, visual_tokens=n) == [800] * 28

@@ -12,7 +12,7 @@ from sharp.backbones.base import (ATTN_IMPLEMENTATIONS, FAMILIES, Backbone, Visu
                                   register_family)
 from sharp.backbones.vision import VisionMaps
 
-_SHARED_MODULES = {"base", "tokenizer", "video", "vision"}
+_SHARED_MODULES = {"base", "compat", "tokenizer", "video", "vision"}
 for _module in _pkgutil.iter_modules(__path__):
     if _module.name not in _SHARED_MODULES and not _module.name.startswith("_") and not _module.ispkg:
         _importlib.import_module(f"{__name__}.{_module.name}")

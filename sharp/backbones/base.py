@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from sharp.engine import compat
+from sharp.backbones import compat
 from sharp.backbones.tokenizer import assign_special_ids, byte_tokenizer
 from sharp.backbones.vision import (ATTENTION_BUDGET, RopeFn, VisionMaps, captured_input, captured_output,
                                     received_attention)
@@ -170,11 +170,14 @@ class Backbone(abc.ABC):
     video_kwargs: dict = field(default_factory=dict)
 
     family: ClassVar[str] = ""  # "llava_onevision" | "qwen2_vl" | ...
+    # a separator token appended after each video's visual tokens (LLaVA-OV's image_newline), which the
+    # engine treats as text; StageContext.newline_position finds it in a pruned sequence
+    video_newline: ClassVar[bool] = False
     # Most float32 attention-logit elements vision_maps holds at once (see sharp.backbones.vision).
     attention_budget: ClassVar[int] = ATTENTION_BUDGET
 
     def __post_init__(self):
-        compat.adapt_model(self.model)  # transformers 5.x runs as 4.57 (sharp/engine/compat.py)
+        compat.adapt_model(self.model)  # transformers 5.x runs as 4.57 (sharp/backbones/compat.py)
 
     @property
     def kind(self) -> str:

@@ -12,8 +12,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from sharp.backbones import compat
 from sharp.backbones import video as V
-from sharp.engine import compat
 from sharp.backbones.base import CHATML_SYSTEM, Backbone, VisualLayout, register_family
 
 # lmms-eval's llava_onevision wrapper: LLaVA-NeXT conv template "qwen_1_5" (ChatML), "<image>\n" +
@@ -24,6 +24,7 @@ _PROMPT = CHATML_SYSTEM + "<|im_start|>user\n{visual}\n{question}<|im_end|>\n<|i
 @register_family
 class LlavaOneVisionBackbone(Backbone):
     family = "llava_onevision"
+    video_newline = True  # one image_newline after each video's visual tokens (a text row to the engine)
 
     # -- HF classes ------------------------------------------------------------------------
     @classmethod

@@ -4,7 +4,7 @@ What differs from Qwen2-VL (``qwen2_vl.py``, which this class extends) and how i
 
 * Vision tower (transformers ``Qwen2_5_VisionTransformerPretrainedModel.forward``): before the blocks the
   patch rows are REORDERED by ``window_index`` (4.57 ``get_window_index``, 5.x
-  ``vision_utils.get_vision_window_index``: :func:`sharp.engine.compat.vision_window_index`): merge groups of
+  ``vision_utils.get_vision_window_index``: :func:`sharp.backbones.compat.vision_window_index`): merge groups of
   ``spatial_merge_size^2`` consecutive rows are moved window by window (``window_size`` px = 112 for
   the 7B: 4 x 4 merged tokens = 8 x 8 patches per window). Blocks in ``fullatt_block_indexes``
   (7B: 7, 15, 23, 31) attend inside each temporal patch (``cu_seqlens``); every other block
@@ -25,7 +25,7 @@ What differs from Qwen2-VL (``qwen2_vl.py``, which this class extends) and how i
   1.0 s per temporal patch. :meth:`video_pixels` returns it; the engine keeps every token's
   original angles (positions="original" on M-RoPE), so nothing else changes.
   transformers 5.x numbers text after the video from ``max(h, w)`` and computes the time in float;
-  :func:`sharp.engine.compat.adapt_model` gives the 5.x model 4.57's ``get_rope_index`` (text after
+  :func:`sharp.backbones.compat.adapt_model` gives the 5.x model 4.57's ``get_rope_index`` (text after
   the video's largest position, ``second_per_grid_t`` cast to int64 first), so both lines agree.
 * lmms-eval ``qwen2_5_vl`` wrapper: ``max_num_frames=32``, ``min_pixels=256*28*28``,
   ``max_pixels=1605632`` (Qwen2-VL: 3136 / 602112), the same ChatML prompt with the system turn and
@@ -39,10 +39,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from sharp.backbones import compat
 from sharp.backbones import video as V
 from sharp.backbones.base import register_backbone, register_family
 from sharp.backbones.qwen2_vl import Qwen2VLBackbone
-from sharp.engine import compat
 
 # lmms-eval 0.7.3 qwen2_5_vl wrapper defaults (lmms_eval/models/simple/qwen2_5_vl.py)
 QWEN25VL_MIN_PIXELS = 256 * 28 * 28
@@ -117,7 +117,7 @@ class Qwen2_5_VLBackbone(Qwen2VLBackbone):
 
     def window_index(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """(N / merge^2,) the model's own window index (4.57 ``visual.get_window_index``, 5.x
-        ``vision_utils.get_vision_window_index``: :func:`sharp.engine.compat.vision_window_index`): row
+        ``vision_utils.get_vision_window_index``: :func:`sharp.backbones.compat.vision_window_index`): row
         group i of the tower holds merge group ``window_index[i]`` of the preprocessing order (sample after sample)."""
         index, _ = compat.vision_window_index(self.model.model.visual, grid_thw)
         return index

@@ -15,13 +15,13 @@ lmms-eval 0.7.3 ``models/simple/qwen3_vl.py``):
   features of a pruned visual token are dropped with it and the kept tokens get exactly their own.
   On transformers 5.x the text model's call is the same (``deepstack_visual_embeds``,
   ``visual_pos_masks``); only ``get_video_features`` returns a ModelOutput
-  (:func:`sharp.engine.compat.qwen3vl_video_features` gives 4.57's tuple).
+  (``tests/compat_helpers.py``: ``qwen3vl_video_features`` gives 4.57's tuple).
 * LLM positions: M-RoPE with the (t, h, w) sections INTERLEAVED over the frequencies
   (``mrope_interleaved``; ``Qwen3VLTextRotaryEmbedding`` returns (b, s, head_dim) cos/sin already
   merged, so the layer applies plain ``apply_rotary_pos_emb``). ``get_rope_index`` splits a video
   into its temporal patches (t = 1 each): time is carried by TEXT timestamps, not by the temporal
   position index. Attention has q_norm / k_norm (RMSNorm per head) before RoPE.
-  On 5.x :func:`sharp.engine.compat.adapt_model` gives the model 4.57's ``get_rope_index``
+  On 5.x :func:`sharp.backbones.compat.adapt_model` gives the model 4.57's ``get_rope_index``
   (the same positions for real tokens; padding 1 and deltas against the padded length, as 4.57).
 * Prompt (``Qwen3VLProcessor.__call__``): the video is ``<{t:.1f} seconds><|vision_start|>`` +
   the patch's ``<|video_pad|>`` tokens + ``<|vision_end|>`` per temporal patch, t = the mean time of

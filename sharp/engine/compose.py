@@ -47,12 +47,10 @@ def child_keys(parts: list[str]) -> list[str]:
 
 @dataclass
 class ComposedMethod(PruningMethod):
-    """Children applied in order. Registered combinations subclass it and set ``parts`` (child
-    names) and ``child_defaults`` (per-child kwargs, keyed like the user's, e.g. their retentions)."""
+    """Children applied in order. A named composition (Table 3's ``visionzip_sharp``) is declared in its
+    method config (``parts``, ``child_defaults``: :mod:`sharp.methods.registry`); ``label`` is its name."""
 
     name: ClassVar[str] = "compose"
-    parts: ClassVar[tuple[str, ...]] = ()
-    child_defaults: ClassVar[dict] = {}
     children: tuple = ()
     label: Optional[str] = None
 

@@ -1,6 +1,11 @@
 """What a method sees of the engine: :class:`StageContext` (one layer of one prefill) and
 :class:`SessionContext` (its ``install`` and ``after_prefill``). Methods never hold the session.
 
+These two classes are the whole of what a method may use (``tests/test_method_api.py`` walks every
+method module and fails on ``ctx.seq``, a backbone's HF modules or any other ``sharp.engine`` module):
+the plumbing behind each named operation (hooks, the KV cache, masks, positions) lives once here and
+in the modules it calls.
+
 The same context is given to ``select`` (a stage before layer ``layer_idx``) and to
 ``attention_mask`` (every layer). It describes the CURRENT sequence: after earlier stages (of this
 method or of methods composed before it) the visual tokens are fewer, and each one carries its
@@ -9,19 +14,43 @@ Budgets stay shares of the ORIGINAL visual count (:meth:`StageContext.budget`).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import weakref
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
 from sharp.engine.attention import attention_of_last_tokens
+from sharp.engine.masks import SegmentRestriction
 from sharp.engine.sequence import SeqState
-from sharp.engine.method import budget
+from sharp.engine.method import budget, split_budget
 
 if TYPE_CHECKING:  # pragma: no cover
     from sharp.engine.prefill import PrefillRunner
     from sharp.engine.session import PruningSession
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity of a model's weights (names, shapes, first values of every parameter), computed
+    once per model: part of :attr:`StageContext.model_identity`, so that a cache keyed by it (ShaRP's
+    PosC biases) is never reused for other weights that share a backbone name (tiny random models built
+    with another seed)."""
+    fp = _FINGERPRINTS.get(model)
+    if fp is None:
+        h = hashlib.sha1()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+                h.update(p.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+        fp = h.hexdigest()[:16]
+        _FINGERPRINTS[model] = fp
+    return fp
 
 
 @dataclass(frozen=True)
@@ -58,7 +87,9 @@ class StageContext:
         self.owner = owner  # position of the method in the plan's (flattened) method list
 
     # -- the call -----------------------------------------------------------------------------
-    backbone = property(lambda self: self._runner.backbone)
+    backbone = property(lambda self: self._runner.backbone)  # the engine's (and tests'); methods use the facts below
+    backbone_name = property(lambda self: self._runner.backbone.name)  # e.g. "llava_onevision_7b"
+    backbone_family = property(lambda self: self._runner.backbone.family)  # e.g. "llava_onevision", "qwen2_vl"
     layout = property(lambda self: self._runner.layout)
     phase = property(lambda self: self._runner.phase)  # "prefill" | "probe"
     num_layers = property(lambda self: self._runner.plan.num_layers)  # decoder layers of the backbone
@@ -108,6 +139,34 @@ class StageContext:
         k = budget(self.n_visual, retention)
         return [min(k, n) for n in self.visual_counts]
 
+    @staticmethod
+    def split_budget(k: int, counts: Sequence[int], rule: str = "cumulative") -> list[int]:
+        """``k`` tokens over groups of ``counts`` tokens (frames, windows): :func:`sharp.split_budget`."""
+        return split_budget(k, list(counts), rule)
+
+    def newline_position(self, b: int) -> Optional[int]:
+        """Sequence position, in the CURRENT sequence, of the separator token the backbone appends after
+        sample b's video (LLaVA-OV's trailing ``image_newline``, a text row to the engine), or None: the
+        backbone has none, or it is no longer the row after the video's last current visual token."""
+        if not getattr(self.backbone, "video_newline", False):
+            return None
+        seq = self.seq
+        positions = self.visual_positions(b)
+        if positions.numel() == 0:
+            return None
+        first = int(positions[0])
+        # the unpruned position of the video's first visual token, then of the row after its N tokens
+        newline_origin = int(seq.origin[b, first]) - int(seq.visual_index[b, first]) + self.n_visual
+        candidate = int(positions[-1]) + 1  # only (removed) visual tokens lie between
+        if candidate >= seq.origin.shape[1] or int(seq.origin[b, candidate]) != newline_origin:
+            return None
+        return candidate
+
+    def input_video_start(self, b: int) -> int:
+        """Position of sample b's first visual token in the UNPRUNED prefill input (padding included)."""
+        ids = self.prefill_inputs["input_ids"]
+        return int(self.backbone.visual_mask(ids[b:b + 1], self.layout)[0].nonzero()[0])
+
     def gather_visual(self, values: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:
         """Per-position values (b, s) -> (b, n_max) over each sample's current visual tokens, in
         order; samples with fewer tokens are padded with ``fill`` at the end."""
@@ -136,10 +195,23 @@ class StageContext:
         """Seconds recorded so far in this prefill under ``stage_times[key]`` (0 when none)."""
         return self._runner.trace.stage_times.get(key, 0.0)
 
-    def timed(self, key: str):
+    def timed(self, key: str, excluding: Sequence[str] = ()):
         """``with ctx.timed("attn"): ...`` adds the block's time (session clock, GPU synced) to
-        ``stage_times[key]``."""
-        return self._runner.trace.timed(key, self.hidden_states.device)
+        ``stage_times[key]``; ``excluding=("probe",)`` leaves out what the block itself recorded under
+        those keys (a probe forward inside it has its own column)."""
+        if not excluding:
+            return self._runner.trace.timed(key, self.hidden_states.device)
+        return self._timed_excluding(key, tuple(excluding))
+
+    @contextlib.contextmanager
+    def _timed_excluding(self, key: str, excluding: tuple) -> Iterator[None]:
+        before = sum(self.stage_time(k) for k in excluding)
+        t0 = self.now()
+        try:
+            yield
+        finally:
+            inner = sum(self.stage_time(k) for k in excluding) - before
+            self.add_time(key, self.now() - t0 - inner)
 
     def now(self) -> float:
         """The session's stage clock (GPU synced), for spans that ``timed`` cannot bracket."""
@@ -149,6 +221,32 @@ class StageContext:
     def clock(self):
         """The session's stage clock itself (a zero-argument callable; no GPU sync)."""
         return self._runner.trace.clock
+
+    # -- attention restrictions ---------------------------------------------------------------------
+    def segment_restriction(self, segment_of_index: Sequence[torch.Tensor], visual_sees_text: bool = True
+                            ) -> Optional[SegmentRestriction]:
+        """An ``attention_mask`` result restricting visual queries to the visual keys of their own segment
+        (ShaRP's Eq. 4): ``segment_of_index[b]`` (N_vis,) long gives the segment of every ORIGINAL visual
+        index of sample b (-1: absent). Text rows are not restricted; with ``visual_sees_text`` visual rows
+        also see every text key; causality and padding are the engine's. The engine runs it as one
+        attention call per segment (no ``s x s`` mask) where it can (:mod:`sharp.engine.masks`).
+
+        Built once per sequence and reused by the following layers on the same sequence; None (no
+        restriction) when every sample is one segment that sees the text anyway."""
+        cache = vars(self._runner.method_state(self.owner)).setdefault("_engine_segment_restriction", {})
+        if cache.get("seq") is self.seq and cache.get("key") == (id(segment_of_index), visual_sees_text):
+            return cache["mask"]
+        mask = _segment_restriction(self.seq, segment_of_index, visual_sees_text, self.hidden_states.device)
+        cache.update(seq=self.seq, key=(id(segment_of_index), visual_sees_text), mask=mask)
+        return mask
+
+    # -- identities for caches ------------------------------------------------------------------------
+    @property
+    def model_identity(self) -> str:
+        """What a cache of model outputs must key on: backbone name, a fingerprint of its weights, dtype
+        and device type (``"llava_onevision_7b|3f2a...|torch.bfloat16|cuda"``)."""
+        bb = self.backbone
+        return f"{bb.name}|{model_fingerprint(bb.model)}|{bb.dtype}|{self.hidden_states.device.type}"
 
     # -- other layers -----------------------------------------------------------------------------
     def recorded(self, layer: int) -> "StageContext":
@@ -196,26 +294,53 @@ class StageContext:
         """
         return self._runner.probe(modify_inputs(dict(self.prefill_inputs)), (self.layer_idx, self.owner), fn)
 
+    def black_video(self, inputs: dict) -> dict:
+        """``inputs`` with every video pixel black (the backbone's own normalisation of a black frame):
+        ``ctx.probe(ctx.black_video, fn)`` is ShaRP's PosC probe."""
+        return self.backbone.black_inputs(inputs)
+
+
+@dataclass(frozen=True)
+class LayerRows:
+    """One decoder layer's prefill input (or output: the same rows) as a layer watcher sees it
+    (:meth:`SessionContext.watch_layers`)."""
+
+    layer: int
+    hidden_states: torch.Tensor  # (b, s_l, d): the layer's input after the stages before it, or its output
+    _seq: SeqState
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden_states.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden_states.dtype
+
+    def visual_index(self, b: int) -> torch.Tensor:
+        """(n_b,) ORIGINAL visual indices of sample b's visual rows in this layer, in sequence order."""
+        return self._seq.visual_index[b, self._seq.visual_positions(b)]
+
+    def visual_rows(self, b: int) -> torch.Tensor:
+        """(n_b, d) sample b's visual rows in this layer, in sequence order (aligned with visual_index)."""
+        return self.hidden_states[b, self._seq.visual_positions(b)]
+
 
 class SessionContext:
-    """What one method sees of its ``sharp.prune`` session outside a stage: in ``install`` (add hooks)
-    and in ``after_prefill`` (read recorded layer inputs, drop KV-cache entries)."""
+    """What one method sees of its ``sharp.prune`` session outside a stage: in ``install`` (watch layers,
+    add hooks) and in ``after_prefill`` (read recorded layer inputs, edit the KV cache)."""
 
     def __init__(self, session: "PruningSession", owner: int):
         self._session = session
         self.owner = owner  # position of the method in the plan's (flattened) method list
 
-    backbone = property(lambda self: self._session.backbone)
+    backbone = property(lambda self: self._session.backbone)  # the engine's (and tests'); methods use the facts
+    backbone_name = property(lambda self: self._session.backbone.name)
+    backbone_family = property(lambda self: self._session.backbone.family)
     num_layers = property(lambda self: self._session.plan.num_layers)
     layout = property(lambda self: self._session.prefill.layout)  # of the current (or last) prefill
     phase = property(lambda self: self._session.phase)  # "prefill" | "probe" | "decode" | None
     prefill_inputs = property(lambda self: self._session.prefill.prefill_inputs)
-
-    @property
-    def sequence(self):
-        """The SeqState of the forward in progress: in a decoder-layer pre-hook added by ``install``
-        (it runs after the engine's), the sequence entering that layer, after the layer's stages."""
-        return self._session.prefill.state.seq
 
     @property
     def trace(self) -> SimpleNamespace:
@@ -235,15 +360,59 @@ class SessionContext:
         ``stage_times[key]``."""
         return self._session.trace.timed(key, self.backbone.device)
 
+    # -- in install --------------------------------------------------------------------------------
+    def watch_layers(self, fn: Callable[[LayerRows], None], where: str = "input") -> None:
+        """Call ``fn(rows)`` (a :class:`LayerRows`) with every decoder layer's prefill input, i.e. the
+        sequence entering it after the stages before it (``where="input"``, the rows its keys and values
+        are computed from), or with its output (``"output"``); in the prefill only, for as long as the
+        ``sharp.prune`` block lasts. Keep only what is needed: the rows die with the layer's forward."""
+        self._session.watch_layers(fn, where)
+
     def add_hook(self, module: torch.nn.Module, hook: Callable, *, pre: bool = True, with_kwargs: bool = True):
-        """Register a forward (pre-)hook that is removed when the ``sharp.prune`` block ends."""
+        """Register a forward (pre-)hook on a module of one's own (e.g. a scoring head) that is removed
+        when the ``sharp.prune`` block ends. A backbone's layers are watched with :meth:`watch_layers`."""
         return self._session.add_hook(module, hook, pre=pre, with_kwargs=with_kwargs)
 
+    # -- in after_prefill ----------------------------------------------------------------------------
     def recorded_input(self, layer: int):
         """(hidden (b, s_l, d), SeqState) at the input of ``layer`` in the last prefill (a layer in the
         method's ``score_layers``)."""
         return self._session.prefill.recorded_input(layer)
 
+    @property
+    def has_kv_cache(self) -> bool:
+        """Whether the last prefill returned a KV cache (False with ``use_cache=False``)."""
+        return self._session.kv.last_cache is not None
+
+    def kv_bytes(self, layer: int) -> int:
+        """Bytes layer ``layer``'s KV cache holds now (keys + values, every sample; 0 without a cache)."""
+        return self._session.kv.kv_bytes(layer)
+
+    def visual_kv_entries(self, layer: int) -> list[int]:
+        """Per sample, the visual entries of layer ``layer``'s cache after the last prefill (its input rows)."""
+        return self._session.layer_sequences[layer].visual_mask.sum(dim=1).tolist()
+
+    def drop_visual_kv(self, layer: int) -> Optional[int]:
+        """Remove layer ``layer``'s visual KV-cache entries for the decoding that follows (text entries
+        stay; every later decode step of that layer attends to the text only). Returns the bytes freed, or
+        None when nothing was dropped: a batch whose samples cannot keep equal entry counts (too little
+        padding). Layer 0's cache gives generate its positions: drop it only if that is what you mean."""
+        seq = self._session.layer_sequences[layer]
+        return self._session.kv.drop_visual_kv(layer, seq.visual_mask, seq.attention_mask_2d)
+
     def drop_kv(self, layer: int, keep: list[torch.Tensor]) -> None:
         """Keep only entries ``keep[b]`` of layer ``layer``'s KV cache (same count per sample)."""
         self._session.kv.drop_kv(layer, keep)
+
+def _segment_restriction(seq: SeqState, segment_of_index: Sequence[torch.Tensor], visual_sees_text: bool,
+                         device: torch.device) -> Optional[SegmentRestriction]:
+    """The :class:`SegmentRestriction` of ``seq`` (per position: the segment of its visual token, -1 for
+    text), or None when it restricts nothing (one segment per sample, which sees the text)."""
+    vidx = seq.visual_index.to(device)  # (b, s) original visual index or -1
+    seg = torch.full_like(vidx, -1)
+    for b in range(vidx.shape[0]):
+        present = vidx[b] >= 0
+        seg[b, present] = segment_of_index[b].to(device)[vidx[b, present]]
+    if visual_sees_text and all(len(torch.unique(row[row >= 0])) <= 1 for row in seg):
+        return None
+    return SegmentRestriction(seg, visual_sees_text=visual_sees_text)

@@ -41,6 +41,7 @@ class DecodePatcher:
     # -- what the prefill records --------------------------------------------------------------
     def start_prefill(self) -> None:
         self.kv_masks, self.position_shift = {}, {}
+        self.last_cache = None  # set when this prefill returns its cache (None: it ran with use_cache=False)
 
     def record_pruned(self, from_layer: int, mask2d: torch.Tensor) -> None:
         """Layers ``from_layer`` .. L-1 cache the sequence whose 2-D mask is ``mask2d`` (b, s')."""
@@ -106,6 +107,26 @@ class DecodePatcher:
         return self._step.rope[key]
 
     # -- cache edits after the prefill (SharpV's memory stage) ---------------------------------------
+    def kv_bytes(self, layer_idx: int) -> int:
+        """Bytes layer ``layer_idx``'s cache holds now, keys + values of every sample (0 without a cache)."""
+        if self.last_cache is None:
+            return 0
+        layer = self.last_cache.layers[layer_idx]
+        return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+
+    def drop_visual_kv(self, layer_idx: int, visual_mask: torch.Tensor, attention_mask_2d: torch.Tensor
+                       ) -> Optional[int]:
+        """Drop the visual entries of layer ``layer_idx``'s cache, whose rows are the prefill sequence with
+        ``visual_mask`` / ``attention_mask_2d`` (b, s); the text entries stay. Returns the bytes freed, or
+        None when nothing was dropped because the samples cannot keep equal entry counts (see
+        :func:`non_visual_entries`)."""
+        keep = non_visual_entries(visual_mask, attention_mask_2d)
+        if keep is None:
+            return None
+        before = self.kv_bytes(layer_idx)
+        self.drop_kv(layer_idx, keep)
+        return before - self.kv_bytes(layer_idx)
+
     def drop_kv(self, layer_idx: int, keep: list[torch.Tensor], cache=None) -> None:
         """Keep only entries ``keep[b]`` (indices into layer ``layer_idx``'s cache) of each sample.
 
@@ -127,3 +148,24 @@ class DecodePatcher:
                 base = torch.ones(index.shape[0], cache.get_seq_length(), dtype=torch.long)
             base = base.long()
         self.kv_masks[layer_idx] = torch.gather(base.to(index.device), 1, index)
+
+
+def non_visual_entries(visual_mask: torch.Tensor, attention_mask_2d: torch.Tensor) -> Optional[list[torch.Tensor]]:
+    """Cache entries a layer keeps when its visual entries go: per sample, every real non-visual
+    entry, plus (for samples with fewer of them) some padding entries, so that every sample keeps the
+    same count (``drop_kv`` needs it; the padding mask hides them). None when a sample has too little
+    padding to reach that count.
+
+    visual_mask, attention_mask_2d: (b, s) of the layer's cache rows.
+    """
+    real_text = ~visual_mask & attention_mask_2d.bool()
+    padding = ~visual_mask & ~attention_mask_2d.bool()
+    count = int(real_text.sum(dim=1).max())
+    keep = []
+    for b in range(visual_mask.shape[0]):
+        fill = count - int(real_text[b].sum())
+        pads = padding[b].nonzero().squeeze(1)
+        if fill > len(pads):
+            return None
+        keep.append(torch.cat([pads[:fill], real_text[b].nonzero().squeeze(1)]).sort().values)
+    return keep

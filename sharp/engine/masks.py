@@ -17,15 +17,22 @@ restricted; causality and padding are the engine's. How the restricted layer com
 * ``"dense"``: the restriction as a dense bool mask ANDed with causal + padding (the old path).
 
 All three give the same attention (tests/test_masks.py).
+
+The prefill's per-layer masks are assembled here too (:class:`sharp.engine.prefill.PrefillRunner`
+calls these and keeps only the per-layer attention-config switch): :func:`shortened_causal_mask`
+(causal + padding for a pruned sequence, transformers' own builder) and :func:`restricted_mask`
+(that AND a method's restriction; picks the segments / flex / dense path).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+
+from sharp.engine import compat
 
 MODES = ("auto", "segments", "flex", "dense")
 ATTN_NAME = "sharp_segments"
@@ -217,3 +224,68 @@ def register() -> None:
 
     AttentionInterface.register(ATTN_NAME, segments_attention)
     _REGISTERED = True
+
+
+# -- a decoder layer's mask in the prefill ------------------------------------------------------
+def shortened_causal_mask(config, hidden: torch.Tensor, attention_mask_2d: torch.Tensor):
+    """transformers' own causal + padding mask (``create_causal_mask``) for a shortened sequence, in the
+    format of ``config._attn_implementation`` (sdpa: (b, 1, s', s') bool or None for plain causal;
+    eager: (b, 1, s', s') additive float; FlashAttention-2: (b, s') or None). ``hidden`` (b, s', d): the
+    kept rows; ``attention_mask_2d`` (b, s'): their padding mask (1 = real token)."""
+    return compat.causal_mask(config, hidden, attention_mask_2d)
+
+
+def restricted_mask(restriction, attention_mask_2d: torch.Tensor, hidden: torch.Tensor,
+                    impl: str) -> tuple[Any, Optional[str]]:
+    """Causal + padding AND a method's restriction, for one decoder layer whose attention
+    implementation is ``impl``.
+
+    ``restriction``: a dense bool mask broadcastable to (b, 1, s, s) (True = may attend) or a
+    :class:`SegmentRestriction` ((b, s) segment ids); ``attention_mask_2d`` (b, s); ``hidden`` (b, s, d)
+    the layer's input. Returns ``(mask, run_on)``: ``run_on`` is the attention implementation the layer
+    must run on for this mask (None: its own). A SegmentRestriction that fits
+    (:func:`structured_mask`) gives a :class:`SegmentPlan` and ``run_on`` ``"sharp_segments"``
+    (registered); otherwise the restriction is made dense (:func:`dense_mask`)."""
+    if isinstance(restriction, SegmentRestriction):  # SegM: no dense s x s mask if it fits
+        structured = structured_mask(restriction, attention_mask_2d, hidden, impl)
+        if structured is not None:
+            return structured, ATTN_NAME
+        restriction = restriction.dense()
+    return dense_mask(restriction, attention_mask_2d, hidden, impl)
+
+
+def structured_mask(restriction: SegmentRestriction, attention_mask_2d: torch.Tensor, hidden: torch.Tensor,
+                    impl: str) -> Optional[SegmentPlan]:
+    """A :class:`SegmentPlan` for the layer (``restriction`` (b, s) segment ids, ``attention_mask_2d``
+    (b, s), ``hidden`` (b, s, d)), with ``sharp_segments`` registered so the layer can run on it; None
+    when the dense mask is needed (mode ``"dense"``, padding, eager, a layout :func:`plan` rejects)."""
+    mode = resolved_mode(hidden.device)
+    if mode == "dense" or impl not in ("sdpa", "flash_attention_2", "flex_attention"):
+        return None
+    segment_plan = plan(restriction.to(hidden.device), attention_mask_2d)
+    if segment_plan is None:
+        return None
+    segment_plan.mode = mode
+    register()
+    return segment_plan
+
+
+def dense_mask(restriction: torch.Tensor, attention_mask_2d: torch.Tensor, hidden: torch.Tensor,
+               impl: str) -> tuple[torch.Tensor, Optional[str]]:
+    """Causal + padding AND ``restriction`` (bool, broadcastable to (b, 1, s, s)) as a (b, 1, s, s) mask:
+    bool for sdpa, additive float (``hidden.dtype``, min where masked) for eager and the rest.
+    ``attention_mask_2d`` (b, s); ``hidden`` (b, s, d). A fully masked row (left padding) sees itself
+    (sdpa would give NaN). FlashAttention-2 takes no 4-D mask: the bool mask with ``run_on`` ``"sdpa"``
+    (that one layer runs on sdpa); otherwise ``run_on`` is None."""
+    s = hidden.shape[1]
+    allowed = torch.ones(s, s, dtype=torch.bool, device=hidden.device).tril()[None, None]  # (1, 1, s, s)
+    allowed = allowed & attention_mask_2d.bool()[:, None, None, :]
+    allowed = allowed & restriction.to(hidden.device)
+    # a fully masked row (left padding) would give NaN in sdpa: let it see itself
+    allowed = allowed | torch.eye(s, dtype=torch.bool, device=hidden.device)[None, None]
+    if impl == "flash_attention_2":  # FA2 takes no 4-D mask: run this one layer on sdpa
+        return allowed, "sdpa"
+    if impl == "sdpa":
+        return allowed, None
+    return torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+        ~allowed, torch.finfo(hidden.dtype).min), None

@@ -101,16 +101,31 @@ def budget(n_visual: int, retention: float) -> int:
     return max(1, min(n_visual, int(round(retention * n_visual))))
 
 
-def apportion(k: int, counts: list[int]) -> list[int]:
-    """k tokens over groups of ``counts`` tokens, proportionally and exactly:
-    k_g = floor(k C_g / N) - floor(k C_{g-1} / N), C_g the cumulative count, N = sum(counts).
+SPLIT_RULES = ("cumulative", "largest_remainder")
 
-    Equal groups get floor(k / G) or one more, the extra ones spread evenly (32 frames x 196 at
-    12.8%: k = 803 -> 29 frames of 25 and 3 of 26); k_g <= counts[g] whenever k <= N.
+
+def split_budget(k: int, counts: list[int], rule: str = "cumulative") -> list[int]:
+    """``k`` kept tokens over groups of ``counts`` tokens (frames, windows, ...), in proportion; the one
+    budget-splitting rule of every method. sum = k, and k_g <= counts[g] whenever k <= sum(counts).
+
+    ``rule="cumulative"`` (default): k_g = floor(k C_g / N) - floor(k C_{g-1} / N), C_g the cumulative
+    count, N = sum(counts). Equal groups get floor(k / G) or one more, the extra ones spread evenly
+    over the groups (32 frames x 196 at 12.8%: k = 803 -> 29 frames of 25 and 3 of 26; VisionZip's,
+    HoliTom's and FEATHER's grid quotas).
+    ``rule="largest_remainder"``: floor(k C / N) each, then one more to the groups with the largest
+    remainders, ties to the earlier group (SharpV's fixed mode: 5 over [4, 4, 4] -> [2, 2, 1]).
     """
+    if rule not in SPLIT_RULES:
+        raise ValueError(f"split_budget: rule must be one of {', '.join(map(repr, SPLIT_RULES))}, got {rule!r}")
     total = sum(counts)
     if total == 0:
         return [0] * len(counts)
+    if rule == "largest_remainder":
+        shares = [k * c // total for c in counts]
+        remainders = [k * c - s * total for c, s in zip(counts, shares)]  # exact: k c / N - share, times N
+        for g in sorted(range(len(counts)), key=lambda g: (-remainders[g], g))[: k - sum(shares)]:
+            shares[g] += 1
+        return shares
     out, before, cum = [], 0, 0
     for n in counts:
         cum += n

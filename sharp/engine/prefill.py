@@ -4,11 +4,14 @@
   gathers the kept tokens (all text + chosen visual, original order), their RoPE angles (ORIGINAL,
   or re-numbered with ``positions="compact"``) and padding mask, and rebuilds the causal mask for
   the short sequence with transformers' own ``create_causal_mask`` (so every attention
-  implementation gets its own format). A stage that keeps everything costs nothing.
+  implementation gets its own format; :func:`sharp.engine.masks.shortened_causal_mask`). A stage
+  that keeps everything costs nothing.
 * After-attention selections (FrameFusion): the input of a layer's ``post_attention_layernorm`` is
   the residual stream after the attention (the same tensor the layer adds its MLP output to); merged
   rows are written into it in place and the dropped tokens leave before the next layer.
-* A method's custom mask (SegM) is ANDed with causal + padding for that layer.
+* A method's custom mask (SegM) is ANDed with causal + padding for that layer; the mask (dense, or
+  a segment plan) is assembled by :func:`sharp.engine.masks.restricted_mask`, and the runner switches
+  that layer's attention function when the mask needs another one (restored after the prefill).
 * The layers from a stage on cache the short sequence: the runner tells the
   :class:`~sharp.engine.decode.DecodePatcher` their key masks and position shifts.
 * A probe (ShaRP's PosC) is a second forward, without cache, up to one stage; the earlier stages
@@ -24,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from sharp.engine import compat
-from sharp.engine import masks as structured_masks
+from sharp.engine import masks
 from sharp.engine.context import StageContext
 from sharp.engine.decode import DecodePatcher
 from sharp.engine.method import PruningMethod, Selection
@@ -221,7 +224,11 @@ class PrefillRunner:
                               attention_mask=seq.mask)
             compat.set_cache_position(self.backbone.layers[idx], new_kwargs, seq.cache_position)
         if extra is not None:
-            new_kwargs["attention_mask"] = self._custom_mask(idx, extra, seq, hidden)
+            mask, run_on = masks.restricted_mask(extra, seq.attention_mask_2d, hidden,
+                                                 self.backbone.text_config._attn_implementation)
+            if run_on is not None:
+                self._switch_layer_attn(idx, run_on)
+            new_kwargs["attention_mask"] = mask
             if state.phase == "prefill":
                 self.trace.add_time("mask", self.trace.clock() - t0)
         if args:
@@ -334,7 +341,8 @@ class PrefillRunner:
         new = seq.gathered(index, pad)
         if method.compacts_at(idx):
             new = self._compact(idx, seq, new, new_hidden, record_kv)
-        new = replace(new, mask=compat.causal_mask(self.backbone.text_config, new_hidden, new.attention_mask_2d))
+        new = replace(new, mask=masks.shortened_causal_mask(self.backbone.text_config, new_hidden,
+                                                           new.attention_mask_2d))
         state.seq = new
         if record_kv:
             self.kv.record_pruned(idx, new.attention_mask_2d)
@@ -357,47 +365,11 @@ class PrefillRunner:
         for owner, m in enumerate(self.plan.methods):
             mask = m.attention_mask(self._context(idx, hidden, seq, owner))
             if mask is not None:
-                extra = structured_masks.combine(extra, mask)
+                extra = masks.combine(extra, mask)
         return extra
 
-    def _custom_mask(self, idx: int, extra: torch.Tensor, seq: SeqState, hidden: torch.Tensor):
-        """Causal + padding mask AND the methods' restriction, in the layer's attention format."""
-        if isinstance(extra, structured_masks.SegmentRestriction):  # SegM: no dense s x s mask if it fits
-            structured = self._structured_mask(idx, extra, seq, hidden)
-            if structured is not None:
-                return structured
-            extra = extra.dense()
-        b, s = hidden.shape[:2]
-        allowed = torch.ones(s, s, dtype=torch.bool, device=hidden.device).tril()[None, None]  # (1, 1, s, s)
-        allowed = allowed & seq.attention_mask_2d.bool()[:, None, None, :]
-        allowed = allowed & extra.to(hidden.device)
-        # a fully masked row (left padding) would give NaN in sdpa: let it see itself
-        allowed = allowed | torch.eye(s, dtype=torch.bool, device=hidden.device)[None, None]
-        impl = self.backbone.text_config._attn_implementation
-        if impl == "flash_attention_2":  # FA2 takes no 4-D mask: run this one layer on sdpa
-            self._switch_layer_attn(idx, "sdpa")
-            impl = "sdpa"
-        if impl == "sdpa":
-            return allowed
-        return torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
-            ~allowed, torch.finfo(hidden.dtype).min)
-
-    def _structured_mask(self, idx: int, extra, seq: SeqState, hidden: torch.Tensor):
-        """A :class:`sharp.engine.masks.SegmentPlan` for this layer (run on the ``sharp_segments``
-        attention function), or None when the dense mask is needed (mode, padding, eager, layout)."""
-        mode = structured_masks.resolved_mode(hidden.device)
-        impl = self.backbone.text_config._attn_implementation
-        if mode == "dense" or impl not in ("sdpa", "flash_attention_2", "flex_attention"):
-            return None
-        plan = structured_masks.plan(extra.to(hidden.device), seq.attention_mask_2d)
-        if plan is None:
-            return None
-        plan.mode = mode
-        structured_masks.register()
-        self._switch_layer_attn(idx, structured_masks.ATTN_NAME)
-        return plan
-
     def _switch_layer_attn(self, idx: int, impl: str) -> None:
+        """Run layer ``idx``'s attention on ``impl`` until :meth:`restore_attn_configs` (a config copy)."""
         attn = self.backbone.layers[idx].self_attn
         if idx not in self._attn_cfg_backup:
             self._attn_cfg_backup[idx] = attn.config

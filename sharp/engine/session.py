@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from sharp.engine import compat
-from sharp.engine.context import SessionContext
+from sharp.engine.context import LayerRows, SessionContext
 from sharp.engine.decode import DecodePatcher
 from sharp.engine.method import PruningMethod
 from sharp.engine.plan import PruningPlan
@@ -41,6 +41,7 @@ class PruningSession:
         self.prefill = PrefillRunner(backbone, self.plan, self.trace, self.kv)
         self._call: Optional[str] = None  # the top-level call in progress or last: prefill | decode
         self._handles: list = []
+        self.layer_sequences: dict = {}  # layer -> the SeqState of its input (= its cache rows) in the last prefill
 
     @property
     def phase(self) -> Optional[str]:
@@ -117,7 +118,40 @@ class PruningSession:
             if phase == "decode":
                 return self.kv.layer_kwargs(idx, args, kwargs)
             if phase in ("prefill", "probe"):
-                return self.prefill.layer_kwargs(idx, args, kwargs)
+                out = self.prefill.layer_kwargs(idx, args, kwargs)
+                if phase == "prefill":
+                    if idx == 0:
+                        self.layer_sequences = {}
+                    self.layer_sequences[idx] = self.prefill.state.seq
+                return out
+            return None
+
+        return hook
+
+    # -- layer watchers (SessionContext.watch_layers) ----------------------------------------------
+    def watch_layers(self, fn: Callable, where: str = "input") -> None:
+        """Call ``fn(LayerRows)`` with every decoder layer's prefill input (after the stages before it) or
+        output, during the prefill only (not in probes or decode)."""
+        if where not in ("input", "output"):
+            raise ValueError(f"watch_layers: where must be 'input' or 'output', got {where!r}")
+        for idx, layer in enumerate(self.backbone.layers):
+            if where == "input":
+                self.add_hook(layer, self._input_watcher(idx, fn))  # runs after the engine's pre-hook
+            else:
+                self.add_hook(layer, self._output_watcher(idx, fn), pre=False)
+
+    def _input_watcher(self, idx: int, fn: Callable):
+        def hook(module, args, kwargs):
+            if self.phase == "prefill":
+                fn(LayerRows(idx, args[0] if args else kwargs["hidden_states"], self.prefill.state.seq))
+            return None
+
+        return hook
+
+    def _output_watcher(self, idx: int, fn: Callable):
+        def hook(module, args, kwargs, output):
+            if self.phase == "prefill":
+                fn(LayerRows(idx, output[0] if isinstance(output, tuple) else output, self.layer_sequences[idx]))
             return None
 
         return hook

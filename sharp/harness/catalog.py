@@ -43,15 +43,11 @@ def registered_methods() -> list[str]:
 
 
 def method_parts(name: str) -> Optional[list[str]]:
-    """The children of a composed name (``a+b``) or registered combination, else None. Unknown plain
+    """The children of a composed name (``a+b``) or declared composition, else None. Unknown plain
     names raise the registry's ValueError."""
-    from sharp.engine.compose import ComposedMethod
-    from sharp.methods import get_method_class
+    from sharp.methods import method_parts as parts_of
 
-    if "+" in name:
-        return name.split("+")
-    cls = get_method_class(name)
-    return list(cls.parts) if issubclass(cls, ComposedMethod) else None
+    return parts_of(name)
 
 
 def method_children(name: str) -> Optional[list[str]]:

@@ -9,6 +9,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from sharp.harness.cells import Cell, format_retention
+from sharp.harness.method_configs import explicit_method_kwargs, register_method_configs
 from sharp.harness.resources import HarnessError
 from sharp.lmms.args import flatten_kwargs
 from sharp.methods.settings import deep_merge
@@ -26,6 +27,7 @@ def _sharp_path(rel: str = "") -> str:
 
 if not OmegaConf.has_resolver("sharp_path"):
     OmegaConf.register_new_resolver("sharp_path", _sharp_path)
+register_method_configs()  # method.kwargs from the dataclasses; yaml-less (outside) methods
 
 
 def compose(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:
@@ -34,10 +36,21 @@ def compose(overrides: Iterable[str] = (), config_name: str = "config") -> DictC
     from hydra.core.global_hydra import GlobalHydra
 
     overrides = list(overrides)
+    register_method_configs()  # methods registered since the import (register_method)
     if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        return with_command_line(hydra_compose(config_name=config_name, overrides=overrides), overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        return with_command_line(hydra_compose(config_name=config_name, overrides=overrides), overrides)
+
+
+def with_command_line(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
+    """``cfg`` with ``command_line``, the overrides it was composed from (which method kwargs a run SET
+    is read from it; the summary records it)."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.command_line = [str(o) for o in overrides]
+    return cfg
 
 
 def list_sweeps() -> list[str]:
@@ -125,42 +138,15 @@ def to_plain(node: Any) -> Any:
 
 
 def method_kwargs(cfg: DictConfig) -> dict:
-    """The kwargs the user SET for the cell's method: the run's ``method_kwargs`` merged into the values of
-    ``method.kwargs`` that differ from the method's defaults (``method.kwargs`` repeats the paper's 7B
-    defaults, tests/test_harness_config.py keeps them equal; a Hydra override of one counts as set).
-    ``+method_kwargs.sharp.lam=0.5`` changes one kwarg of the child ``sharp`` and keeps the others. The
-    rest is the method's defaults resolved for the backbone (``sharp.resolve_method``)."""
+    """The kwargs the user SET for the cell's method: the ``method.kwargs`` entries its command line
+    names (``method.kwargs.llm_layer=18``, whatever the value; ``cfg.command_line``) merged with the run's
+    ``method_kwargs`` (``+method_kwargs.sharp.lam=0.5`` changes one kwarg of the child ``sharp`` and keeps
+    the others). ``method.kwargs`` itself lists every kwarg at its dataclass default (generated,
+    :mod:`sharp.harness.method_configs`); what is not set is the method's defaults resolved for the
+    backbone (``sharp.resolve_method``)."""
     configured = dict(to_plain(cfg.method.get("kwargs")) or {})
-    name = method_name(cfg)
-    try:
-        from sharp.methods import make_method
-        from sharp.methods.settings import method_settings
-
-        defaults = method_settings(make_method(name))
-    except (TypeError, ValueError):  # an unknown or planned method: the cell check names it
-        defaults = {}
-    return deep_merge(changed_values(configured, defaults), dict(to_plain(cfg.get("method_kwargs")) or {}))
-
-
-_UNSET = object()
-
-
-def changed_values(values: dict, defaults: dict) -> dict:
-    """The entries of ``values`` that differ from ``defaults`` (nested dicts compared key by key)."""
-    out = {}
-    for key, value in values.items():
-        default = defaults.get(key, _UNSET)
-        if isinstance(value, dict) and isinstance(default, dict):
-            inner = changed_values(value, default)
-            if inner:
-                out[key] = inner
-        elif _normal(value) != _normal(default):
-            out[key] = value
-    return out
-
-
-def _normal(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    explicit = explicit_method_kwargs(configured, cfg.get("command_line") or [])
+    return deep_merge(explicit, dict(to_plain(cfg.get("method_kwargs")) or {}))
 
 
 def method_name(cfg: DictConfig) -> str:

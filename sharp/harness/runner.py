@@ -16,7 +16,8 @@ from sharp.harness import cells as C
 from sharp.harness import parallel
 from sharp.harness.catalog import backbone_family, check_backbone, check_method, lmms_method_ids
 from sharp.harness.checks import RunOptions, check_retention, run_options
-from sharp.harness.config import REPO_ROOT, cell_from_cfg, include_paths, resolve_sweep_cell, results_root
+from sharp.harness.config import (REPO_ROOT, cell_from_cfg, include_paths, resolve_sweep_cell, results_root,
+                                  with_command_line)
 from sharp.harness.io import atomic_write_json, atomic_write_jsonl
 from sharp.harness.resources import HarnessError, explain, preflight
 from sharp.harness.report import format_report
@@ -114,12 +115,16 @@ def run_cell(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Opti
     ``overrides``: the command line's Hydra overrides, needed to start ``num_processes`` > 1 copies of
     ``run.py`` (see :mod:`sharp.harness.parallel`). In a data-parallel child, ranks other than 0
     return None."""
+    if overrides is not None and not cfg.get("command_line"):
+        cfg = with_command_line(cfg, overrides)
     cfg = resolve_sweep_cell(cfg)
     cell = cell_from_cfg(cfg)
     options, resolved = validate_cell(cfg, cell)
     w = parallel.world()
     if options.num_processes > 1 and not w.parallel:
         return _run_parallel(cfg, cell, options, overrides)
+    if w.main and resolved is not None:  # before weights or data are looked for: a run that stops there shows them
+        _print(f"[sharp] settings: {resolved.describe()}")
     root = results_root(cfg)
     out_dir = cell.dir(root)
     hub_id = cfg.backbone.get("hub_id")
@@ -155,8 +160,6 @@ def run_cell(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Opti
         _print(f"[sharp] running {cell.backbone} {cell.method} r={cell.retention:g} tasks={','.join(cell.tasks)}"
                + (f" batch={options.batch_size}" if options.batch_size > 1 else "")
                + (f" processes={w.size}" if w.parallel else "") + f" -> {out_dir}")
-        if resolved is not None:
-            _print(f"[sharp] settings: {resolved.describe()}")
 
     try:
         results, requests, busy_s = _evaluate(cfg, cell, options, w)

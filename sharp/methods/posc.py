@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,7 +32,6 @@ BIAS_VERSION = 2
 # bias cache shared by every ShaRP instance of the process: key -> (n_current,) float32 on CPU
 _BIAS_MEMORY: "OrderedDict[str, torch.Tensor]" = OrderedDict()
 _BIAS_MEMORY_MAX = 4096
-_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def default_cache_dir() -> Path:
@@ -44,24 +42,6 @@ def default_cache_dir() -> Path:
 def clear_bias_memory() -> None:
     """Forget the in-memory PosC biases (the disk cache is untouched)."""
     _BIAS_MEMORY.clear()
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap identity of a model's weights (names, shapes, first values of every parameter).
-
-    Part of the PosC cache key, so a cached bias is never reused for other weights that share a
-    backbone name (e.g. tiny random models built with another seed).
-    """
-    fp = _FINGERPRINTS.get(model)
-    if fp is None:
-        h = hashlib.sha1()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-                h.update(p.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
-        fp = h.hexdigest()[:16]
-        _FINGERPRINTS[model] = fp
-    return fp
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -76,17 +56,17 @@ class BiasCache:
 
     def keys(self, ctx, reading: str, per_prompt: bool) -> list[str]:
         """One cache key per sample of the current stage context."""
-        bb, layout, inputs = ctx.backbone, ctx.layout, ctx.prefill_inputs
+        layout, inputs = ctx.layout, ctx.prefill_inputs
         ids = inputs["input_ids"]
         common = (
-            f"v{BIAS_VERSION}|{bb.name}|{model_fingerprint(bb.model)}|{bb.dtype}|{ctx.hidden_states.device.type}|"
+            f"v{BIAS_VERSION}|{ctx.model_identity}|"
             f"{layout.n_visual}x{layout.frames}x{layout.tokens_per_frame}x{layout.grid}|s={ids.shape[1]}|"
             f"pos_ids={'position_ids' in inputs}|{reading}")
         keys = []
         for b in range(ids.shape[0]):
             tokens = ctx.visual_tokens(b)
             real = ctx.prefill_inputs.get("attention_mask", torch.ones_like(ids))[b].bool()
-            first_visual = int(ctx.backbone.visual_mask(ids[b:b + 1], layout)[0].nonzero()[0])
+            first_visual = ctx.input_video_start(b)
             key = f"{common}|pads={int((~real).sum())}|before={int(real[:first_visual].sum())}"
             if len(tokens) != layout.n_visual:  # an earlier stage removed tokens: the bias is of the kept ones
                 key += "|kept=" + _digest(tokens.index)
@@ -144,7 +124,7 @@ def positional_bias(ctx, score: Callable, cache: BiasCache, reading: str, per_pr
             scores = score(pctx)
             return [scores[b, pctx.visual_positions(b)].float().cpu() for b in range(scores.shape[0])]
 
-        probed = ctx.probe(ctx.backbone.black_inputs, measure)
+        probed = ctx.probe(ctx.black_video, measure)
         ctx.add_time("probe", ctx.now() - t0)
         for b in range(len(keys)):
             if b not in found:

@@ -47,7 +47,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from sharp.engine.attention import cuda_sync
 
 __all__ = ["RegDResult", "regd", "sequential_pivots", "DEDUP_MODES", "CLUSTER_MODES", "FILL_MODES", "ABSORB_MODES"]
 
@@ -141,6 +140,18 @@ class RegDResult:
         return out
 
 
+def _synced_clock(device: torch.device) -> Callable[[], float]:
+    """``time.perf_counter`` read after the device's queued work (GPU) has finished."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
 def regd(
     hidden: torch.Tensor,
     scores: torch.Tensor,
@@ -154,7 +165,7 @@ def regd(
     dedup: str = "pivot",
     cluster: str = "first",
     fill: str = "segment",
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Optional[Callable[[], float]] = None,
 ) -> RegDResult:
     """Register-token deduplication of one sample (Sec. 4.3), see the module docstring.
 
@@ -163,7 +174,9 @@ def regd(
         scores: ``(n,)`` calibrated scores (Eq. 5); only used by the filling fallback.
         registers: indices of the top-K register tokens (any order, unique).
         segment_ids: ``(n,)`` non-decreasing segment index of each visual token.
-        clock: what the phase times (``RegDResult.times``) read; ShaRP passes its session's stage clock.
+        clock: what the phase times (``RegDResult.times``) read, a clock that waits for the device first;
+            ShaRP passes its session's stage clock (``ctx.now``); None: ``time.perf_counter`` after a
+            CUDA synchronise on a GPU.
 
     Returns: :class:`RegDResult`; ``keep`` has exactly ``len(registers)`` tokens.
     """
@@ -178,21 +191,18 @@ def regd(
     is_reg[registers] = True
     absorber = torch.full((n,), -1, dtype=torch.long, device=device)  # token -> the token it went into
     times: dict[str, float] = {}
+    clock = clock or _synced_clock(device)
 
-    cuda_sync(device)
     t0 = clock()
     filtered = _prefilter(x, registers, is_reg, segment_ids, tau_filter, absorber)
-    cuda_sync(device)
     t1 = clock()
     kept_reg, deduplicated = _deduplicate(x, registers, segment_ids, tau_merge, dedup, absorber)
-    cuda_sync(device)
     t2 = clock()
     filled, used_centres, fallback = _postfill(x, scores, registers, kept_reg, is_reg, segment_ids, absorber,
                                                tau_cluster, beta, cluster, fill)
     keep = torch.sort(torch.cat([kept_reg, filled])).values
     owner = _final_owners(keep, absorber)
     kept_hidden = _merged_hidden(hidden, keep, owner) if absorb == "mean" else None
-    cuda_sync(device)
     times.update(filter=t1 - t0, dedup=t2 - t1, fill=clock() - t2)
     return RegDResult(
         keep=keep,

@@ -4,7 +4,7 @@ A method's dataclass defaults are the paper's settings for the 28-layer 7B model
 and Qwen2-VL-7B both have 28 decoder layers). :func:`resolve_method` turns a method name (or instance)
 and a backbone into the method that runs there, in this order:
 
-1. the method's defaults (for a registered combination, its ``child_defaults`` on top);
+1. the method's defaults (for a declared composition, its config's ``child_defaults`` on top);
 2. every layer kwarg that the user did not set follows the backbone's depth L (its :class:`LayerRule`):
    - ``relative`` (a depth in the paper's 28 layers: PyramidDrop's 4/16/24, HoliTom's 18, FEATHER's
      official 8/16): l -> round(l x L / 28) (halves up), clamped to ``lowest .. L-1``; a list stays
@@ -47,6 +47,10 @@ class BackboneFacts:
     num_layers: int  # decoder layers
     vision_layers: int  # vision-encoder layers
     mrope: bool  # multimodal RoPE (no 1-D re-numbering of positions)
+
+    def fit_vision_layer(self, layer: Union[int, str]) -> Union[int, str]:
+        """A method's default vision-encoder layer on this backbone's tower (:func:`fit_vision_layer`)."""
+        return fit_vision_layer(layer, self.vision_layers)
 
     @classmethod
     def of(cls, backbone) -> "BackboneFacts":
@@ -190,15 +194,15 @@ def _resolve_name(name: str, retention: float, facts: BackboneFacts, defaults: d
 def _resolve_composed(name: str, retention: float, facts: BackboneFacts, defaults: dict, user: dict,
                       changes: list[str], prefix: str) -> PruningMethod:
     from sharp.engine.compose import ComposedMethod
-    from sharp.methods.registry import child_keys, get_method_class, make_method
+    from sharp.methods.registry import child_keys, composition, make_method, method_parts
 
-    parts = name.split("+") if "+" in name else list(get_method_class(name).parts)
-    cls = ComposedMethod if "+" in name else get_method_class(name)
+    parts = method_parts(name)
+    spec = composition(name)  # a declared composition (its per-child defaults and layer rules), or None
     keys = child_keys(parts)
     make_method(name, retention, **deep_merge(defaults, user))  # names, per-child dicts and values, as given
-    combo_defaults = deep_merge(getattr(cls, "child_defaults", {}) or {}, defaults)
-    configured = configured_for_backbone(name, facts) if "+" not in name else {}
-    combo_rules = getattr(cls, "child_layer_rules", {}) or {}
+    combo_defaults = deep_merge(spec.child_defaults if spec else {}, defaults)
+    configured = configured_for_backbone(name, facts) if spec else {}
+    combo_rules = spec.child_layer_rules if spec else {}
     children = []
     for part, key in zip(parts, keys):
         child_defaults = dict(combo_defaults.get(key) or {})
@@ -207,7 +211,7 @@ def _resolve_composed(name: str, retention: float, facts: BackboneFacts, default
         child_defaults.pop("retention", None)
         children.append(_resolve_name(part, child_retention, facts, child_defaults, child_user,
                                       combo_rules.get(key, {}), changes, prefix=f"{prefix}{key}."))
-    return cls(retention=retention, children=tuple(children), label=name)
+    return ComposedMethod(retention=retention, children=tuple(children), label=name)
 
 
 def _fill_automatic(method: PruningMethod, facts: BackboneFacts, changes: list[str], prefix: str) -> PruningMethod:

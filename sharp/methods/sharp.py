@@ -33,7 +33,6 @@ from typing import Any, Optional
 
 import torch
 
-from sharp.engine.masks import SegmentRestriction
 from sharp.engine.method import PruningMethod, Selection, budget, layer_kwarg
 from sharp.methods.posc import POSC_KEYS, BiasCache, default_cache_dir, positional_bias
 from sharp.methods.regd import ABSORB_MODES, CLUSTER_MODES, DEDUP_MODES, FILL_MODES, regd as run_regd
@@ -146,7 +145,7 @@ class ShaRP(PruningMethod):
 
     # -- session hooks -----------------------------------------------------------------------
     def install(self, ctx) -> None:
-        self._backbone = ctx.backbone
+        self._backbone = ctx.backbone_name  # FLOPs matching outside a stage (token_schedule) needs the sizes
 
     # -- SegM (Sec. 4.1) ---------------------------------------------------------------------
     def segments(self, ctx) -> list[torch.Tensor]:
@@ -173,26 +172,10 @@ class ShaRP(PruningMethod):
         with ctx.timed("attn"):
             return self._segment_restriction(ctx)
 
-    def _segment_restriction(self, ctx) -> Optional[SegmentRestriction]:
-        """SegM's structured mask for this layer's sequence (None: one segment that sees the text)."""
-        device = ctx.hidden_states.device
-        of_index = self.segments(ctx)
-        st = ctx.state
-        if getattr(st, "mask_seq", None) is ctx.seq:
-            mask = st.mask  # the same sequence as the previous masked layer
-        elif self.segm_sees_text and all(len(s) == 1 for s in ctx.trace.segments):
-            mask = None  # one segment per sample that sees the text anyway: no restriction (fast path)
-        else:
-            # structured (sharp.engine.masks): the engine runs per-segment attention, or densifies it
-            seq = ctx.seq
-            vidx = seq.visual_index.to(device)
-            seg = torch.full_like(vidx, -1)
-            for b in range(ctx.batch_size):
-                present = vidx[b] >= 0
-                seg[b, present] = of_index[b].to(device)[vidx[b, present]]
-            mask = SegmentRestriction(seg, visual_sees_text=self.segm_sees_text)
-        st.mask, st.mask_seq = mask, ctx.seq
-        return mask
+    def _segment_restriction(self, ctx):
+        """SegM's restriction for this layer's sequence (``ctx.segment_restriction``: structured, built
+        once per sequence; None when every sample is one segment that sees the text)."""
+        return ctx.segment_restriction(self.segments(ctx), visual_sees_text=self.segm_sees_text)
 
     # -- scoring and PosC (Sec. 4.2) -----------------------------------------------------------
     def _scores(self, ctx) -> torch.Tensor:
@@ -212,13 +195,12 @@ class ShaRP(PruningMethod):
 
     # -- selection (Sec. 4.3) --------------------------------------------------------------------
     def select(self, ctx) -> Selection:
-        t0, probe0 = ctx.now(), ctx.stage_time("probe")
-        of_index = self.segments(ctx)
-        retention = self.effective_retention(ctx.n_visual, ctx.backbone)
-        k = ctx.budget(retention)
-        calibrated, bias = self.calibrated_scores(ctx)
-        topk = Selection.top_k(calibrated, k).keep_visual
-        ctx.add_time("attn", ctx.now() - t0 - (ctx.stage_time("probe") - probe0))  # PosC's probe: its own key
+        with ctx.timed("attn", excluding=("probe",)):  # PosC's probe forward has its own column
+            of_index = self.segments(ctx)
+            retention = self.effective_retention(ctx.n_visual, ctx.backbone_name)
+            k = ctx.budget(retention)
+            calibrated, bias = self.calibrated_scores(ctx)
+            topk = Selection.top_k(calibrated, k).keep_visual
         self._record(ctx, retention, k, calibrated, bias, topk)
         if not self.regd:
             ctx.trace.after_regd = [t.clone() for t in ctx.trace.after_topk]
@@ -247,7 +229,7 @@ class ShaRP(PruningMethod):
                 ctx.hidden_states[b, tokens.positions], calibrated[b, : len(tokens)], registers,
                 segment_ids, tau_filter=self.tau_filter, tau_merge=self.tau_merge,
                 tau_cluster=self.tau_cluster, beta=self.beta, absorb=self.absorb, dedup=self.dedup,
-                cluster=self.cluster, fill=self.fill, clock=ctx.clock)
+                cluster=self.cluster, fill=self.fill, clock=ctx.now)
             for key in ("filter", "dedup", "fill"):
                 ctx.add_time(key, r.times[key])
             keep.append(r.keep)

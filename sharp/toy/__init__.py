@@ -2,13 +2,14 @@
 
 The toy backbones ``toy_llava_onevision`` and ``toy_qwen2_vl`` are the two real HF architectures
 (``LlavaOnevisionForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration``) at toy size
-(4 decoder layers, hidden 128, about 0.9 M parameters), trained by ``scripts/train_toy.py`` on the
-train split of :mod:`sharp.synthetic` and shipped in ``sharp/weights/<name>/`` (``backbone.json``
-with the word vocabulary, ``config.json``, ``model.safetensors``, ``metadata.json``), where
-:func:`sharp.load_backbone` finds them.
+(4 decoder layers, hidden 128, about 0.9 M parameters), trained by ``scripts/train_toy.py`` (the
+command line of :mod:`sharp.toy.training`) on the train split of :mod:`sharp.synthetic` and shipped in
+``sharp/weights/<name>/`` (``backbone.json`` with the word vocabulary, ``config.json``,
+``model.safetensors``, ``metadata.json``), where :func:`sharp.load_backbone` finds them.
 
-This package holds what training, evaluation (``scripts/retention_curve.py``) and the tests share;
-everything family-specific is asked of the backbone's family class (``sharp.backbones``):
+This package holds the toys' training and what training, evaluation (``scripts/retention_curve.py``)
+and the tests share; everything family-specific is asked of the backbone's family class
+(``sharp.backbones``):
 
 * ``configs``: :func:`toy_config`, the architecture of each toy; :func:`toy_words`, its vocabulary
   (one token per word of the chat template and the benchmark's prompts, bytes for anything else);
@@ -20,7 +21,11 @@ everything family-specific is asked of the backbone's family class (``sharp.back
   pixels), stored losslessly as uint8 in a cache folder; :func:`make_batch`, teacher-forced batches;
 * ``labels``: :func:`visual_token_labels`, the training-only per-token targets of the visual probe;
 * ``evaluation``: :func:`evaluate`, accuracy of greedy generation through ``sharp.prune`` for one
-  method and retention, per question type, with the kept-token counts.
+  method and retention, per question type, with the kept-token counts;
+* ``probes`` (not imported here): :class:`~sharp.toy.probes.TokenProbe` and the question probe, the
+  training-only heads whose losses give the first layers a dense signal;
+* ``training`` (not imported here): the shipped settings (``DEFAULTS``), the training loop,
+  :func:`~sharp.toy.training.train_one` and the command line :func:`~sharp.toy.training.main`.
 """
 from sharp.toy.configs import (TOY_BACKBONES, TOY_BENCHMARKS, WEIGHTS_DIR, build_untrained, toy_benchmark, toy_config,
                                toy_kind, toy_words)

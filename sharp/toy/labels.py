@@ -1,4 +1,4 @@
-"""Training-only per-visual-token targets of the toys' visual probe (scripts/train_toy.py)."""
+"""Training-only per-visual-token targets of the toys' visual probe (:mod:`sharp.toy.probes`)."""
 from __future__ import annotations
 
 import numpy as np

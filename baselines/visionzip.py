@@ -1,6 +1,7 @@
 """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models",
-CVPR 2025; official code dvlab-research/VisionZip ``visionzip/clip_encoder.py``) and its combination
-with ShaRP (``visionzip_sharp``, the ShaRP paper's Table 3).
+CVPR 2025; official code dvlab-research/VisionZip ``visionzip/clip_encoder.py``). Its combination with
+ShaRP (``visionzip_sharp``, the ShaRP paper's Table 3) is a composition declared in
+``configs/method/visionzip_sharp.yaml``.
 
 Before the LLM (a stage at decoder layer 0, i.e. on the input embeddings), per group of visual
 tokens G (a frame on LLaVA-OV, the whole video on Qwen2-VL: ``scope``) with budget k_G:
@@ -35,9 +36,7 @@ from typing import ClassVar, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from sharp.engine.compose import ComposedMethod
-from sharp.engine.method import PruningMethod, Selection, apportion
-from sharp.methods.settings import fit_vision_layer
+from sharp import PruningMethod, Selection, split_budget
 
 SCOPES = ("auto", "frame", "video")
 # the official 54 dominant : 10 contextual split (README, HoliTom's DOMINANT_RATIO default 54/64)
@@ -52,7 +51,7 @@ PORT_SCOPE = {"llava_onevision": "frame", "qwen2_vl": "video"}
 # -- budgets ------------------------------------------------------------------------------------
 
 
-def split_budget(k: int, dominant_ratio: float) -> tuple[int, int]:
+def dominant_split(k: int, dominant_ratio: float) -> tuple[int, int]:
     """(dominant, contextual) of a group's budget k: d = floor(k x ratio) as the official
     ``int(spatial_tokens * dominant_ratio)``, c = k - d (so exactly k tokens are kept)."""
     d = int(k * dominant_ratio)
@@ -119,7 +118,7 @@ def visionzip_group(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.T
     if not 0 <= k <= n:
         raise ValueError(f"visionzip: a group's budget must be in 0..{n}, got {k}")
     device = attention.device
-    d, c = split_budget(k, dominant_ratio)
+    d, c = dominant_split(k, dominant_ratio)
     dominant = dominant_tokens(attention, d)
     is_rest = torch.ones(n, dtype=torch.bool, device=device)
     is_rest[dominant] = False
@@ -181,11 +180,11 @@ class VisionZip(PruningMethod):
     def backbone_settings(self, backbone) -> dict:
         """The port's choices on the backbone's family for ``vision_layer=None`` and ``scope="auto"``
         (LLaVA-OV: "feature" per frame; Qwen2-VL: block -2 over the video; a port layer beyond a
-        smaller tower becomes its nearest layer, :func:`~sharp.methods.settings.fit_vision_layer`)."""
+        smaller tower becomes its nearest layer, :meth:`sharp.BackboneFacts.fit_vision_layer`)."""
         out = super().backbone_settings(backbone)
         if self.vision_layer is None:
             port = PORT_VISION_LAYER[self._family(backbone, "vision_layer")]
-            out["vision_layer"] = fit_vision_layer(port, backbone.vision_layers)
+            out["vision_layer"] = backbone.fit_vision_layer(port)
         if self.scope == "auto":
             out["scope"] = PORT_SCOPE[self._family(backbone, "scope")]
         return out
@@ -227,7 +226,7 @@ class VisionZip(PruningMethod):
         rows_in = ctx.hidden_states[b, tokens.positions]  # (n_b, D)
         groups = self.groups(tokens, scope)
         dominant, targets, absorbed = [], [], []
-        for g, k_g in zip(groups, apportion(k, [len(g) for g in groups])):
+        for g, k_g in zip(groups, split_budget(k, [len(g) for g in groups])):
             res = visionzip_group(att[g], keys[g], rows_in[g], k_g, self.dominant_ratio)
             dominant.append(g[res.dominant])
             targets.append(g[res.targets])
@@ -246,14 +245,3 @@ class VisionZip(PruningMethod):
         t.dominant = [i[r.dominant].sort().values.cpu() for i, r in zip(index, results)]
         t.contextual = [i[r.targets].sort().values.cpu() for i, r in zip(index, results)]
         t.absorbed = [i[r.absorbed].cpu() for i, r in zip(index, results)]
-
-
-@dataclass
-class VisionZipShaRP(ComposedMethod):
-    """Table 3's "VisionZip + ShaRP" ("0.20 / 0.124"): VisionZip keeps ``retention`` (20%) before the
-    LLM, then ShaRP prunes after layer 0 to ``sharp.retention`` (12.4%) of the ORIGINAL count. Kwargs
-    per child: ``visionzip={...}``, ``sharp={...}``."""
-
-    name = "visionzip_sharp"
-    parts = ("visionzip", "sharp")
-    child_defaults: ClassVar[dict] = {"sharp": {"retention": 0.124}}

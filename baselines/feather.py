@@ -40,8 +40,7 @@ from typing import Union
 
 import torch
 
-from sharp.engine.method import Selection, budget, layer_kwarg
-from sharp.methods.scorer import ScorerMethod
+from sharp import ScorerMethod, Selection, budget, layer_kwarg, split_budget
 
 SCHEDULES = ("paper", "official")
 OFFICIAL_TOP = 0.3  # official stage 1: fastv_ratio 0.7 -> keep the top 30% (plus the grid)
@@ -65,13 +64,6 @@ def centred(n: int, k: int) -> torch.Tensor:
     return torch.div((2 * torch.arange(k) + 1) * n, 2 * k, rounding_mode="floor")
 
 
-def frame_quotas(cap: int, frames: int) -> list[int]:
-    """``cap`` grid points over ``frames`` frames, evenly: q_t = floor((t+1) cap / F) - floor(t cap / F)
-    (each floor(cap / F) or one more, the extra points spread over the video; q_t in {0, 1} when
-    cap < F, on equally spaced frames)."""
-    return [(t + 1) * cap // frames - t * cap // frames for t in range(frames)]
-
-
 def lattice_shape(rows: int, cols: int, q: int) -> tuple[int, int]:
     """(a, b): a of a frame's ``rows`` grid rows by b of its ``cols`` grid columns, a x b <= q points,
     as evenly spread as possible: maximise the smaller coverage min(a / rows, b / cols), then the point
@@ -93,7 +85,8 @@ def spatial_subgrid(frame: torch.Tensor, row: torch.Tensor, col: torch.Tensor, c
     """At most ``cap`` of the grid candidates, as a spatial sub-grid of every frame.
 
     frame, row, col: (m,) of the candidates (one sample). The frames that have candidates, in order,
-    get q_t = :func:`frame_quotas`(cap, F) points; frame t keeps the lattice of a of its R distinct
+    get q_t = ``split_budget(cap, [1] * F)`` points (floor((t+1) cap / F) - floor(t cap / F): each
+    floor(cap / F) or one more, on equally spaced frames); frame t keeps the lattice of a of its R distinct
     candidate rows by b of its C distinct columns (:func:`lattice_shape`), each chosen :func:`centred`
     (equally spaced, centred), i.e. a coarser stride of the stride grid along both axes; a frame whose
     quota covers all its candidates keeps them all. Returns indices into the candidates, ascending.
@@ -102,7 +95,7 @@ def spatial_subgrid(frame: torch.Tensor, row: torch.Tensor, col: torch.Tensor, c
         return torch.arange(len(frame), device=frame.device)
     frames = torch.unique(frame, sorted=True)
     chosen = []
-    for f, q in zip(frames.tolist(), frame_quotas(cap, len(frames))):
+    for f, q in zip(frames.tolist(), split_budget(cap, [1] * len(frames))):
         own = (frame == f).nonzero().flatten()
         if q >= len(own):
             chosen.append(own)

@@ -6,8 +6,7 @@ round(retention x N_vis). Kept tokens keep their original positions.
 """
 from dataclasses import dataclass
 
-from sharp.engine.method import layer_kwarg
-from sharp.methods.scorer import ScorerMethod
+from sharp import ScorerMethod, layer_kwarg
 
 
 @dataclass

@@ -35,7 +35,7 @@ V_0 = the rows entering layer 0 (the features entering the LLM):
     sim_l = cos(mean_i V_l[i], mean_i V_0[i])   (``similarity="mean"``)
 
 and every layer l >= 1 with sim_l < M in every sample of the batch loses its visual KV-cache entries
-(``ctx.drop_kv`` of the post-prefill context; the text entries stay). Layer 0 is never dropped (its cache length gives
+(``ctx.drop_visual_kv`` of the post-prefill context; the text entries stay). Layer 0 is never dropped (its cache length gives
 generate's positions).
 
 Every reading of the summary's text is written next to its formula in docs/sharpv.md. Results:
@@ -53,7 +53,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from sharp.engine.method import PruningMethod, Selection, budget
+from sharp import PruningMethod, Selection, budget, split_budget
 
 MODES = ("adaptive", "fixed")
 ADAPTIVE_RULES = ("ratio", "threshold")
@@ -149,18 +149,6 @@ def keep_top_per_frame(scores: FrameScores, k: torch.Tensor) -> torch.Tensor:
     return scores.rows[(rank < k[:, None]) & scores.present]
 
 
-def split_budget(k: int, counts: list[int]) -> list[int]:
-    """k kept tokens over frames with ``counts`` tokens, in proportion (largest remainders, ties to
-    the earlier frame); sum = k and each share <= its count when k <= sum(counts)."""
-    total = sum(counts)
-    exact = [k * c / total for c in counts]
-    shares = [math.floor(e) for e in exact]
-    order = sorted(range(len(counts)), key=lambda t: (-(exact[t] - shares[t]), t))
-    for t in order[: k - sum(shares)]:
-        shares[t] += 1
-    return shares
-
-
 # -- Memory SharpV: similarity and cache entries ------------------------------------------------
 def degradation_similarity(v_l: torch.Tensor, v_0: torch.Tensor, kind: str) -> float:
     """Similarity of layer l's visual rows (n, d) to the same tokens' rows entering the LLM (n, d):
@@ -169,27 +157,6 @@ def degradation_similarity(v_l: torch.Tensor, v_0: torch.Tensor, kind: str) -> f
     if kind == "mean":
         return float(F.cosine_similarity(a.mean(dim=0), b.mean(dim=0), dim=0))
     return float(F.cosine_similarity(a, b, dim=-1).mean())
-
-
-def non_visual_entries(visual_mask: torch.Tensor, attention_mask_2d: torch.Tensor) -> list[torch.Tensor] | None:
-    """Cache entries a layer keeps when its visual entries go: per sample, every real non-visual
-    entry, plus (for samples with fewer of them) some padding entries, so that every sample keeps the
-    same count (``drop_kv`` needs it; the padding mask hides them). None when a sample has too little
-    padding to reach that count.
-
-    visual_mask, attention_mask_2d: (b, s) of the layer's cache rows.
-    """
-    real_text = ~visual_mask & attention_mask_2d.bool()
-    padding = ~visual_mask & ~attention_mask_2d.bool()
-    count = int(real_text.sum(dim=1).max())
-    keep = []
-    for b in range(visual_mask.shape[0]):
-        fill = count - int(real_text[b].sum())
-        pads = padding[b].nonzero().squeeze(1)
-        if fill > len(pads):
-            return None
-        keep.append(torch.cat([pads[:fill], real_text[b].nonzero().squeeze(1)]).sort().values)
-    return keep
 
 
 @dataclass
@@ -248,67 +215,40 @@ class SharpV(PruningMethod):
         return []
 
     def install(self, ctx) -> None:
-        """Memory stage: a hook on every decoder layer computes sim_l on the fly from that layer's
-        prefill input (a pre-hook that runs after the engine's, so it sees the current, pruned
-        sequence) or output (``memory_features="output"``), against V_0 = layer 0's visual rows.
-        Only V_0 (b, n_0, d) and, per layer, the (b,) similarities and the rows' masks are kept:
-        no layer's hidden states outlive its forward."""
+        """Memory stage: sim_l is computed on the fly from every decoder layer's prefill input (the
+        sequence entering it, after the visual stage) or output (``memory_features="output"``), against
+        V_0 = layer 0's visual rows (``ctx.watch_layers``). Only V_0 (b, n_0, d) and, per layer, the (b,)
+        similarities are kept: no layer's hidden states outlive its forward."""
         if not self.memory:
             return
-        for idx, layer in enumerate(ctx.backbone.layers):
-            ctx.add_hook(layer, self._input_hook(ctx, idx))
-            if self.memory_features == "output":
-                ctx.add_hook(layer, self._output_hook(ctx, idx), pre=False)
+        ctx.watch_layers(lambda rows: self._observe_input(ctx.state, rows), where="input")
+        if self.memory_features == "output":
+            ctx.watch_layers(lambda rows: self._record_similarity(ctx.state, rows), where="output")
 
-    @staticmethod
-    def _memory_state(ctx):
-        state = ctx.state
-        if not hasattr(state, "memory"):
-            state.memory = {}  # layer -> {"sims": (b,), "visual_mask", "attention_mask_2d", "dtype"}
-        return state
-
-    def _input_hook(self, ctx, idx: int):
-        def hook(module, args, kwargs):
-            if ctx.phase != "prefill":
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]  # (b, s_l, d)
-            seq = ctx.sequence
-            state = self._memory_state(ctx)
-            if idx == 0:  # V_0: the visual rows entering the LLM (after the visual stage), by original index
-                state.reference = [(seq.visual_index[i, seq.visual_positions(i)],
-                                    hidden[i, seq.visual_positions(i)].detach())
-                                   for i in range(hidden.shape[0])]
-            state.memory[idx] = {"visual_mask": seq.visual_mask, "attention_mask_2d": seq.attention_mask_2d,
-                                 "dtype": hidden.dtype}
-            if self.memory_features == "output":
-                state.memory[idx]["seq"] = seq  # the output has the input's rows
+    def _observe_input(self, state, rows) -> None:
+        """A layer's input rows (:class:`~sharp.engine.context.LayerRows`): V_0 at layer 0, and sim_l when
+        V_l is the input."""
+        if rows.layer == 0:  # V_0: the visual rows entering the LLM (after the visual stage), by original index
+            state.reference = [(rows.visual_index(i), rows.visual_rows(i).detach()) for i in range(rows.batch_size)]
+        if self.memory_features == "input":
+            if rows.layer == 0:
+                state.sims = {0: torch.ones(rows.batch_size)}  # V_0 is the reference itself
             else:
-                state.memory[idx]["sims"] = self._similarities(state, hidden, seq) if idx > 0 else \
-                    torch.ones(hidden.shape[0])
-            return None
+                self._record_similarity(state, rows)
 
-        return hook
+    def _record_similarity(self, state, rows) -> None:
+        if not hasattr(state, "sims"):
+            state.sims = {}  # layer -> (b,) sim_l
+        state.sims[rows.layer] = self._similarities(state, rows)
 
-    def _output_hook(self, ctx, idx: int):
-        def hook(module, args, kwargs, output):
-            if ctx.phase != "prefill":
-                return None
-            out = output[0] if isinstance(output, tuple) else output
-            state = self._memory_state(ctx)
-            state.memory[idx]["sims"] = self._similarities(state, out, state.memory[idx].pop("seq"))
-            return None
-
-        return hook
-
-    def _similarities(self, state, hidden: torch.Tensor, seq) -> torch.Tensor:
-        """(b,) sim_l of the visual rows of ``hidden`` (rows of ``seq``) against V_0, per sample."""
-        out = torch.ones(hidden.shape[0])
+    def _similarities(self, state, rows) -> torch.Tensor:
+        """(b,) sim_l of a layer's visual rows against V_0, per sample (tokens matched by original index)."""
+        out = torch.ones(rows.batch_size)
         for i, (index0, v_0) in enumerate(state.reference):
-            pos = seq.visual_positions(i)
             row_of = torch.full((int(index0.max()) + 1 if index0.numel() else 1,), -1, dtype=torch.long,
                                 device=index0.device)
             row_of[index0] = torch.arange(index0.numel(), device=index0.device)
-            out[i] = degradation_similarity(hidden[i, pos], v_0[row_of[seq.visual_index[i, pos]]], self.similarity)
+            out[i] = degradation_similarity(rows.visual_rows(i), v_0[row_of[rows.visual_index(i)]], self.similarity)
         return out
 
     # -- Visual SharpV -------------------------------------------------------------------------
@@ -343,7 +283,7 @@ class SharpV(PruningMethod):
         """(F,) long: how many tokens each frame keeps (mode and rule as configured)."""
         counts = scores.present.sum(dim=1)
         if self.mode == "fixed":
-            return torch.tensor(split_budget(k_fixed, counts.tolist()), device=counts.device)
+            return torch.tensor(split_budget(k_fixed, counts.tolist(), rule="largest_remainder"), device=counts.device)
         if self.adaptive_rule == "ratio":
             k = torch.minimum(torch.round(ratios * counts).long(), counts)  # round half to even, as budget()
         else:
@@ -360,7 +300,7 @@ class SharpV(PruningMethod):
         if not self.memory:
             return
         trace = ctx.trace
-        if not self._prefill_has_cache(ctx):
+        if not ctx.has_kv_cache:
             trace.memory_layers, trace.dropped_layers, trace.kv_bytes_saved = [], [], 0
             return
         with ctx.timed("memory"):
@@ -379,27 +319,23 @@ class SharpV(PruningMethod):
         trace.kv_bytes_after = trace.kv_bytes_before - trace.kv_bytes_saved
 
     def drop_degraded_layer(self, ctx, layer: int, sims: torch.Tensor) -> dict:
-        """Drop layer ``layer``'s visual cache entries if every sample is degraded there (sims (b,));
-        returns the layer's row of ``trace.memory_layers``."""
-        rows = self._memory_state(ctx).memory[layer]  # the layer's cache rows are its input rows
-        visual_mask, attention_mask_2d = rows["visual_mask"], rows["attention_mask_2d"]
-        b, s = visual_mask.shape
-        per_entry = self._kv_bytes_per_entry(ctx.backbone, layer, rows["dtype"])
+        """Drop layer ``layer``'s visual cache entries (``ctx.drop_visual_kv``) if every sample is degraded
+        there (sims (b,)); returns the layer's row of ``trace.memory_layers``."""
+        visual_entries = ctx.visual_kv_entries(layer)
         degraded = self.degraded(sims, layer).tolist()
         row = {"layer": layer, "similarity": sims.tolist(), "degraded": degraded,
-               "visual_entries": visual_mask.sum(dim=1).tolist(), "dropped": [0] * b,
-               "bytes_before": s * b * per_entry, "bytes_saved": 0, "note": ""}
+               "visual_entries": visual_entries, "dropped": [0] * len(visual_entries),
+               "bytes_before": ctx.kv_bytes(layer), "bytes_saved": 0, "note": ""}
         if not all(degraded):
             if any(degraded):
                 row["note"] = "not dropped: only some samples degraded (a batch drops what every sample drops)"
             return row
-        keep = non_visual_entries(visual_mask, attention_mask_2d)
-        if keep is None:
+        freed = ctx.drop_visual_kv(layer)
+        if freed is None:
             row["note"] = "not dropped: the samples cannot keep equal entry counts (drop_kv needs it)"
             return row
-        ctx.drop_kv(layer, keep)
-        row["dropped"] = row["visual_entries"]
-        row["bytes_saved"] = (s - len(keep[0])) * b * per_entry
+        row["dropped"] = visual_entries
+        row["bytes_saved"] = freed
         return row
 
     def degraded(self, sims: torch.Tensor, layer: int) -> torch.Tensor:
@@ -413,21 +349,8 @@ class SharpV(PruningMethod):
         layer l's visual rows (its input, or with ``memory_features="output"`` its output) against the
         same tokens' rows entering layer 0 (V_0, matched by original visual index). Input reading:
         sim_0 = 1 by definition."""
-        memory = self._memory_state(ctx).memory
-        return torch.stack([memory[layer]["sims"] for layer in range(ctx.num_layers)], dim=1)
-
-    @staticmethod
-    def _kv_bytes_per_entry(backbone, layer: int, dtype: torch.dtype) -> int:
-        """Bytes one cache entry of one sample takes in one layer: keys + values."""
-        attn = backbone.layers[layer].self_attn
-        return 2 * attn.config.num_key_value_heads * attn.head_dim * dtype.itemsize
-
-    @staticmethod
-    def _prefill_has_cache(ctx) -> bool:
-        use_cache = ctx.prefill_inputs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(ctx.backbone.text_config, "use_cache", True)
-        return bool(use_cache)
+        sims = ctx.state.sims
+        return torch.stack([sims[layer] for layer in range(ctx.num_layers)], dim=1)
 
     # -- FLOPs ---------------------------------------------------------------------------------
     def token_schedule(self, n_visual: int, num_layers: int, backbone=None) -> list[int]:

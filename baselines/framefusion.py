@@ -43,7 +43,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from sharp.engine.method import PruningMethod, Selection
+from sharp import PruningMethod, Selection
 
 IGNORE_SIMILARITY = -2.0  # official: the first token of a patch type has no predecessor
 # official query rows of the pruning score per backbone family (Qwen2 LM ports: 1, Qwen2-VL port: 4)
@@ -244,7 +244,7 @@ class FrameFusion(PruningMethod):
     def _queries(self, ctx) -> int:
         if self.queries is not None:
             return self.queries
-        return OFFICIAL_QUERIES.get(getattr(ctx.backbone, "family", ""), 1)
+        return OFFICIAL_QUERIES.get(ctx.backbone_family, 1)
 
     # -- FLOPs -----------------------------------------------------------------------------------
     def token_schedule(self, n_visual: int, num_layers: int, backbone=None) -> list[int]:

@@ -1,5 +1,6 @@
 """HoliTom (Shao et al., NeurIPS'25; official code cokeshao/HoliTom, ``holitom/llava_arch.py`` and
-``holitom/modeling_qwen2.py``), and ``holitom_sharp``: HoliTom before the LLM, ShaRP inside it.
+``holitom/modeling_qwen2.py``). ``holitom_sharp`` (HoliTom before the LLM, ShaRP inside it) is a composition
+declared in ``configs/method/holitom_sharp.yaml``.
 
 Before the LLM (a stage at layer 0, on the LLM's input embeddings x of the video: projected and
 pooled, F frames x n tokens x d; Qwen2-VL: F temporal patches):
@@ -55,8 +56,7 @@ from typing import ClassVar, Optional, Union
 
 import torch
 
-from sharp.engine.compose import ComposedMethod
-from sharp.engine.method import LayerRule, PruningMethod, Selection, apportion, budget, layer_kwarg
+from sharp import BackboneFacts, PruningMethod, Selection, budget, layer_kwarg, split_budget
 
 ROUNDINGS = ("exact", "official")
 CLUSTER_MERGES = ("beta", "mean")
@@ -133,14 +133,14 @@ def group_quotas(sizes: list[int], kinds: list[str], ratio: float, total: int, r
 
     ``"official"``: ceil(n_g r') for dynamic sets, round(n_g r') for static sets (Python's round).
     ``"exact"``: ``total`` tokens in proportion to the group sizes (n_g r' with one r'), by cumulative
-    rounding (:func:`~sharp.engine.method.apportion`): k_g = floor(total C_g / C) - floor(total C_{g-1} / C)
+    rounding (:func:`sharp.split_budget`): k_g = floor(total C_g / C) - floor(total C_{g-1} / C)
     with C_g = n_1 + ... + n_g and C = C_last, in integers: within one token of total n_g / C, the extra tokens spread evenly over
     the video, never more than n_g (total <= C).
     """
     if rounding == "official":
         return [min(n, math.ceil(n * ratio) if kind == "dynamic" else round(n * ratio))
                 for n, kind in zip(sizes, kinds)]
-    return apportion(total, sizes)
+    return split_budget(total, sizes)
 
 
 # -- DPC-kNN clustering -------------------------------------------------------------------------
@@ -320,17 +320,13 @@ class HoliTom(PruningMethod):
         return budget(n_visual, self.retention)
 
     def _has_newline(self, backbone) -> bool:
-        """Whether the in-LLM span has LLaVA-OV's trailing newline (a named or loaded backbone)."""
+        """Whether the in-LLM span has LLaVA-OV's trailing newline (a backbone name, facts or a loaded one)."""
         if not self.llm_newline or backbone is None:
             return False
-        if isinstance(backbone, str):
-            from sharp.backbones.base import backbone_family
-
-            try:
-                return backbone_family(backbone) == "llava_onevision"
-            except (KeyError, ValueError):
-                return False
-        return getattr(backbone, "family", None) == "llava_onevision"
+        try:
+            return BackboneFacts.of(backbone).family == "llava_onevision"
+        except (KeyError, ValueError):
+            return False
 
     def llm_count(self, n_span: int) -> int:
         """Kept tokens of the in-LLM stage's span (the current visual tokens, plus OV's newline):
@@ -474,31 +470,9 @@ class HoliTom(PruningMethod):
         return Selection(keep_visual=keep, hidden_states=hidden)
 
     def newline_position(self, ctx, b: int) -> Optional[int]:
-        """Sequence position of LLaVA-OV's trailing image_newline in sample b's current sequence (the row
-        whose unpruned position follows the video's last visual token), or None: another family, or
+        """Sequence position of LLaVA-OV's trailing image_newline in sample b's current sequence
+        (``ctx.newline_position``), or None: another family (the official code is LLaVA-OV's), or
         ``llm_newline=False``."""
-        if not self.llm_newline or ctx.backbone.family != "llava_onevision":
+        if not self.llm_newline or ctx.backbone_family != "llava_onevision":
             return None
-        positions = ctx.visual_positions(b)
-        first = int(positions[0])
-        # unpruned position of the video's first visual token, then of the newline after its N tokens
-        newline_origin = int(ctx.seq.origin[b, first]) - int(ctx.seq.visual_index[b, first]) + ctx.n_visual
-        candidate = int(positions[-1]) + 1  # only (removed) visual tokens lie between
-        if candidate >= ctx.seq.origin.shape[1] or int(ctx.seq.origin[b, candidate]) != newline_origin:
-            return None
-        return candidate
-
-
-@dataclass
-class HoliTomSharp(ComposedMethod):
-    """Table 3's "HoliTom + ShaRP" (0.15 / 0.075): HoliTom before the LLM (its in-LLM stage off),
-    then ShaRP where HoliTom's in-LLM stage was ("we replace its inner-LLM pruning stage with our
-    proposed strategy"): before layer 18, keeping 7.5 % of the ORIGINAL visual tokens (the
-    top-level retention is HoliTom's before-LLM share). Both children's kwargs are settable:
-    ``holitom={...}``, ``sharp={...}`` (e.g. ``sharp={"layer": 19}``)."""
-
-    name = "holitom_sharp"
-    parts: ClassVar[tuple[str, ...]] = ("holitom", "sharp")
-    child_defaults: ClassVar[dict] = {"holitom": {"llm_layer": None}, "sharp": {"retention": 0.075, "layer": 18}}
-    # ShaRP's layer here is HoliTom's HOLITOM_k, a depth: it maps like HoliTom's llm_layer
-    child_layer_rules: ClassVar[dict] = {"sharp": {"layer": LayerRule("relative")}}
+        return ctx.newline_position(b)

@@ -31,8 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from sharp.engine.method import budget, layer_kwarg
-from sharp.methods.scorer import ScorerMethod
+from sharp import ScorerMethod, budget, layer_kwarg
 
 SCHEDULES = ("paper", "official")
 _DEFAULT_LAYERS = {"paper": (4, 16, 24), "official": (8, 16, 24)}
