@@ -52,10 +52,84 @@ def test_groups_have_the_issue_options(group, names):
 
 def test_every_registered_method_has_a_config():
     """The registry is the source of truth: `python run.py method=<name>` works for every registered
-    method (a composition of them through method=compose)."""
-    have = {p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")}
-    missing = sorted(set(catalog.registered_methods()) - have)
-    assert not missing, f"registered methods without configs/method/<name>.yaml: {missing}"
+    method, with a yaml or without one (a generated config: the dataclass's kwargs and retention)."""
+    from dataclasses import dataclass
+
+    from sharp.harness.method_configs import dataclass_kwargs
+
+    @sharp.register_method
+    @dataclass
+    class _YamlLess(sharp.PruningMethod):
+        name = "_yamlless"
+        retention: float = 0.4
+        layer: int = sharp.layer_kwarg(2, scaling="fixed")
+
+    for name in catalog.registered_methods() + ["_yamlless"]:
+        cfg = compose([f"method={name}"])
+        assert cfg.method.name == name and 0 < cfg.retention <= 1, name
+    cfg = compose(["method=_yamlless", "method.kwargs.layer=2"])
+    assert cfg.retention == 0.4 and dict(cfg.method.kwargs) == dataclass_kwargs(_YamlLess) == {"positions": "auto",
+                                                                                                 "layer": 2}
+    assert cell_from_cfg(cfg).method_kwargs == {"layer": 2}  # set on the command line: explicit
+
+
+def test_method_configs_carry_no_dataclass_defaults():
+    """One source of defaults: a method yaml holds only what Hydra needs (name, default retention,
+    per-backbone values, a composition's parts and per-child defaults), each per-backbone or per-child
+    key is a kwarg of the method it names, and the composed ``method.kwargs`` IS the dataclass's."""
+    from sharp.engine.compose import child_keys
+    from sharp.harness.method_configs import dataclass_kwargs
+    from sharp.methods.registry import composition
+
+    allowed = {"name", "default_retention", "backbones", "parts", "child_defaults", "child_layer_rules",
+               "implemented", "planned"}
+    for path in sorted((CONFIG_DIR / "method").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        assert set(raw) <= allowed, f"{path.name}: {sorted(set(raw) - allowed)} (kwargs live in the dataclass)"
+        if path.stem == "compose":
+            continue
+        kwargs = dict(compose([f"method={path.stem}"]).method.kwargs)
+        spec = composition(path.stem)
+        if spec is None:
+            fields = dataclass_kwargs(sharp.get_method_class(path.stem))
+            assert kwargs == fields, path.name
+            for section in (raw.get("backbones") or {}).values():
+                assert set(section) <= set(fields), f"{path.name}: backbones: {sorted(set(section) - set(fields))}"
+            continue
+        keys = child_keys(list(spec.parts))
+        assert list(kwargs) == keys, path.name
+        for part, key in zip(spec.parts, keys):
+            fields = dataclass_kwargs(sharp.get_method_class(part))
+            own = {k: v for k, v in kwargs[key].items() if k != "retention"}
+            assert own == {**fields, **{k: v for k, v in spec.child_defaults.get(key, {}).items() if k != "retention"}}
+            assert set(spec.child_defaults.get(key, {})) <= set(fields) | {"retention"}, f"{path.name}: {key}"
+            assert set(spec.child_layer_rules.get(key, {})) <= set(fields), f"{path.name}: {key}"
+
+
+def test_explicit_override_equal_to_the_default_is_explicit(capsys, tmp_path):
+    """`method.kwargs.llm_layer=18` on the 36-layer Qwen3-VL runs layer 18 (it is set, whatever its value);
+    left unset, 18 maps to 23. The resolved settings are printed before the missing weights stop the run."""
+    from run import run_in_process
+
+    cfg = compose(["method=holitom", "backbone=qwen3_vl_8b", "method.kwargs.llm_layer=18"])
+    cell = cell_from_cfg(cfg)
+    assert cell.method_kwargs == {"llm_layer": 18}
+    resolved = sharp.resolve_method(cell.method, cell.backbone, cell.retention, **cell.method_kwargs)
+    assert resolved.method.llm_layer == 18 and not any("llm_layer" in c for c in resolved.changes)
+    unset = sharp.resolve_method("holitom", "qwen3_vl_8b", 0.15)
+    assert unset.method.llm_layer == 23 and "llm_layer 18 -> 23 (relative, depth 28 -> 36)" in unset.changes
+    assert method_kwargs(compose(["method=holitom", "backbone=qwen3_vl_8b", "+method_kwargs.llm_layer=18"])) == {
+        "llm_layer": 18}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        with pytest.raises(SystemExit) as exit_:
+            run_in_process(["method=holitom", "backbone=qwen3_vl_8b", "method.kwargs.llm_layer=18", "limit=1",
+                            f"results_dir={tmp_path / 'results'}"])
+    out = capsys.readouterr()
+    assert exit_.value.code == 2 and "error: Missing weights" in out.err
+    assert "[sharp] settings: holitom on qwen3_vl_8b (36 layers): positions auto -> original; " \
+           "stages before layer(s) 0, 18" in out.out
 
 
 def test_backbone_configs_name_registered_backbones_of_their_family():

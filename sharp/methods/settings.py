@@ -139,9 +139,12 @@ class Resolved:
     changes: list[str]
 
     def describe(self) -> str:
-        """One line for logs: the changes from the paper's defaults, or that there are none."""
+        """One line for logs: the changes from the paper's defaults (or that there are none) and the
+        decoder layers the stages run before."""
         what = "; ".join(self.changes) if self.changes else "the paper's defaults"
-        return f"{_label(self.method)} on {self.backbone.name} ({self.backbone.num_layers} layers): {what}"
+        stages = self.method.stages(self.backbone.num_layers)
+        where = f"; stages before layer(s) {', '.join(map(str, stages))}" if stages else "; no stage"
+        return f"{_label(self.method)} on {self.backbone.name} ({self.backbone.num_layers} layers): {what}{where}"
 
 
 def resolve_method(method: Union[str, PruningMethod], backbone, retention: float = 1.0, **kwargs) -> Resolved:
