@@ -86,8 +86,9 @@ def cell_overrides(sweep: dict, index: int) -> list[str]:
                            f"accepted values: 0..{len(cells) - 1}")
     c = cells[int(index)]
     method = str(c["method"])
-    # a method with its own config file (its defaults), else the generic composition config
-    method_ov = ([f"method={method}"] if (CONFIG_DIR / "method" / f"{method}.yaml").is_file()
+    # a method with a config of its own (a yaml, or generated for a registered method), else the generic
+    # composition config ('+'-joined names)
+    method_ov = ([f"method={method}"] if _has_method_config(method)
                  else ["method=compose", f"method.name={_override_value(method)}"])
     ov = [
         f"backbone={c.get('backbone', sweep.get('backbone'))}",
@@ -103,6 +104,12 @@ def cell_overrides(sweep: dict, index: int) -> list[str]:
     if limit is not None:
         ov.append(f"limit={limit}")
     return ov
+
+
+def _has_method_config(name: str) -> bool:
+    from sharp.methods import method_names
+
+    return (CONFIG_DIR / "method" / f"{name}.yaml").is_file() or name in method_names()
 
 
 def resolve_sweep_cell(cfg: DictConfig) -> DictConfig:

@@ -83,11 +83,27 @@ def entry_point_methods() -> dict[str, type[PruningMethod]]:
         if ep.name in out and out[ep.name][0] is not cls:
             raise TypeError(f"{where}: the name {ep.name!r} is already registered by {out[ep.name][1]}")
         out[ep.name] = (cls, dist)
-    if not any(dist == PROJECT_DISTRIBUTION for _, dist in out.values()):
-        raise RuntimeError(f"no {PROJECT_DISTRIBUTION} methods are registered under the entry-point group "
-                           f"{ENTRY_POINT_GROUP!r}: install the project (pip install -e . from the checkout, or "
-                           f"bash scripts/setup.sh) so that its pyproject.toml's entry points are known")
+    missing = sorted(set(_checkout_entry_points()) - set(out))
+    if missing or not any(dist == PROJECT_DISTRIBUTION for _, dist in out.values()):
+        raise RuntimeError(f"the installed entry points of {PROJECT_DISTRIBUTION} (group {ENTRY_POINT_GROUP!r}) "
+                           f"lack {', '.join(missing) or 'every method'} that pyproject.toml lists: install the "
+                           f"project again (pip install -e . from the checkout, or bash scripts/setup.sh)")
     return {name: cls for name, (cls, _) in out.items()}
+
+
+def _checkout_entry_points() -> dict:
+    """The ``sharp.methods`` entry points this checkout's pyproject.toml lists ({} outside a checkout)."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: no check
+        return {}
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    if not pyproject.is_file():
+        return {}
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+    return project.get("entry-points", {}).get(ENTRY_POINT_GROUP, {})
 
 
 @functools.lru_cache(maxsize=None)
