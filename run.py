@@ -26,7 +26,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from sharp.harness.config import CONFIG_DIR  # registers the ${sharp_path:...} resolver
+try:  # registers the ${sharp_path:...} resolver and the methods' generated configs
+    from sharp.harness.config import CONFIG_DIR
+except RuntimeError as _err:  # the project's method entry points are not installed (or stale)
+    print(f"error: {_err}", file=sys.stderr)
+    sys.exit(2)
 from sharp.harness.resources import HarnessError
 
 

@@ -45,7 +45,20 @@ def test_memory_stage_records_no_layer_input():
     layer_inputs, state = seen[0]
     assert layer_inputs == {}
     d = bb.text_config.hidden_size
-    big = [k for row in state.memory.values() for k, v in row.items()
-           if isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[-1] == d]
+
+    def tensors(value):  # every tensor the method's state holds, however nested
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from tensors(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from tensors(v)
+
+    held = list(tensors(vars(state)))
+    assert held and set(vars(state)) == {"reference", "sims"}  # V_0 and the (b,) similarities per layer
+    big = [t.shape for t in held if t.dim() == 3 and t.shape[-1] == d]
     assert big == []
+    assert [t.shape for t in tensors(state.sims)] == [(1,)] * bb.num_layers
     assert len(trace.method("sharpv").similarity) == bb.num_layers

@@ -108,3 +108,20 @@ def test_outside_method_passes_the_invariants_over_all_methods(plugin_site):
             "test_decode_equals_masked_no_cache_reference", "test_bad_kwargs_fail_when_made",
             "test_layer_outside_the_model_fails_before_any_forward"} <= ran, sorted(ran)
     assert len(passed) >= 8, run.stdout[-3000:]
+
+
+def test_entry_points_missing_from_the_install_are_one_error(monkeypatch):
+    """An editable install older than pyproject.toml (a method added, `pip install -e .` not rerun) is
+    refused with what to do, never run with a method silently missing."""
+    from sharp.methods import registry
+
+    monkeypatch.setattr(registry, "_checkout_entry_points", lambda: {"newmethod": "baselines.newmethod:New"})
+    registry.entry_point_methods.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"lack newmethod that pyproject.toml lists: install the project "
+                                               r"again \(pip install -e \. from the checkout"):
+            registry.entry_point_methods()
+    finally:
+        monkeypatch.undo()
+        registry.entry_point_methods.cache_clear()
+    assert "fastv" in registry.entry_point_methods()

@@ -139,8 +139,8 @@ def hydra_error_line(err: BaseException, overrides: list[str]) -> str:
         m = re.search(r"Could not find '([^/']+)/([^']+)'", text)
         if m:
             group, name = m.groups()
-            return (f"{group}={name}: no configs/{group}/{name}.yaml; accepted values: "
-                    f"{', '.join(err.options)}")
+            options = [o for o in err.options if not o.startswith("_")]  # "_name": test-only methods
+            return f"{group}={name}: no configs/{group}/{name}.yaml; accepted values: {', '.join(options)}"
     m = re.match(r"Could not override '([^']+)'", text)
     if m:
         key = m.group(1)
