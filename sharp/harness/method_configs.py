@@ -62,19 +62,27 @@ def method_kwarg_defaults(name: str) -> dict:
 
 def register_method_configs() -> None:
     """Store the generated method configs of every registered method in Hydra's ConfigStore (again
-    after a ``register_method`` at run time: storing is idempotent)."""
+    when a ``register_method`` at run time added a name)."""
     from hydra.core.config_store import ConfigStore
 
     from sharp.methods.registry import get_method_class, method_names
 
     store = ConfigStore.instance()
+    names = method_names()
+    key = [(name, id(get_method_class(name))) for name in names]
+    if _STORED.get("key") == key and _STORED.get("store") is store:
+        return  # every one already stored (compose calls this each time)
     store.store(group=DEFAULTS_GROUP, name=COMPOSE, node={})
     with_yaml = {p.stem for p in (config_dir() / "method").glob("*.yaml")}
-    for name in method_names():
+    for name in names:
         store.store(group=DEFAULTS_GROUP, name=name, node=method_kwarg_defaults(name))
         if name not in with_yaml:
             store.store(group="method", name=name,
                         node={"name": name, "default_retention": default_retention(get_method_class(name))})
+    _STORED.update(key=key, store=store)
+
+
+_STORED: dict = {}  # the (name, class) pairs last stored, and in which ConfigStore
 
 
 def explicit_method_kwargs(kwargs: dict, command_line: Iterable[str]) -> dict:
