@@ -1,7 +1,8 @@
 """A method from an outside package, exactly as a researcher would add one (docs/adding_a_method.md):
-one method file and a ``pyproject.toml`` with a ``sharp.methods`` entry point, pip-installed, no yaml.
-It runs from ``run.py`` and goes through the invariant tests over all methods (tests/test_methods.py)
-and the method-API walk (tests/test_method_api.py), each in a fresh interpreter that sees the package."""
+one method file and a ``pyproject.toml`` with a ``sharp.methods`` entry point, pip-installed into a
+folder of its own, no yaml. ``python run.py method=<its name>`` runs it (a new interpreter with the
+folder on PYTHONPATH), and it goes through the invariant tests over all methods (tests/test_methods.py)
+and the method-API walk (tests/test_method_api.py) here, found by the registry through its entry point."""
 from __future__ import annotations
 
 import json
@@ -94,20 +95,42 @@ def test_outside_method_runs_from_run_py(plugin_site, tmp_path):
     assert summary["method_settings"]["kwargs"] == {"retention": 0.25, "positions": "original", "layer": 1}
 
 
-def test_outside_method_passes_the_invariants_over_all_methods(plugin_site):
-    """tests/test_methods.py (trace = schedule, retention 1 identity, decode = masked no-cache reference on
-    both tiny backbones, bad kwargs) and tests/test_method_api.py pick it up by its registered name."""
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_methods.py",
-                          "tests/test_method_api.py", "-k", f"{NAME} or sharp_plugin_example", "-rA"],
-                         cwd=ROOT, env=_env(plugin_site), capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    passed = [line for line in run.stdout.splitlines() if line.startswith("PASSED")]
-    assert any("sharp_plugin_example.py" in line for line in passed), run.stdout[-3000:]
-    ran = {line.split("::")[1].split("[")[0] for line in passed if NAME in line}
-    assert {"test_trace_follows_token_schedule", "test_full_retention_is_identity",
-            "test_decode_equals_masked_no_cache_reference", "test_bad_kwargs_fail_when_made",
-            "test_layer_outside_the_model_fails_before_any_forward"} <= ran, sorted(ran)
-    assert len(passed) >= 8, run.stdout[-3000:]
+@pytest.fixture
+def plugin_registered(plugin_site):
+    """This interpreter sees the installed package (its folder on sys.path, as PYTHONPATH gives it to a
+    new one): the registry finds its entry point; both are undone afterwards."""
+    from sharp.methods import registry
+
+    sys.path.insert(0, str(plugin_site))
+    registry.entry_point_methods.cache_clear()
+    try:
+        yield
+    finally:
+        sys.path.remove(str(plugin_site))
+        registry.entry_point_methods.cache_clear()
+        assert NAME not in registry.method_names()
+
+
+def test_outside_method_passes_the_invariants_over_all_methods(plugin_registered):
+    """The invariants every method goes through (tests/test_methods.py: trace = schedule, retention 1
+    identity, decode = masked no-cache reference on both tiny backbones at batch 1 and 2, bad kwargs and
+    a layer outside the model fail before any forward) and the method-API walk (tests/test_method_api.py),
+    on the method found by its registered name."""
+    import test_method_api
+    import test_methods
+
+    import sharp
+
+    assert NAME in sharp.method_names() and sharp.get_method_class(NAME).__module__ == "sharp_plugin_example"
+    for bb_name in test_methods.BACKBONES:
+        test_methods.test_trace_follows_token_schedule(bb_name, NAME, {})
+        test_methods.test_full_retention_is_identity(bb_name, NAME, {})
+        for batch in (1, 2):
+            test_methods.test_decode_equals_masked_no_cache_reference(bb_name, batch, NAME, {})
+    test_methods.test_bad_kwargs_fail_when_made(NAME)
+    test_methods.test_layer_outside_the_model_fails_before_any_forward(NAME)
+    module = next(p for p in test_method_api.method_module_paths() if p.name == "sharp_plugin_example.py")
+    test_method_api.test_method_module_uses_only_the_method_api(module)
 
 
 def test_entry_points_missing_from_the_install_are_one_error(monkeypatch):
