@@ -26,11 +26,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-try:  # registers the ${sharp_path:...} resolver and the methods' generated configs
-    from sharp.harness.config import CONFIG_DIR
-except RuntimeError as _err:  # the project's method entry points are not installed (or stale)
-    print(f"error: {_err}", file=sys.stderr)
-    sys.exit(2)
+from sharp.harness.config import CONFIG_DIR  # registers the ${sharp_path:...} resolver
 from sharp.harness.resources import HarnessError
 
 
@@ -50,6 +46,7 @@ def run_in_process(argv: list[str]) -> None:
     ``error:`` line and ``SystemExit(2)``; the config is composed as Hydra composes it."""
     from sharp.harness.config import compose
 
+    register_methods()
     check_command_line(argv)
     run_reporting_errors(compose(argv), list(argv))
 
@@ -89,6 +86,19 @@ def check_command_line(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def register_methods() -> None:
+    """The methods' generated Hydra configs (``sharp.harness.method_configs``), before Hydra composes; the
+    project's method entry points not installed (or older than pyproject.toml) is one error line, exit 2."""
+    from sharp.harness.method_configs import register_method_configs
+
+    try:
+        register_method_configs()
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    register_methods()
     check_command_line(sys.argv[1:])
     main()

@@ -50,12 +50,23 @@ def test_groups_have_the_issue_options(group, names):
     assert names <= have
 
 
+def field_defaults(cls: type) -> dict:
+    """{field: default} of a method class read off its dataclass fields (no instance), lists for tuples:
+    what the generated ``method.kwargs`` must equal."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.init and not f.name.startswith("_") and f.name != "retention":
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def test_every_registered_method_has_a_config():
     """The registry is the source of truth: `python run.py method=<name>` works for every registered
     method, with a yaml or without one (a generated config: the dataclass's kwargs and retention)."""
     from dataclasses import dataclass
-
-    from sharp.harness.method_configs import dataclass_kwargs
 
     @sharp.register_method
     @dataclass
@@ -68,7 +79,7 @@ def test_every_registered_method_has_a_config():
         cfg = compose([f"method={name}"])
         assert cfg.method.name == name and 0 < cfg.retention <= 1, name
     cfg = compose(["method=_yamlless", "method.kwargs.layer=2"])
-    assert cfg.retention == 0.4 and dict(cfg.method.kwargs) == dataclass_kwargs(_YamlLess) == {"positions": "auto",
+    assert cfg.retention == 0.4 and dict(cfg.method.kwargs) == field_defaults(_YamlLess) == {"positions": "auto",
                                                                                                  "layer": 2}
     assert cell_from_cfg(cfg).method_kwargs == {"layer": 2}  # set on the command line: explicit
 
@@ -78,7 +89,6 @@ def test_method_configs_carry_no_dataclass_defaults():
     per-backbone values, a composition's parts and per-child defaults), each per-backbone or per-child
     key is a kwarg of the method it names, and the composed ``method.kwargs`` IS the dataclass's."""
     from sharp.engine.compose import child_keys
-    from sharp.harness.method_configs import dataclass_kwargs
     from sharp.methods.registry import composition
 
     allowed = {"name", "default_retention", "backbones", "parts", "child_defaults", "child_layer_rules",
@@ -91,7 +101,7 @@ def test_method_configs_carry_no_dataclass_defaults():
         kwargs = dict(compose([f"method={path.stem}"]).method.kwargs)
         spec = composition(path.stem)
         if spec is None:
-            fields = dataclass_kwargs(sharp.get_method_class(path.stem))
+            fields = field_defaults(sharp.get_method_class(path.stem))
             assert kwargs == fields, path.name
             for section in (raw.get("backbones") or {}).values():
                 assert set(section) <= set(fields), f"{path.name}: backbones: {sorted(set(section) - set(fields))}"
@@ -99,7 +109,7 @@ def test_method_configs_carry_no_dataclass_defaults():
         keys = child_keys(list(spec.parts))
         assert list(kwargs) == keys, path.name
         for part, key in zip(spec.parts, keys):
-            fields = dataclass_kwargs(sharp.get_method_class(part))
+            fields = field_defaults(sharp.get_method_class(part))
             own = {k: v for k, v in kwargs[key].items() if k != "retention"}
             assert own == {**fields, **{k: v for k, v in spec.child_defaults.get(key, {}).items() if k != "retention"}}
             assert set(spec.child_defaults.get(key, {})) <= set(fields) | {"retention"}, f"{path.name}: {key}"

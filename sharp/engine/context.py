@@ -150,22 +150,19 @@ class StageContext:
         backbone has none, or it is no longer the row after the video's last current visual token."""
         if not getattr(self.backbone, "video_newline", False):
             return None
-        seq = self.seq
-        positions = self.visual_positions(b)
-        if positions.numel() == 0:
-            return None
-        first = int(positions[0])
-        # the unpruned position of the video's first visual token, then of the row after its N tokens
-        newline_origin = int(seq.origin[b, first]) - int(seq.visual_index[b, first]) + self.n_visual
-        candidate = int(positions[-1]) + 1  # only (removed) visual tokens lie between
-        if candidate >= seq.origin.shape[1] or int(seq.origin[b, candidate]) != newline_origin:
+        newline_origin = self.input_video_start(b) + self.n_visual  # the row after the video's N tokens
+        candidate = int(self.visual_positions(b)[-1]) + 1  # only (removed) visual tokens lie between
+        origin = self.seq.origin
+        if candidate >= origin.shape[1] or int(origin[b, candidate]) != newline_origin:
             return None
         return candidate
 
     def input_video_start(self, b: int) -> int:
-        """Position of sample b's first visual token in the UNPRUNED prefill input (padding included)."""
-        ids = self.prefill_inputs["input_ids"]
-        return int(self.backbone.visual_mask(ids[b:b + 1], self.layout)[0].nonzero()[0])
+        """Position of sample b's first visual token in the UNPRUNED prefill input (padding included): a
+        current visual token's unpruned position minus its original visual index (a video's visual tokens
+        are one contiguous run of the input)."""
+        first = int(self.visual_positions(b)[0])
+        return int(self.seq.origin[b, first]) - int(self.seq.visual_index[b, first])
 
     def gather_visual(self, values: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:
         """Per-position values (b, s) -> (b, n_max) over each sample's current visual tokens, in
@@ -233,11 +230,12 @@ class StageContext:
 
         Built once per sequence and reused by the following layers on the same sequence; None (no
         restriction) when every sample is one segment that sees the text anyway."""
-        cache = vars(self._runner.method_state(self.owner)).setdefault("_engine_segment_restriction", {})
-        if cache.get("seq") is self.seq and cache.get("key") == (id(segment_of_index), visual_sees_text):
-            return cache["mask"]
-        mask = _segment_restriction(self.seq, segment_of_index, visual_sees_text, self.hidden_states.device)
-        cache.update(seq=self.seq, key=(id(segment_of_index), visual_sees_text), mask=mask)
+        cache = self._runner.state.restrictions
+        key = (id(segment_of_index), visual_sees_text)
+        seq, cached_key, mask = cache.get(self.owner, (None, None, None))
+        if seq is not self.seq or cached_key != key:
+            mask = _segment_restriction(self.seq, segment_of_index, visual_sees_text, self.hidden_states.device)
+            cache[self.owner] = (self.seq, key, mask)
         return mask
 
     # -- identities for caches ------------------------------------------------------------------------
@@ -390,14 +388,14 @@ class SessionContext:
 
     def visual_kv_entries(self, layer: int) -> list[int]:
         """Per sample, the visual entries of layer ``layer``'s cache after the last prefill (its input rows)."""
-        return self._session.layer_sequences[layer].visual_mask.sum(dim=1).tolist()
+        return self._session.prefill.layer_sequence(layer).visual_mask.sum(dim=1).tolist()
 
     def drop_visual_kv(self, layer: int) -> Optional[int]:
         """Remove layer ``layer``'s visual KV-cache entries for the decoding that follows (text entries
         stay; every later decode step of that layer attends to the text only). Returns the bytes freed, or
         None when nothing was dropped: a batch whose samples cannot keep equal entry counts (too little
         padding). Layer 0's cache gives generate its positions: drop it only if that is what you mean."""
-        seq = self._session.layer_sequences[layer]
+        seq = self._session.prefill.layer_sequence(layer)
         return self._session.kv.drop_visual_kv(layer, seq.visual_mask, seq.attention_mask_2d)
 
     def drop_kv(self, layer: int, keep: list[torch.Tensor]) -> None:
@@ -409,10 +407,12 @@ def _segment_restriction(seq: SeqState, segment_of_index: Sequence[torch.Tensor]
     """The :class:`SegmentRestriction` of ``seq`` (per position: the segment of its visual token, -1 for
     text), or None when it restricts nothing (one segment per sample, which sees the text)."""
     vidx = seq.visual_index.to(device)  # (b, s) original visual index or -1
-    seg = torch.full_like(vidx, -1)
-    for b in range(vidx.shape[0]):
-        present = vidx[b] >= 0
-        seg[b, present] = segment_of_index[b].to(device)[vidx[b, present]]
-    if visual_sees_text and all(len(torch.unique(row[row >= 0])) <= 1 for row in seg):
-        return None
+    of_index = torch.stack([s.to(device) for s in segment_of_index])  # (b, N_vis)
+    seg = torch.where(vidx >= 0, of_index.gather(1, vidx.clamp_min(0)), -1)  # (b, s)
+    if visual_sees_text:
+        present = seg >= 0
+        highest = seg.masked_fill(~present, -1).amax(dim=1)
+        lowest = seg.masked_fill(~present, torch.iinfo(seg.dtype).max).amin(dim=1)
+        if bool(((highest <= lowest) | ~present.any(dim=1)).all()):  # one segment (or none) per sample
+            return None
     return SegmentRestriction(seg, visual_sees_text=visual_sees_text)

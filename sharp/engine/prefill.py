@@ -52,6 +52,8 @@ class _Forward:
     layout: Any = None
     seq: Optional[SeqState] = None
     layer_inputs: dict = field(default_factory=dict)  # layer -> (hidden, SeqState)
+    layer_seqs: dict = field(default_factory=dict)  # layer -> the SeqState entering it (= its KV-cache rows)
+    restrictions: dict = field(default_factory=dict)  # owner -> (SeqState, key, its segment restriction)
     probe_target: Optional[tuple[int, int]] = None  # (layer, owner) of the probing stage
     probe_fn: Optional[Callable] = None
     layer_input: Optional[torch.Tensor] = None  # input of the decoder layer now running (after its stages)
@@ -113,6 +115,10 @@ class PrefillRunner:
     def method_state(self, owner: int) -> SimpleNamespace:
         """Per-prefill scratch space of one method."""
         return self._scratch[owner]
+
+    def layer_sequence(self, layer: int) -> SeqState:
+        """The sequence that entered decoder layer ``layer`` in this (or the last) prefill: its KV-cache rows."""
+        return self._forwards[0].layer_seqs[layer]
 
     def recorded_input(self, layer: int) -> tuple[torch.Tensor, SeqState]:
         """(hidden (b, s_l, d), SeqState) recorded at the input of ``layer`` in this prefill."""
@@ -210,6 +216,7 @@ class PrefillRunner:
         state.layer_input = hidden
         if idx in self.plan.score_layers:
             state.layer_inputs[idx] = (hidden, seq)
+        state.layer_seqs[idx] = seq
         if state.phase == "prefill" and len(self.trace.visual_tokens_per_layer) == idx:
             self.trace.record_layer_counts(seq.visual_mask.sum(dim=1).tolist())
 

@@ -41,7 +41,6 @@ class PruningSession:
         self.prefill = PrefillRunner(backbone, self.plan, self.trace, self.kv)
         self._call: Optional[str] = None  # the top-level call in progress or last: prefill | decode
         self._handles: list = []
-        self.layer_sequences: dict = {}  # layer -> the SeqState of its input (= its cache rows) in the last prefill
 
     @property
     def phase(self) -> Optional[str]:
@@ -118,12 +117,7 @@ class PruningSession:
             if phase == "decode":
                 return self.kv.layer_kwargs(idx, args, kwargs)
             if phase in ("prefill", "probe"):
-                out = self.prefill.layer_kwargs(idx, args, kwargs)
-                if phase == "prefill":
-                    if idx == 0:
-                        self.layer_sequences = {}
-                    self.layer_sequences[idx] = self.prefill.state.seq
-                return out
+                return self.prefill.layer_kwargs(idx, args, kwargs)
             return None
 
         return hook
@@ -151,7 +145,7 @@ class PruningSession:
     def _output_watcher(self, idx: int, fn: Callable):
         def hook(module, args, kwargs, output):
             if self.phase == "prefill":
-                fn(LayerRows(idx, output[0] if isinstance(output, tuple) else output, self.layer_sequences[idx]))
+                fn(LayerRows(idx, output[0] if isinstance(output, tuple) else output, self.prefill.layer_sequence(idx)))
             return None
 
         return hook

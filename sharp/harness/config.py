@@ -27,7 +27,6 @@ def _sharp_path(rel: str = "") -> str:
 
 if not OmegaConf.has_resolver("sharp_path"):
     OmegaConf.register_new_resolver("sharp_path", _sharp_path)
-register_method_configs()  # method.kwargs from the dataclasses; yaml-less (outside) methods
 
 
 def compose(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:
@@ -36,7 +35,7 @@ def compose(overrides: Iterable[str] = (), config_name: str = "config") -> DictC
     from hydra.core.global_hydra import GlobalHydra
 
     overrides = list(overrides)
-    register_method_configs()  # methods registered since the import (register_method)
+    register_method_configs()  # method.kwargs from the dataclasses; yaml-less (outside) methods
     if GlobalHydra.instance().is_initialized():
         return with_command_line(hydra_compose(config_name=config_name, overrides=overrides), overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

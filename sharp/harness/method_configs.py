@@ -3,7 +3,7 @@
 ``configs/method/<name>.yaml`` carries only what Hydra needs and the dataclass cannot say: the name,
 the default retention of a run (its Table 1 value), per-backbone values (``backbones:``) and, for a
 declared composition, its parts and per-child defaults. Everything else is generated here into Hydra's
-ConfigStore when the harness is imported:
+ConfigStore (``register_method_configs``: when ``run.py`` starts and before each harness ``compose``):
 
 * ``method_defaults/<name>``: every kwarg of the method and its dataclass default (a composition: one
   dict per child, the child's defaults under the composition's ``child_defaults``); ``configs/config.yaml``
@@ -27,17 +27,12 @@ DEFAULTS_GROUP = "method_defaults"
 COMPOSE = "compose"  # configs/method/compose.yaml: any '+'-joined names, kwargs via +method_kwargs
 
 
-def dataclass_kwargs(cls: type) -> dict:
-    """{kwarg: default} of a method class's init fields (``retention`` is the run's, not a kwarg)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name.startswith("_") or f.name == "retention":
-            continue
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = _plain(f.default)
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = _plain(f.default_factory())  # type: ignore[misc]
-    return out
+def method_kwargs_of(name: str) -> dict:
+    """{kwarg: default} of a registered method (its made instance's settings; ``retention`` is the run's)."""
+    from sharp.methods.registry import make_method
+    from sharp.methods.settings import method_settings
+
+    return {k: v for k, v in method_settings(make_method(name)).items() if k != "retention"}
 
 
 def default_retention(cls: type) -> float:
@@ -48,14 +43,14 @@ def default_retention(cls: type) -> float:
 def method_kwarg_defaults(name: str) -> dict:
     """The generated ``method.kwargs`` of a registered method or declared composition."""
     from sharp.engine.compose import child_keys
-    from sharp.methods.registry import composition, get_method_class
+    from sharp.methods.registry import composition
 
     spec = composition(name)
     if spec is None:
-        return dataclass_kwargs(get_method_class(name))
+        return method_kwargs_of(name)
     out = {}
     for part, key in zip(spec.parts, child_keys(list(spec.parts))):
-        own = {"retention": "${retention}", **dataclass_kwargs(get_method_class(part))}
+        own = {"retention": "${retention}", **method_kwargs_of(part)}
         out[key] = {**own, **spec.child_defaults.get(key, {})}
     return out
 
@@ -107,11 +102,3 @@ def explicit_method_kwargs(kwargs: dict, command_line: Iterable[str]) -> dict:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return out
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
