@@ -5,14 +5,15 @@ Per frame (LLaVA-OV: the 14 x 14 grid of pooled SigLIP features; Qwen-family bac
 one temporal patch's MERGED tokens, each already the 2 x 2 patch merge of the vision tower, so a
 2 x 2 pool there averages 4 x 4 patches), with the grid (H, W):
 
-    (H', W') = (clamp(round(H sqrt(R)), 1, H), clamp(round(W sqrt(R)), 1, W))
+    H' = clamp(round(H sqrt(R)), 1, H),   W' = clamp(round(R H W / H'), 1, W)     (round half up)
     bin(r, c) = (floor(r H' / H), floor(c W' / W))                    a partition of the grid
     x'_bin = mean_{(r, c) in bin} x_{r, c}                             (pooled in float32)
 
 so R = 0.25 on 14 x 14 gives 7 x 7 = 49, exactly ``F.avg_pool2d(kernel_size=2)`` (and any R whose
 H' divides H, W' divides W is ``avg_pool2d`` with kernel H / H'); where they do not divide, bins are
 floor/ceil sized and disjoint (``adaptive_avg_pool2d``'s bins overlap instead). The kept share is
-H' W' / (H W) (R = 0.1: 4 x 4 = 8.2%), so the schedule is measured (it depends on the grid).
+H' W' / (H W), close to R but not equal (14 x 14 at R = 0.1: 4 x 5 = 10.2%; 7 x 7 at 0.25: 4 x 3 =
+24.5%), so the schedule is measured (it depends on the grid).
 
 Each bin's row replaces that of its first token (raster order), which stays in the sequence; the
 others leave. Positions: renumbered on 1-D RoPE (a pooled model sees a smaller grid; the trailing
@@ -31,10 +32,17 @@ import torch
 from sharp import PruningMethod, Selection
 
 
+def round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
 def pooled_grid(grid: tuple[int, int], retention: float) -> tuple[int, int]:
-    """(H', W') of a pooled (H, W) grid: each side scaled by sqrt(R), rounded, within 1..side."""
-    scale = math.sqrt(retention)
-    return tuple(min(side, max(1, round(side * scale))) for side in grid)
+    """(H', W') of a pooled (H, W) grid: H' the height scaled by sqrt(R), then W' the width that brings
+    H' W' nearest R H W (each within 1..side)."""
+    h, w = grid
+    ph = min(h, max(1, round_half_up(h * math.sqrt(retention))))
+    pw = min(w, max(1, round_half_up(retention * h * w / ph)))
+    return ph, pw
 
 
 def bin_of_tokens(frame: torch.Tensor, row: torch.Tensor, col: torch.Tensor, grid: tuple[int, int],

@@ -102,11 +102,13 @@ def test_pooling_at_a_quarter_is_avg_pool2d(name):
 
 
 def test_pooling_bins_where_the_grid_does_not_divide():
-    """14 x 14 at R = 0.1: 4 x 4 disjoint bins of 4/3/4/3 rows and columns (floor(r 4 / 14))."""
+    """14 x 14 into 4 x 4 disjoint bins of 4/3/4/3 rows and columns (floor(r 4 / 14))."""
     from baselines.pooling import bin_of_tokens, pool_bins, pooled_grid
 
-    assert pooled_grid((14, 14), 0.25) == (7, 7) and pooled_grid((14, 14), 0.1) == (4, 4)
-    assert pooled_grid((2, 2), 0.01) == (1, 1)
+    # H' = round(H sqrt R), then W' nearest R H W / H'
+    assert pooled_grid((14, 14), 0.25) == (7, 7) and pooled_grid((14, 14), 0.1) == (4, 5)
+    assert pooled_grid((7, 7), 0.25) == (4, 3) and pooled_grid((14, 14), 0.5) == (10, 10)
+    assert pooled_grid((2, 2), 0.01) == (1, 1) and pooled_grid((14, 14), 0.08) == (4, 4)
     rows, cols = torch.meshgrid(torch.arange(14), torch.arange(14), indexing="ij")
     x = torch.randn(196, 5, dtype=torch.float64)
     bins = bin_of_tokens(torch.zeros(196, dtype=torch.long), rows.flatten(), cols.flatten(), (14, 14), (4, 4))

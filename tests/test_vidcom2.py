@@ -87,7 +87,7 @@ def frames_of(video: np.ndarray) -> list[np.ndarray]:
 # -- Steps 1-4 on random input ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("t,m,c,r,seed", [(32, 196, 896, 0.25, 0), (8, 16, 64, 0.1, 1), (5, 49, 130, 0.5, 2),
+@pytest.mark.parametrize("t,m,c,r,seed", [(32, 196, 384, 0.25, 0), (8, 16, 64, 0.1, 1), (5, 49, 130, 0.5, 2),
                                           (1, 30, 16, 0.25, 3), (6, 20, 40, 1.0, 4)])
 def test_counts_and_kept_sets_equal_the_reference(t, m, c, r, seed):
     """k_t and every frame's kept set equal the numpy reference (float64 both); the kept indices are
@@ -116,7 +116,7 @@ def test_notes_example_32x196_total_is_input_dependent():
     is the reference's sum_t k_t, not round(r T M) = 1568: the frames with p_t ~ 0 get
     round(r (1 - 1/T) M) (47.47 -> 47) and the unique one round(r (1 + p_t - 1/T) M)."""
     t, m, r, cut = 32, 196, 0.25, 5
-    frames = frames_of(one_cut_video(t, m, 896, 0, cut))
+    frames = frames_of(one_cut_video(t, m, 384, 0, cut))
     ref = reference_vidcom2(frames, r, m)
     got = run_ours(frames, r, m)
     assert got.budget.tolist() == ref["k"] and got.keep.tolist() == ref["keep"]
@@ -131,7 +131,7 @@ def test_notes_example_32x196_total_is_input_dependent():
 
 
 def test_float32_equals_the_reference_on_random_input():
-    frames = frames_of(random_video(32, 196, 896, 0))
+    frames = frames_of(random_video(32, 196, 384, 0))
     ref = reference_vidcom2(frames, 0.25, 196)
     _assert_equal_where_float32_is_safe(run_ours(frames, 0.25, 196, dtype=torch.float32), ref, frames)
 

@@ -24,8 +24,8 @@ import torch
 
 from sharp.backbones import compat
 from sharp.backbones.tokenizer import assign_special_ids, byte_tokenizer
-from sharp.backbones.vision import (ATTENTION_BUDGET, RopeFn, VisionMaps, captured_input, captured_output,
-                                    received_attention)
+from sharp.backbones.vision import (ATTENTION_BUDGET, FramePooling, RopeFn, VisionMaps, captured_input,
+                                    captured_output, received_attention)
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -168,6 +168,9 @@ class Backbone(abc.ABC):
     tokenizer: Any
     num_frames: int = 32  # frames sampled per video by prepare()
     video_kwargs: dict = field(default_factory=dict)
+    # weights loaded from a hub checkpoint (load_pretrained), not built random / from the toy weights:
+    # side weights a method needs (FastVID's SigLIP pooling head) then come from the hub too
+    pretrained: bool = False
 
     family: ClassVar[str] = ""  # "llava_onevision" | "qwen2_vl" | ...
     # a separator token appended after each video's visual tokens (LLaVA-OV's image_newline), which the
@@ -464,6 +467,11 @@ class Backbone(abc.ABC):
             keys=self.visual_features_to_tokens(k.mean(dim=1), batch_size, **layout),
             attention=self.visual_features_to_tokens(attention, batch_size, **layout))
 
+    def frame_pooling(self, layer: int, captured: dict, batch_size: int) -> FramePooling:
+        """Per-frame global feature and probe attention of vision layer ``layer`` (FastVID's inputs;
+        :class:`~sharp.backbones.vision.FramePooling`), from its captured call. Family-specific."""
+        raise ValueError(f"{self.name}: the {self.family} family has no per-frame pooling of its vision tower")
+
     def _captured_token_layout(self, captured: dict) -> dict:
         """Extra keyword arguments of :meth:`visual_features_to_tokens` that a captured vision-layer
         call determines (none by default; Qwen2.5-VL: the call's ``grid_thw`` for its window order)."""
@@ -546,4 +554,5 @@ def load_backbone(name: str, *, attn_implementation: str = "sdpa", random_weight
         model, tokenizer = cls.load_pretrained(hub, attn_implementation, dtype, device)
     num_frames = num_frames or spec.get("num_frames", 32)  # the backbone's paper-style count (LLaVA-Video: 64)
     return cls(name=name, model=model, tokenizer=tokenizer, num_frames=num_frames,
-               video_kwargs={**spec.get("video_kwargs", {}), **video_kwargs})
+               video_kwargs={**spec.get("video_kwargs", {}), **video_kwargs},
+               pretrained=not (random_weights or hub is None))

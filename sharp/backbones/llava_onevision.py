@@ -15,6 +15,8 @@ import torch
 from sharp.backbones import compat
 from sharp.backbones import video as V
 from sharp.backbones.base import CHATML_SYSTEM, Backbone, VisualLayout, register_family
+from sharp.backbones.vision import (RANDOM_HEAD_SEED, SIGLIP_HEAD_HUB, FramePooling, SiglipPoolingHead,
+                                    captured_output, hub_pooling_head, random_pooling_head)
 
 # lmms-eval's llava_onevision wrapper: LLaVA-NeXT conv template "qwen_1_5" (ChatML), "<image>\n" +
 # context as the user turn (the video's placeholders replace "<image>").
@@ -164,3 +166,34 @@ class LlavaOneVisionBackbone(Backbone):
 
     def _vision_scale(self, block: torch.nn.Module) -> float:
         return block.self_attn.scale
+
+    # -- per-frame pooling (FastVID) -------------------------------------------------------------
+    def pooling_head(self) -> tuple[SiglipPoolingHead, str]:
+        """(head, source): SigLIP's post_layernorm + attention-pooling head, which the LLaVA towers drop.
+        Pretrained backbones (``pretrained``: a hub checkpoint) reload it from google/siglip-so400m-patch14-384
+        as FastVID's SigLipVisionAbstract does; the others get a random head of the tower's width (seed 0).
+        Built once per backbone, in the tower's dtype and device."""
+        cached = self.__dict__.get("_pooling_head")
+        if cached is None:
+            vc = self.config.vision_config
+            if self.pretrained:
+                head, source = hub_pooling_head(vc), SIGLIP_HEAD_HUB
+            else:
+                head, source = random_pooling_head(vc), f"random (seed {RANDOM_HEAD_SEED})"
+            tower = self.vision_layers[0].self_attn.q_proj.weight
+            cached = (head.to(device=tower.device, dtype=tower.dtype).eval().requires_grad_(False), source)
+            self.__dict__["_pooling_head"] = cached
+        return cached
+
+    @torch.no_grad()
+    def frame_pooling(self, layer: int, captured: dict, batch_size: int) -> FramePooling:
+        """The pooling head on each frame's output of vision layer ``layer`` (FastVID: the feature layer,
+        before pooling: 729 patches per frame on the 7B): g_t the pooled output, a_t the probe attention
+        (head mean) mapped like the features (bilinear 27 -> 14, FastVID llava_arch.get_attn_2dPool)."""
+        out = captured_output(captured)
+        out = out.reshape(-1, self._patch_side() ** 2, out.shape[-1])  # (b*T, P, d_vis)
+        head, source = self.pooling_head()
+        pooled, attention = head(out)  # (b*T, d_vis), (b*T, P)
+        return FramePooling(global_features=pooled.float().reshape(batch_size, -1, pooled.shape[-1]),
+                            attention=self.visual_features_to_tokens(attention.float().reshape(-1), batch_size),
+                            source=source)

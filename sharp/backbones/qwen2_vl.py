@@ -15,7 +15,7 @@ import torch
 
 from sharp.backbones import video as V
 from sharp.backbones.base import CHATML_SYSTEM, Backbone, VisualLayout, register_family
-from sharp.backbones.vision import RopeFn
+from sharp.backbones.vision import FramePooling, RopeFn, captured_input, mean_query_attention
 
 # lmms-eval's qwen2_vl wrapper: processor.apply_chat_template with the system turn and the video
 # before the text in the user turn (the wrapper strips "<image>" from contexts).
@@ -181,3 +181,21 @@ class Qwen2VLBackbone(Backbone):
             return apply(q, k, cos[start:end], sin[start:end])
 
         return rope
+
+    # -- per-frame pooling (FastVID) -------------------------------------------------------------
+    @torch.no_grad()
+    def frame_pooling(self, layer: int, captured: dict, batch_size: int) -> FramePooling:
+        """FastVID's Qwen2.5-VL saliency (its ``Qwen2_5_VLVisionFlashAttention2`` with ``grid_thw``, last
+        block): per chunk of the captured call (on the last block: one temporal patch), the mean RoPE'd
+        query attends to each merge group's mean RoPE'd key, softmax over the groups, mean over heads;
+        mapped onto the LLM tokens. No pooling head: ``global_features`` is None (FastVID takes the mean
+        of each temporal patch's merged embeddings)."""
+        block = self.vision_layers[self.resolve_vision_layer(layer)]
+        q, k = self._vision_qk(block, captured_input(captured))  # (N, heads, head_dim)
+        group = self._merge ** 2
+        per_group = mean_query_attention(q, k, self._vision_scale(block), self._vision_chunks(captured, q.shape[0]),
+                                         group, rope=self._vision_rope(block, captured))  # (N / group,)
+        rows = per_group.repeat_interleave(group)  # each row carries its group's value: the mapping keeps it
+        attention = self.visual_features_to_tokens(rows, batch_size, **self._captured_token_layout(captured))
+        return FramePooling(global_features=None, attention=attention.float(),
+                            source=f"last-block mean-query attention (vision block {self.resolve_vision_layer(layer)})")

@@ -108,3 +108,118 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, lengths: 
         out[start:end] = probs.mean(dim=(1, 2)).reshape(-1)
         del probs
     return out
+
+
+# -- per-frame pooling (FastVID's global feature and probe attention) ---------------------------
+
+# SigLIP checkpoint whose attention-pooling head (and post_layernorm) FastVID reloads, because
+# LLaVA-OneVision / LLaVA-Video drop the head of their tower (FastVID siglip_encoder.py SigLipVisionAbstract)
+SIGLIP_HEAD_HUB = "google/siglip-so400m-patch14-384"
+# seed of the random head built for towers without a hub checkpoint (tiny / toy / mid / random_weights)
+RANDOM_HEAD_SEED = 0
+
+
+@dataclass
+class FramePooling:
+    """Per-frame summaries of one vision layer, per sample (:meth:`Backbone.frame_pooling`).
+
+    global_features: (b, frames, d_vis) float32, the pooled output of SigLIP's multihead attention
+        pooling (MAP) head on each frame's patches; None where the tower has no such head (Qwen
+        families: a method takes the mean of the frame's LLM embeddings, as FastVID's Qwen path does).
+    attention: (b, n_visual) float32, the probe attention each patch receives (mean over heads; sums to
+        1 over a frame's patches before the mapping), mapped onto the LLM's visual tokens as the model
+        maps its features.
+    source: where the head came from ("google/siglip-so400m-patch14-384", "random (seed 0)", ...).
+    """
+
+    global_features: Optional[torch.Tensor]
+    attention: torch.Tensor
+    source: str
+
+
+class SiglipPoolingHead(torch.nn.Module):
+    """SigLIP's post_layernorm + multihead attention pooling head, with the parameter names of the HF
+    checkpoint (``vision_model.post_layernorm.*``, ``vision_model.head.*``): a learned probe attends to
+    the frame's patches (``torch.nn.MultiheadAttention``), then a pre-norm MLP with a residual."""
+
+    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float = 1e-6, act: str = "gelu_pytorch_tanh"):
+        super().__init__()
+        self.post_layernorm = torch.nn.LayerNorm(hidden, eps=eps)
+        self.probe = torch.nn.Parameter(torch.randn(1, 1, hidden))
+        self.attention = torch.nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.layernorm = torch.nn.LayerNorm(hidden, eps=eps)
+        self.fc1 = torch.nn.Linear(hidden, intermediate)
+        self.fc2 = torch.nn.Linear(intermediate, hidden)
+        self.approximate = "tanh" if "tanh" in act else "none"
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: (frames, patches, d) -> pooled (frames, d), attention (frames, patches) (head mean)."""
+        x = self.post_layernorm(hidden)
+        probe = self.probe.expand(x.shape[0], -1, -1)
+        out, weights = self.attention(probe, x, x, need_weights=True, average_attn_weights=True)
+        mlp = self.fc2(torch.nn.functional.gelu(self.fc1(self.layernorm(out)), approximate=self.approximate))
+        return (out + mlp)[:, 0], weights[:, 0]
+
+    def load_checkpoint_tensors(self, tensors: dict) -> None:
+        """Load ``vision_model.post_layernorm.*`` and ``vision_model.head.*`` tensors of a SigLIP checkpoint."""
+        renamed = {}
+        for key, value in tensors.items():
+            key = key.replace("vision_model.", "", 1)
+            key = key.replace("head.mlp.", "").replace("head.", "")
+            renamed[key] = value
+        self.load_state_dict(renamed, strict=True)
+
+
+def random_pooling_head(vision_config, seed: int = RANDOM_HEAD_SEED) -> SiglipPoolingHead:
+    """A SigLIP pooling head of the tower's width with seeded random weights (float32, CPU)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SiglipPoolingHead(vision_config.hidden_size, vision_config.num_attention_heads,
+                                 vision_config.intermediate_size, getattr(vision_config, "layer_norm_eps", 1e-6),
+                                 getattr(vision_config, "hidden_act", "gelu_pytorch_tanh"))
+
+
+def hub_pooling_head(vision_config, repo: str = SIGLIP_HEAD_HUB) -> SiglipPoolingHead:
+    """The pretrained pooling head of ``repo`` (its ``model.safetensors`` through the HF cache; only the
+    head and post_layernorm tensors are read). Raises RuntimeError when it is neither cached nor reachable."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from safetensors import safe_open
+
+        path = hf_hub_download(repo, "model.safetensors")
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()
+                       if k.startswith("vision_model.head.") or k.startswith("vision_model.post_layernorm.")}
+    except Exception as err:  # offline and not cached, or no access
+        raise RuntimeError(
+            f"FastVID's SigLIP attention-pooling head: could not load {repo}/model.safetensors ({err}). It is "
+            f"a weight of the 7B path like the backbone's own: download it once with network access "
+            f"(`huggingface-cli download {repo} model.safetensors`) into $HF_HOME, then run offline") from err
+    head = random_pooling_head(vision_config)
+    head.load_checkpoint_tensors(tensors)
+    return head
+
+
+def mean_query_attention(q: torch.Tensor, k: torch.Tensor, scale: float, lengths: Sequence[int], group: int,
+                         rope: Optional[RopeFn] = None) -> torch.Tensor:
+    """Attention of each chunk's MEAN query to its merge groups' MEAN keys (FastVID's Qwen2.5-VL
+    saliency, from the last vision block): per chunk c and head h,
+
+        a_g = softmax_g( mean_i q_i^h . mean_{j in g} k_j^h * scale ),   mean over heads,
+
+    q, k: (N, heads, head_dim) pre-rotary (``rope`` is applied first, float32); lengths: rows per chunk
+    (a temporal patch); group: rows per merge group (consecutive). Returns (N / group,) float32."""
+    n, heads, head_dim = q.shape
+    out = torch.empty(n // group, dtype=torch.float32, device=q.device)
+    start = 0
+    for length in (int(x) for x in lengths):
+        end = start + length
+        qs, ks = q[start:end].float(), k[start:end].float()
+        if rope is not None:
+            qs, ks = rope(qs, ks, start, end)
+        q_mean = qs.mean(dim=0)  # (heads, head_dim)
+        k_group = ks.reshape(length // group, group, heads, head_dim).mean(dim=1)  # (G, heads, head_dim)
+        logits = torch.einsum("hd,ghd->hg", q_mean, k_group) * scale
+        out[start // group:end // group] = torch.softmax(logits, dim=-1).mean(dim=0)
+        start = end
+    return out
