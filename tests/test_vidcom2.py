@@ -130,6 +130,19 @@ def test_notes_example_32x196_total_is_input_dependent():
     _assert_equal_where_float32_is_safe(run_ours(frames, r, m, dtype=torch.float32), ref, frames)
 
 
+def test_bfloat16_compute_changes_the_budgets_as_the_official_dtype_would():
+    """compute_dtype="model" computes in the embeddings' dtype (the official Qwen2.5-VL bf16): on the
+    notes' example r (1 - 1/T) M = 47.47 is held as 47.5 in bf16 and rounds (half to even) to 48, so
+    every flat frame keeps one token more than in float32 / float64."""
+    t, m, r, cut = 32, 196, 0.25, 5
+    frames = frames_of(one_cut_video(t, m, 384, 0, cut))
+    ref = reference_vidcom2(frames, r, m)
+    got = run_ours(frames, r, m, dtype=torch.bfloat16)
+    flat_bf16 = int(torch.round(torch.tensor(r * (1 - 1 / t), dtype=torch.bfloat16) * m))
+    assert flat_bf16 != ref["k"][0]
+    assert all(int(k) == flat_bf16 for f, k in enumerate(got.budget) if f != cut)
+
+
 def test_float32_equals_the_reference_on_random_input():
     frames = frames_of(random_video(32, 196, 384, 0))
     ref = reference_vidcom2(frames, 0.25, 196)
@@ -218,9 +231,8 @@ def layer0_input(bb, inputs, method=None):
 
 
 @pytest.mark.parametrize("name", ["tiny_llava_onevision", "tiny_qwen2_5_vl"])
-@pytest.mark.parametrize("compute_dtype", ["float64", "float32"])
-def test_prune_keeps_the_reference_set_of_the_layer0_embeddings(name, compute_dtype):
-    """Through sharp.prune (batch 2, two videos): the trace's kept indices and per-frame budgets equal
+def test_prune_keeps_the_reference_set_of_the_layer0_embeddings(name):
+    """Through sharp.prune (batch 2, two videos, default float32): the trace's kept indices and per-frame budgets equal
     the reference on each sample's layer-0 visual embeddings, the kept rows enter layer 0 unchanged
     (no merging; the batch is left-padded when the samples' counts differ), and the measured schedule is
     the kept count in every layer."""
@@ -230,7 +242,7 @@ def test_prune_keeps_the_reference_set_of_the_layer0_embeddings(name, compute_dt
     per, n = layout.tokens_per_frame, layout.n_visual
     emb, _ = layer0_input(bb, inputs)
     r = 0.3  # 0.25 x (1 - 1/8) x 16 = 3.5 is an exact rounding tie on the tiny OV frames
-    method = sharp.resolve_method("vidcom2", bb, r, compute_dtype=compute_dtype).method
+    method = sharp.resolve_method("vidcom2", bb, r).method  # the default float32
     got, trace = layer0_input(bb, inputs, method)
     t = trace.method("vidcom2")
     vis = bb.visual_mask(inputs["input_ids"], layout)
@@ -238,8 +250,8 @@ def test_prune_keeps_the_reference_set_of_the_layer0_embeddings(name, compute_dt
         rows = emb[b, vis[b]].double().numpy()  # (N, C) in frame-major order
         frames = [rows[f * per:(f + 1) * per] for f in range(n // per)]
         ref = reference_vidcom2(frames, r, per)
-        if compute_dtype == "float32":  # the tiny inputs leave wide margins: asserted, not assumed
-            assert ref["gap"].min() > FLOAT32_MARGIN and ref["tie"].min() > FLOAT32_MARGIN
+        # float32 against the float64 reference: the tiny inputs leave wide margins (asserted, not assumed)
+        assert ref["gap"].min() > FLOAT32_MARGIN and ref["tie"].min() > FLOAT32_MARGIN
         assert trace.kept[0][b].tolist() == ref["keep"]
         assert t.frame_budget[b] == ref["k"] and t.kept_count[b] == sum(ref["k"])
         # the unpruned sequence without the dropped visual rows, left-padded to the batch's longest
