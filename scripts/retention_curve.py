@@ -59,8 +59,10 @@ def _layer_share(res) -> float:
 
 
 def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int, cache_dir=None,
-        data_seed: int = 0, weights_dir=None, log=print, method_kwargs=None) -> tuple[list[dict], dict]:
-    """``method_kwargs``: {method: kwargs} set on top of the resolved defaults (e.g. SharpV's fixed mode)."""
+        data_seed: int = 0, weights_dir=None, log=print, method_kwargs=None, match_flops=None) -> tuple[list[dict], dict]:
+    """``method_kwargs``: {method: kwargs} set on top of the resolved defaults (e.g. SharpV's fixed mode).
+    ``match_flops`` = (target method, target retention): each method runs once, at the retention whose
+    prefill TFLOPs (its nominal schedule, paper convention) equal the target's (``retentions`` unused)."""
     from sharp.methods import budget
 
     bench = toy.toy_benchmark(backbone)  # the scenes toys: sharp.synthetic.scenes; others: the first benchmark
@@ -69,10 +71,15 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
     docs = bench.ensure_split(split, n=n, seed=data_seed)
     store = toy.cached_pixels(bb, docs, cache_dir)
     rows = []
-    plan = [("vanilla", 1.0)] + [(m, r) for m in methods for r in retentions]
+    if match_flops is None:
+        plan = [("vanilla", 1.0)] + [(m, r) for m in methods for r in retentions]
+    else:
+        plan = [("vanilla", 1.0)] + [(m, None) for m in methods]  # None: matched once N_vis is known
     n_visual = None
     for method, retention in plan:
         t0 = time.time()
+        if retention is None:
+            retention = matched_retention(bb, method, *match_flops, method_kwargs, visual_tokens=n_visual)
         row = {"method": method, "retention": retention}
         try:
             resolved = sharp.resolve_method(method, bb, retention, **(method_kwargs or {}).get(method, {}))
@@ -99,6 +106,37 @@ def run(backbone: str, methods, retentions, n: int, split: str, batch_size: int,
             "benchmark": bench.__name__, "qtypes": list(QTYPES),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     return rows, info
+
+
+def matched_retention(bb, method: str, target: str, target_retention: float, method_kwargs=None,
+                      visual_tokens: int | None = None) -> float:
+    """The retention of ``method`` whose nominal prefill TFLOPs equal ``target`` at ``target_retention``
+    on ``bb`` (:func:`sharp.flops.match_retention`, the paper's Table 1 matching)."""
+    if method == target:
+        return target_retention
+    kwargs = (method_kwargs or {}).get(method, {})
+    return sharp.flops.match_retention(bb, method, target, target_retention, visual_tokens=visual_tokens,
+                                       target_kwargs=(method_kwargs or {}).get(target, {}), **kwargs)
+
+
+def write_matched(rows: list[dict], info: dict, out: Path) -> Path:
+    """``matched.md`` / ``matched.json``: each method at the TFLOPs of ``info["match_flops"]``."""
+    target, r = info["match_flops"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "matched.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+    van = rows[0]
+    lines = [f"# Matched TFLOPs: {info['backbone']}", "",
+             f"Every method at the retention whose prefill TFLOPs (nominal schedule, paper convention) equal "
+             f"{target} at {r:g} (`sharp.flops.match_retention`); synthetic `{info['split']}` split, {info['n']} "
+             f"docs, {info['n_visual']} visual tokens; vanilla {_fmt_acc(van)}%. MFLOPs: measured schedules "
+             f"where a method's counts depend on the video.", "",
+             "| method | retention | accuracy | kept | MFLOPs |", "|---|---:|---:|---:|---:|"]
+    for row in rows[1:]:
+        cells = (["error", "", ""] if row.get("error") else
+                 [_fmt_acc(row), f"{row['kept_tokens']:.0f}", f"{row['tflops'] * 1e6:.3f}"])
+        lines.append(f"| {row['method']} | {row['retention']:.3f} | " + " | ".join(cells) + " |")
+    (out / "matched.md").write_text("\n".join(lines) + "\n")
+    return out / "matched.md"
 
 
 def _fmt_acc(row) -> str:
@@ -209,6 +247,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weights-dir", default=None, help="toy weights from this folder (e.g. a retrained copy)")
     ap.add_argument("--out", default=None, help="default: results/retention_curve/<backbone>")
     ap.add_argument("--method-kwargs", default="{}", help='JSON {method: kwargs}, e.g. \'{"sharpv": {"mode": "fixed"}}\'')
+    ap.add_argument("--match-flops", default=None, metavar="METHOD@R",
+                    help="run each method once, at the TFLOPs of METHOD at retention R (e.g. fastv@0.25); "
+                         "writes matched.md / matched.json")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -229,16 +270,38 @@ def main(argv=None) -> int:
         ap.error(f"--method-kwargs {args.method_kwargs!r} is not JSON ({err}); accepted: {{\"method\": {{...}}}}")
     if not isinstance(given, dict) or any(not isinstance(v, dict) for v in given.values()):
         ap.error(f"--method-kwargs {args.method_kwargs!r}: accepted: a JSON object of method name -> kwargs object")
+    match = parse_match_flops(ap, args.match_flops)
     rows, info = run(args.backbone, methods, args.retentions, n, args.split, args.batch_size, args.cache_dir,
-                     weights_dir=args.weights_dir, method_kwargs=given)
+                     weights_dir=args.weights_dir, method_kwargs=given, match_flops=match)
     info["method_kwargs"] = given
     if args.weights_dir:
         info["weights_dir"] = str(args.weights_dir)
     info["seconds"] = round(time.time() - t0, 1)
+    if match is not None:
+        info["match_flops"] = list(match)
+        path = write_matched(rows, info, out)
+        print(path.read_text())
+        print("wrote", path)
+        return 1 if any(r.get("error") for r in rows) else 0
     paths = write_outputs(rows, info, out)
     print((out / "retention_curve.md").read_text())
     print("wrote", ", ".join(paths.values()))
     return 1 if any(r.get("error") for r in rows) else 0
+
+
+def parse_match_flops(ap, value):
+    """``METHOD@R`` -> (METHOD, R), or None; anything else is one argparse error (exit 2)."""
+    if value is None:
+        return None
+    method, _, r = value.partition("@")
+    try:
+        retention = float(r)
+    except ValueError:
+        retention = -1.0
+    if method not in sharp.method_names() or not 0 < retention <= 1:
+        ap.error(f"--match-flops {value!r}: accepted METHOD@R with METHOD one of {', '.join(sharp.method_names())} "
+                 f"and R in (0, 1], e.g. fastv@0.25")
+    return method, retention
 
 
 if __name__ == "__main__":
