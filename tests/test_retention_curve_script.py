@@ -1,0 +1,33 @@
+"""scripts/retention_curve.py --match-flops: each method at the TFLOPs of a target method."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sharp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import retention_curve  # noqa: E402
+
+
+@pytest.mark.parametrize("method", ["random", "sharp", "pdrop"])
+def test_matched_retention_has_the_targets_tflops(method):
+    n = 128  # toy LLaVA-OV: 32 frames x 4 tokens
+    r = retention_curve.matched_retention("toy_llava_onevision", method, "fastv", 0.25, visual_tokens=n)
+    goal = sharp.flops.prefill_tflops("toy_llava_onevision", "fastv", 0.25, n)
+    got = sharp.flops.prefill_tflops("toy_llava_onevision", method, r, n)
+    one_token_less = sharp.flops.prefill_tflops("toy_llava_onevision", method, r - 1 / n, n)
+    one_token_more = sharp.flops.prefill_tflops("toy_llava_onevision", method, min(1.0, r + 1 / n), n)
+    assert abs(got - goal) <= min(abs(one_token_less - goal), abs(one_token_more - goal))
+    assert r > 0.25  # a pre-LLM / layer-1 method keeps more than FastV for FastV's FLOPs
+
+
+def test_bad_match_flops_is_one_line_and_exit_2():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "retention_curve.py"), "--match-flops", "fastv@2"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "accepted METHOD@R" in out.stderr and "Traceback" not in out.stderr
