@@ -1,4 +1,4 @@
-"""The cells of configs/sweep/table1.yaml and table2.yaml end to end on a tiny backbone (``--limit 2``).
+"""The cells of configs/sweep/table1.yaml, table2.yaml and field.yaml end to end on a tiny backbone (``--limit 2``).
 
 Each cell is planned by the sweep runner (``sharp.harness.sweep.plan``, the same overrides
 ``scripts/sweep.py`` passes to run.py) with three substitutions that make it run offline on CPU:
@@ -46,7 +46,7 @@ from sharp.lmms.args import flatten_kwargs
 from sharp.methods import budget
 import lmms_helpers
 
-TINY = {"table1": "tiny_llava_onevision", "table2": "tiny_qwen2_vl"}
+TINY = {"table1": "tiny_llava_onevision", "table2": "tiny_qwen2_vl", "field": "tiny_llava_onevision"}
 LIMIT = 2
 # per method of the two sweeps: the 7B layer kwargs that do not fit the 4-layer tiny backbones
 TINY_LAYER_KWARGS = {"pdrop": {"layers": [1, 2, 3]}}
