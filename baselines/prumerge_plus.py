@@ -149,8 +149,9 @@ class FrameMerge:
 def merge_frames(y: torch.Tensor, keys: torch.Tensor, a: torch.Tensor, kept: torch.Tensor,
                  neighbours: int = NEIGHBOURS, normalize: bool = False) -> FrameMerge:
     """y (F, n, D), keys (F, n, h), a (F, n), kept (F, n) bool -> :class:`FrameMerge`. Every kept
-    token absorbs its min(q, n - 1) nearest other tokens by key cosine, weighted by a (a weight matrix
-    W (F, s, n) with a_j at the neighbours: y' = y_K + W y); the dropped tokens sum into e_t."""
+    token absorbs its min(q, n - 1) nearest other tokens by key cosine, weighted by a: a weight matrix
+    W (F, s + 1, n) holds a_j at each kept row's neighbours plus 1 at the row's own token and, in its
+    last row, a_j at the dropped tokens; one batched product W y gives y' and e_t."""
     f, n = kept.shape
     x = y.float()
     count = kept.sum(dim=1)
@@ -161,17 +162,17 @@ def merge_frames(y: torch.Tensor, keys: torch.Tensor, a: torch.Tensor, kept: tor
     sim = unit.gather(1, slots[..., None].expand(-1, -1, unit.shape[-1])) @ unit.transpose(1, 2)  # (F, s, n)
     sim.scatter_(2, slots[..., None], float("-inf"))  # not itself
     q = min(neighbours, n - 1)
-    near = sim.topk(q, dim=2).indices  # (F, s, q)
-    weights = torch.zeros_like(sim).scatter_(2, near, a.gather(1, near.flatten(1)).view(f, s, q))
-    dropped = (a * ~kept).unsqueeze(1)  # (F, 1, n)
+    near = sim.topk(q, dim=2, sorted=False).indices  # (F, s, q)
+    weights = sim.new_zeros(f, s + 1, n)
+    weights[:, :s].scatter_(2, near, a.gather(1, near.flatten(1)).view(f, s, q))
+    weights[:, s] = a * ~kept  # the extra token's row
     if normalize:
         weights = weights / weights.sum(dim=2, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-        dropped = dropped / dropped.sum(dim=2, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    rows = x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1])) + weights @ x
-    extra = (dropped @ x).squeeze(1)
+    weights[:, :s].scatter_(2, slots[..., None], 1.0)  # + y_i itself (never its own neighbour)
+    merged = weights @ x  # (F, s + 1, D)
     positions = torch.arange(n, device=kept.device).expand(f, n)
     carrier = torch.where(kept, torch.full_like(positions, -1), positions).max(dim=1).values
-    return FrameMerge(slots, valid, rows, extra, carrier)
+    return FrameMerge(slots, valid, merged[:, :s], merged[:, s], carrier)
 
 
 # -- the method ---------------------------------------------------------------------------------
@@ -248,13 +249,15 @@ class PruMergePlus(PruningMethod):
         if budgets == ctx.visual_counts:
             return Selection.unchanged()  # R = 1 (both modes)
         layer = self.vision_layers()[0]
-        maps = ctx.vision(layer)
+        with ctx.timed("prumerge_vision_maps"):  # the engine's vision-layer attention and keys
+            maps = ctx.vision(layer)
         hidden = ctx.hidden_states.clone()  # (b, s, D): merged rows and extra tokens are written into it
         keep, record = [], []
-        for b, k in enumerate(budgets):
-            kept, rec = self.prune_sample(ctx, maps, b, k, hidden)
-            keep.append(kept)
-            record.append(rec)
+        with ctx.timed("prumerge_select_merge"):
+            for b, k in enumerate(budgets):
+                kept, rec = self.prune_sample(ctx, maps, b, k, hidden)
+                keep.append(kept)
+                record.append(rec)
         t = ctx.trace
         t.budget, t.vision_layer, t.mode = budgets, layer, self.mode
         for key in ("outliers", "uniform", "carriers", "frame_kept"):
@@ -273,13 +276,12 @@ class PruMergePlus(PruningMethod):
         writes the merged rows and extra tokens into ``hidden[b]``. Returns the kept indices (into
         the sample's current tokens) and the sample's trace record (ORIGINAL indices)."""
         tokens = ctx.visual_tokens(b)
-        dev = tokens.index.device
-        index = tokens.index
+        dev, index, positions = tokens.index.device, tokens.index, tokens.positions
         att = maps.attention[b].to(dev).float()  # (N_vis,) over the ORIGINAL tokens
         frame_of = torch.arange(att.shape[0], device=dev) // ctx.layout.tokens_per_frame
         total = att.new_zeros(int(frame_of[-1]) + 1).index_add_(0, frame_of, att)  # (frames,) the map's sums
-        keys = maps.keys[b].to(dev)[index]  # (n_b, h)
-        rows_in = ctx.hidden_states[b, tokens.positions]  # (n_b, D)
+        keys = maps.keys[b].to(dev).index_select(0, index)  # (n_b, h)
+        rows_in = rows_of(ctx.hidden_states[b], positions)  # (n_b, D)
         frames, counts = torch.unique(tokens.frame, return_counts=True)
         order = tokens.frame.argsort(stable=True)  # frame-major, sequence order inside a frame
         starts = torch.cumsum(counts, 0) - counts
@@ -304,12 +306,13 @@ class PruMergePlus(PruningMethod):
             else:
                 out_mask, uni_mask = adaptive_kept(a)
             keep_mask = out_mask | uni_mask
-            res = merge_frames(rows_in[grid], keys[grid], a, keep_mask, self.neighbours, self.normalize)
+            res = merge_frames(rows_of(rows_in, grid), keys[grid], a, keep_mask, self.neighbours, self.normalize)
             slot_tokens = grid.gather(1, res.slots)[res.valid]
-            hidden[b, tokens.positions[slot_tokens]] = res.rows[res.valid].to(hidden.dtype)
+            merged = res.rows if bool(res.valid.all()) else res.rows[res.valid]
+            hidden[b].index_copy_(0, positions[slot_tokens], merged.reshape(-1, merged.shape[-1]).to(hidden.dtype))
             has = res.carrier >= 0
             carrier_tokens = grid[has, res.carrier[has]]
-            hidden[b, tokens.positions[carrier_tokens]] = res.extra[has].to(hidden.dtype)
+            hidden[b].index_copy_(0, positions[carrier_tokens], res.extra[has].to(hidden.dtype))
             kept += [slot_tokens, carrier_tokens]
             outliers.append(grid[out_mask])
             uniform.append(grid[uni_mask])
@@ -320,3 +323,12 @@ class PruMergePlus(PruningMethod):
                   for key, v in (("outliers", outliers), ("uniform", uniform), ("carriers", carriers))}
         record["frame_kept"] = frame_kept.cpu()
         return kept_all, record
+
+
+def rows_of(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for x (m, D) and an index tensor of any shape -> (*index.shape, D); a view when the
+    index is a contiguous run (the usual case: a frame-major, unpruned video), else a copy."""
+    flat = index.reshape(-1)
+    if flat.numel() and int(flat[-1] - flat[0]) == flat.numel() - 1 and bool((flat.diff() == 1).all()):
+        return x[int(flat[0]):int(flat[-1]) + 1].view(*index.shape, x.shape[-1])
+    return x.index_select(0, flat).view(*index.shape, x.shape[-1])

@@ -9,6 +9,8 @@ backbones through ``sharp.prune`` (maps read by a test-only method, rows read at
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Union
@@ -98,7 +100,8 @@ def ref_sample(att, keys, y, index, per_frame, k, mode="fixed", share=0.5, q=32,
             continue
         outl, unif = ref_fixed(a, k_f, share) if mode == "fixed" else ref_adaptive(a.astype(np.float32))
         kept = outl + unif
-        rows, extra, carrier = ref_merge(a, keys[orig].astype(np.float64), y[pos].astype(np.float64), kept, q, normalize)
+        rows, extra, carrier = ref_merge(a, keys[orig].astype(np.float64), y[pos].astype(np.float64), kept, q,
+                                         normalize)
         out.rows.update({orig[i]: r for i, r in rows.items()})
         out.kept += [orig[i] for i in kept]
         out.outliers += [orig[i] for i in outl]
@@ -138,6 +141,9 @@ class SyntheticContext:
 
     def vision(self, layer):
         return self._maps
+
+    def timed(self, key):
+        return contextlib.nullcontext()
 
     def visual_tokens(self, b):
         index = self._index[b]
