@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 
 
@@ -30,3 +31,14 @@ def task_index_memo() -> dict:
     """lmms-eval's task indexes by include path, built once per session (each build parses ~3000 task
     YAML files, 8-11 s); ``lmms_helpers.memoised_task_index(memo=task_index_memo)`` fills and reads it."""
     return {}
+
+
+def random_video_inputs(bb, seeds=(1,), frames: int = 8, question: str = "What happens?") -> dict:
+    """Model inputs of one distinct random video per seed (uint8 noise of the backbone's synthetic frame
+    size), the same prompt for every sample, so one layout and no padding."""
+    h, w = bb.synthetic_frame_size()
+    pixels = [bb.video_pixels(np.random.default_rng(s).integers(0, 256, (frames, h, w, 3), dtype=np.uint8))
+              for s in seeds]
+    out = bb._tokenize([bb.build_prompt(question, bb.n_placeholders(**pixels[0]))] * len(seeds))
+    out.update(bb.collate_pixels(pixels))
+    return bb._to_model(out)

@@ -21,7 +21,7 @@ import torch
 
 import sharp
 from baselines.prumerge_plus import PruMergePlus, fixed_kept
-from conftest import shared_backbone
+from conftest import shared_backbone, random_video_inputs
 from sharp import flops
 from sharp.methods import PruningMethod, Selection, budget, register_method, split_budget
 
@@ -301,12 +301,7 @@ class _PruMergeMapsSpy(PruningMethod):
 
 
 def video_inputs(bb, seeds):
-    h, w = bb.synthetic_frame_size()
-    pixels = [bb.video_pixels(np.random.default_rng(s).integers(0, 256, (FRAMES, h, w, 3), dtype=np.uint8))
-              for s in seeds]
-    out = bb._tokenize([bb.build_prompt("What happens?", bb.n_placeholders(**pixels[0]))] * len(seeds))
-    out.update(bb.collate_pixels(pixels))
-    return bb._to_model(out)
+    return random_video_inputs(bb, seeds, FRAMES)
 
 
 def layer0_input(bb, inputs, method, retention, **kw):

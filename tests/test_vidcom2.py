@@ -17,7 +17,7 @@ import torch
 
 import sharp
 from baselines.vidcom2 import VidCom2, vidcom2_video
-from conftest import shared_backbone
+from conftest import shared_backbone, random_video_inputs
 from sharp import PruningMethod, Selection
 
 WIDTHS = (0.125, 0.25, 0.5, 1.0, 2.0)
@@ -198,13 +198,7 @@ def test_frame_ids_with_gaps_and_kwargs():
 
 
 def video_inputs(bb, seeds=(1, 2), frames=8):
-    """One distinct random video per sample, the same prompt (no padding)."""
-    h, w = bb.synthetic_frame_size()
-    pixels = [bb.video_pixels(np.random.default_rng(s).integers(0, 256, (frames, h, w, 3), dtype=np.uint8))
-              for s in seeds]
-    out = bb._tokenize([bb.build_prompt("What happens?", bb.n_placeholders(**pixels[0]))] * len(seeds))
-    out.update(bb.collate_pixels(pixels))
-    return bb._to_model(out)
+    return random_video_inputs(bb, seeds, frames)
 
 
 def layer0_input(bb, inputs, method=None):

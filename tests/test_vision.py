@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_video_inputs
 import sharp
 from sharp.backbones import VisionMaps
 from sharp.backbones.vision import ATTENTION_BUDGET, chunk_groups, received_attention
@@ -43,13 +44,7 @@ def eager_twin(bb):
 
 
 def video_inputs(bb, seeds=(1, 2)):
-    """One distinct random video per sample (same size, so one layout)."""
-    h, w = bb.synthetic_frame_size()
-    pixels = [bb.video_pixels(np.random.default_rng(s).integers(0, 256, (FRAMES, h, w, 3), dtype=np.uint8))
-              for s in seeds]
-    out = bb._tokenize([bb.build_prompt("What happens?", bb.n_placeholders(**pixels[0]))] * len(seeds))
-    out.update(bb.collate_pixels(pixels))
-    return bb._to_model(out)
+    return random_video_inputs(bb, seeds, FRAMES)
 
 
 class _Captured(Exception):

@@ -19,7 +19,7 @@ from baselines.visionzip import dominant_split, visionzip_group
 from sharp import split_budget
 from sharp import flops
 from sharp.methods import budget
-from conftest import shared_backbone
+from conftest import shared_backbone, random_video_inputs
 from sharp.backbones import compat
 
 NAMES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
@@ -40,13 +40,7 @@ def native_kwargs(bb) -> dict:
 
 
 def video_inputs(bb, seeds=(1,)):
-    """One distinct random video per sample, the same prompt (no padding)."""
-    h, w = bb.synthetic_frame_size()
-    pixels = [bb.video_pixels(np.random.default_rng(s).integers(0, 256, (FRAMES, h, w, 3), dtype=np.uint8))
-              for s in seeds]
-    out = bb._tokenize([bb.build_prompt("What happens?", bb.n_placeholders(**pixels[0]))] * len(seeds))
-    out.update(bb.collate_pixels(pixels))
-    return bb._to_model(out)
+    return random_video_inputs(bb, seeds, FRAMES)
 
 
 # -- independent vision references ----------------------------------------------------------------
