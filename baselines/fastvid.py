@@ -159,11 +159,19 @@ def segment_budgets(n: int, retain: int, context_ratio: float, stride: int, toke
 # -- density and merging --------------------------------------------------------------------------
 
 
+def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """(T, m, D) -> (T, m, m) Euclidean distances through ||a||^2 + ||b||^2 - 2 a.b, one batched matmul
+    (the expansion ``torch.cdist`` itself uses past 25 rows, as in the official call; 3x faster on CPU)."""
+    sq = (x * x).sum(dim=-1)
+    d2 = torch.baddbmm(sq[:, :, None] + sq[:, None, :], x, x.transpose(1, 2), alpha=-2.0)
+    return d2.clamp_min_(0.0).sqrt_()
+
+
 def density_scores(tokens: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """DPC score rho delta of each token, per frame: tokens (T, m, D), noise (T, m) added to rho.
     Returns (T, m) float32."""
     x = tokens.float()
-    dist = torch.cdist(x, x) / math.sqrt(x.shape[-1])  # (T, m, m)
+    dist = pairwise_distances(x) / math.sqrt(x.shape[-1])  # (T, m, m)
     nearest = torch.topk(dist, min(NEIGHBOURS, x.shape[1]), dim=-1, largest=False).values
     rho = torch.exp(-(nearest ** 2).mean(dim=-1)) + noise  # (T, m)
     denser = rho[:, None, :] > rho[:, :, None]  # [t, j, k]: rho_k > rho_j
@@ -173,21 +181,30 @@ def density_scores(tokens: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def merge_into_anchors(anchors: torch.Tensor, pool: torch.Tensor, beta: float,
-                       pool_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       pool_mask: Optional[torch.Tensor] = None, pool_unit: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
     """DTM: every pool token joins its most cosine-similar anchor; anchor a with k tokens becomes
     w x_a + (1-w) mean(assigned), w = max(1/(k+1), beta).
 
-    anchors: (A, K, D); pool: (A, P, D) (the tokens each anchor set merges); pool_mask: (A, P) bool,
-    False for tokens that do not merge. Returns (A, K, D) float32."""
+    anchors: (A, K, D), A independent anchor sets; pool: (A, P, D) the tokens each set merges, or
+    (P, D) one pool every set merges separately (OV's multi-frame segments); pool_mask: (A, P) bool,
+    False for tokens that do not merge; pool_unit: ``pool`` L2-normalised, when already at hand.
+    Returns (A, K, D) float32."""
     a, p = anchors.float(), pool.float()
-    choice = torch.bmm(F.normalize(p, dim=-1), F.normalize(a, dim=-1).transpose(1, 2)).argmax(dim=-1)  # (A, P)
-    one_hot = F.one_hot(choice, a.shape[1]).float()  # (A, P, K)
+    a_unit = F.normalize(a, dim=-1)
+    p_unit = F.normalize(p, dim=-1) if pool_unit is None else pool_unit
+    if p.dim() == 2:  # one shared pool: one matmul, no copies per anchor set
+        sim = (p_unit @ a_unit.reshape(-1, a.shape[-1]).T).reshape(p.shape[0], *a.shape[:2]).transpose(0, 1)
+    else:
+        sim = torch.bmm(p_unit, a_unit.transpose(1, 2))  # (A, P, K)
+    one_hot = F.one_hot(sim.argmax(dim=-1), a.shape[1]).float()  # (A, P, K): first max on ties
     if pool_mask is not None:
         one_hot = one_hot * pool_mask[..., None].float()
     counts = one_hot.sum(dim=1)[..., None]  # (A, K, 1)
     weight = (1.0 / (counts + 1.0)).clamp(min=beta)
-    mean = torch.bmm(one_hot.transpose(1, 2), p) / counts.clamp(min=1.0)
-    return weight * a + (1.0 - weight) * mean
+    summed = (torch.einsum("apk,pd->akd", one_hot, p) if p.dim() == 2
+              else torch.bmm(one_hot.transpose(1, 2), p))
+    return weight * a + (1.0 - weight) * summed / counts.clamp(min=1.0)
 
 
 def topk_sorted(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -263,7 +280,7 @@ class FastVID(PruningMethod):
         return [0]  # before the LLM: on the input embeddings
 
     def vision_layers(self) -> list[str]:
-        return ["feature"]  # the MAP head reads the features the LLM gets (OV: SigLIP's layer 25 of 27)
+        return ["feature"]  # the features the LLM gets (OV-7B: the last of the 26 SigLIP layers it keeps)
 
     def backbone_settings(self, backbone) -> dict:
         """``rules="auto"`` -> the official variant of the backbone's family."""
@@ -299,7 +316,7 @@ class FastVID(PruningMethod):
             if len(tokens) != frames * per_frame:
                 raise ValueError(f"fastvid: runs on the whole video ({frames} x {per_frame} tokens), but sample {b} "
                                  f"has {len(tokens)} visual tokens left (compose it first)")
-            x = ctx.hidden_states[b, tokens.positions].reshape(frames, per_frame, -1)  # (T, M, D)
+            x = self.rows(ctx.hidden_states[b], tokens.positions).reshape(frames, per_frame, -1)  # (T, M, D)
             att = pooling.attention[b].to(x.device).reshape(frames, per_frame)  # (T, M)
             g = (pooling.global_features[b].to(x.device) if pooling.global_features is not None
                  else x.float().mean(dim=1))  # Qwen: mean of the temporal patch's merged embeddings
@@ -308,6 +325,14 @@ class FastVID(PruningMethod):
             results.append(res)
         self.record(ctx, rules, (retain, salient, context), pooling.source, results)
         return Selection([r.keep for r in results], hidden_states=hidden)
+
+    @staticmethod
+    def rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """hidden[positions]: a view when the positions are one run (a video's tokens), else a copy."""
+        first, n = int(positions[0]), len(positions)
+        if int(positions[-1]) - first + 1 == n:
+            return hidden[first:first + n]
+        return hidden[positions]
 
     def prune_sample(self, x: torch.Tensor, attention: torch.Tensor, global_features: torch.Tensor, rules: str,
                      retain: int) -> FastVIDResult:
@@ -343,28 +368,30 @@ class FastVID(PruningMethod):
         rest_mask.scatter_(1, top, False)
         m = m_all - salient_n
         rest = rest_mask.nonzero()[:, 1].reshape(frames, m)  # (T, m) ascending
-        y = torch.gather(x, 1, rest[..., None].expand(-1, -1, dim))  # (T, m, D)
+        y = x[torch.arange(frames, device=device)[:, None], rest]  # (T, m, D)
         score = density_scores(y, self.noise((frames, m), generator, device))  # (T, m)
         counts = onevision_anchor_counts(sizes, context_n, self.anchor_stride, m)
         anchors, rows = [], []
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        y_unit = F.normalize(y.float(), dim=-1)  # (T, m, D), shared by both merges
         single = [s for s, n in zip(starts, sizes) if n == 1 and counts[s] > 0]
-        if single:  # every single-frame segment at once: its m tokens merge into its C anchors
+        if single:  # as the official code: every frame merged into its own top-C, the single-frame ones kept
+            every = torch.arange(frames, device=device)[:, None]
+            pick = torch.topk(score, counts[single[0]], dim=-1).indices  # (T, C)
+            merged = merge_into_anchors(y[every, pick], y, self.beta, pool_unit=y_unit)  # (T, C, D)
             f = torch.tensor(single, device=device)
-            pick = torch.topk(score[f], counts[single[0]], dim=-1).indices  # (A, C)
-            targets = torch.gather(y[f], 1, pick[..., None].expand(-1, -1, dim))
-            rows.append(merge_into_anchors(targets, y[f], self.beta).reshape(-1, dim))
-            anchors.append((base[f] + torch.gather(rest[f], 1, pick)).reshape(-1))
+            rows.append(merged[f].reshape(-1, dim))
+            anchors.append((base[f] + rest[f[:, None], pick[f]]).reshape(-1))
         for start, n in zip(starts, sizes):
             anchor_f = [start + i for i in anchor_frames(n, self.anchor_stride)]
             if n == 1 or counts[anchor_f[0]] == 0:
                 continue
             f = torch.tensor(anchor_f, device=device)
             pick = torch.topk(score[f], counts[anchor_f[0]], dim=-1).indices  # (A, K)
-            targets = torch.gather(y[f], 1, pick[..., None].expand(-1, -1, dim))
-            pool = y[start:start + n].reshape(1, n * m, dim).expand(len(anchor_f), -1, -1)
-            rows.append(merge_into_anchors(targets, pool, self.beta).reshape(-1, dim))
-            anchors.append((base[f] + torch.gather(rest[f], 1, pick)).reshape(-1))
+            pool = y[start:start + n].reshape(n * m, dim)  # every non-salient token of the segment
+            unit = y_unit[start:start + n].reshape(n * m, dim)
+            rows.append(merge_into_anchors(y[f[:, None], pick], pool, self.beta, pool_unit=unit).reshape(-1, dim))
+            anchors.append((base[f] + rest[f[:, None], pick]).reshape(-1))
         salient = (base + top).reshape(-1)
         if not anchors:
             return salient, salient.new_zeros(0), x.new_zeros(0, dim, dtype=torch.float32)

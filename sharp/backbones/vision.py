@@ -140,7 +140,8 @@ class FramePooling:
 class SiglipPoolingHead(torch.nn.Module):
     """SigLIP's post_layernorm + multihead attention pooling head, with the parameter names of the HF
     checkpoint (``vision_model.post_layernorm.*``, ``vision_model.head.*``): a learned probe attends to
-    the frame's patches (``torch.nn.MultiheadAttention``), then a pre-norm MLP with a residual."""
+    the frame's patches (``torch.nn.MultiheadAttention``'s weights; the forward written out, as its
+    generic path costs more than the head itself on small towers), then a pre-norm MLP with a residual."""
 
     def __init__(self, hidden: int, heads: int, intermediate: int, eps: float = 1e-6, act: str = "gelu_pytorch_tanh"):
         super().__init__()
@@ -155,10 +156,15 @@ class SiglipPoolingHead(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: (frames, patches, d) -> pooled (frames, d), attention (frames, patches) (head mean)."""
         x = self.post_layernorm(hidden)
-        probe = self.probe.expand(x.shape[0], -1, -1)
-        out, weights = self.attention(probe, x, x, need_weights=True, average_attn_weights=True)
+        attn, dim = self.attention, hidden.shape[-1]
+        heads = attn.num_heads
+        w, b = attn.in_proj_weight, attn.in_proj_bias  # packed q, k, v as nn.MultiheadAttention's
+        q = torch.nn.functional.linear(self.probe[0, 0], w[:dim], b[:dim]).reshape(heads, -1)  # (h, hd)
+        k, v = torch.nn.functional.linear(x, w[dim:], b[dim:]).reshape(*x.shape[:2], 2, heads, -1).unbind(2)
+        probs = torch.softmax(torch.einsum("hd,nphd->nhp", q, k) * (dim // heads) ** -0.5, dim=-1)  # (n, h, P)
+        out = attn.out_proj(torch.einsum("nhp,nphd->nhd", probs, v).reshape(x.shape[0], dim))  # (n, d)
         mlp = self.fc2(torch.nn.functional.gelu(self.fc1(self.layernorm(out)), approximate=self.approximate))
-        return (out + mlp)[:, 0], weights[:, 0]
+        return out + mlp, probs.mean(dim=1)
 
     def load_checkpoint_tensors(self, tensors: dict) -> None:
         """Load ``vision_model.post_layernorm.*`` and ``vision_model.head.*`` tensors of a SigLIP checkpoint."""
