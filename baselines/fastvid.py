@@ -241,6 +241,7 @@ class FastVID(PruningMethod):
     name = "fastvid"
     official_positions = "original"  # position_ids = cache_position = the kept indices (gaps)
     input_dependent_schedule: ClassVar[bool] = True  # the segments set the anchor counts
+    reads_frame_pooling: ClassVar[bool] = True  # g_t and a_t: SigLIP's pooling head on LLaVA (hub on the 7B)
     min_segments: int = 8  # c (fastvid_DySeg_c): DySeg cuts at least the c-1 least similar transitions
     tau: float = 0.9  # fastvid_DySeg_tau: and every transition with s_t < tau (Qwen: 0.84, the yaml)
     context_ratio: float = 0.4  # d (fastvid_STPrune_d): the context (anchor) share of each budget

@@ -179,3 +179,32 @@ def test_composed_method_end_to_end(tmp_path):
     before, after = s["tokens"]["visual_before"], s["tokens"]["visual_after"]
     assert after == sharp.methods.budget(int(before), 0.1)  # sharp (layer 1) at 10%, then fastv's 25% keeps them
     assert s["requests"] == 4 and s["failed_requests"] == 0
+
+
+def test_fastvid_on_a_hub_llava_backbone_needs_the_siglip_head(tmp_path, monkeypatch):
+    """FastVID reloads SigLIP's attention-pooling head on a pretrained LLaVA backbone: the preflight lists
+    it with the weights (before any model loads); tiny backbones, Qwen and other methods need nothing."""
+    from sharp.backbones.vision import SIGLIP_HEAD_FILE, SIGLIP_HEAD_HUB
+    from sharp.harness.resources import check_method_weights
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    missing = check_method_weights("llava_onevision_7b", "fastvid")
+    assert [m.name for m in missing] == [SIGLIP_HEAD_HUB] and SIGLIP_HEAD_FILE in missing[0].fetch[0]
+    assert [m.name for m in check_method_weights("llava_video_7b", "fastv+fastvid")] == [SIGLIP_HEAD_HUB]
+    for backbone, method in [("tiny_llava_onevision", "fastvid"), ("qwen2_vl_7b", "fastvid"),
+                             ("llava_onevision_7b", "visionzip")]:
+        assert check_method_weights(backbone, method) == []
+    snapshot = tmp_path / "hf" / "hub" / f"models--{SIGLIP_HEAD_HUB.replace('/', '--')}" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / SIGLIP_HEAD_FILE).write_bytes(b"")
+    assert check_method_weights("llava_onevision_7b", "fastvid") == []
+
+
+def test_fastvid_offline_without_the_head_stops_in_the_preflight(tmp_path):
+    proc = subprocess.run([*RUN, "backbone=llava_onevision_7b", "method=fastvid", "tasks=paper",
+                           f"results_dir={tmp_path}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env=_env(HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, HF_HOME=tmp_path / "hf"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "google/siglip-so400m-patch14-384" in proc.stderr and "attention-pooling head" in proc.stderr

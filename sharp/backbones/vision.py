@@ -115,6 +115,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, lengths: 
 # SigLIP checkpoint whose attention-pooling head (and post_layernorm) FastVID reloads, because
 # LLaVA-OneVision / LLaVA-Video drop the head of their tower (FastVID siglip_encoder.py SigLipVisionAbstract)
 SIGLIP_HEAD_HUB = "google/siglip-so400m-patch14-384"
+SIGLIP_HEAD_FILE = "model.safetensors"  # the head and post_layernorm tensors are read from it
 # seed of the random head built for towers without a hub checkpoint (tiny / toy / mid / random_weights)
 RANDOM_HEAD_SEED = 0
 
@@ -192,15 +193,15 @@ def hub_pooling_head(vision_config, repo: str = SIGLIP_HEAD_HUB) -> SiglipPoolin
         from huggingface_hub import hf_hub_download
         from safetensors import safe_open
 
-        path = hf_hub_download(repo, "model.safetensors")
+        path = hf_hub_download(repo, SIGLIP_HEAD_FILE)
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()
                        if k.startswith("vision_model.head.") or k.startswith("vision_model.post_layernorm.")}
     except Exception as err:  # offline and not cached, or no access
         raise RuntimeError(
-            f"FastVID's SigLIP attention-pooling head: could not load {repo}/model.safetensors ({err}). It is "
+            f"FastVID's SigLIP attention-pooling head: could not load {repo}/{SIGLIP_HEAD_FILE} ({err}). It is "
             f"a weight of the 7B path like the backbone's own: download it once with network access "
-            f"(`huggingface-cli download {repo} model.safetensors`) into $HF_HOME, then run offline") from err
+            f"(`hf download {repo} {SIGLIP_HEAD_FILE}`) into $HF_HOME, then run offline") from err
     head = random_pooling_head(vision_config)
     head.load_checkpoint_tensors(tensors)
     return head

@@ -290,17 +290,7 @@ class StageContext:
         google/siglip-so400m-patch14-384 on a pretrained backbone, a seeded random head otherwise: see
         ``source``); Qwen families: the mean-query attention of the layer (no global feature: None).
         Computed once per prefill."""
-        runner = self._runner
-        i = runner.backbone.resolve_vision_layer(layer)
-        if i not in runner.plan.vision_layers:
-            raise RuntimeError(f"vision layer {i} was not requested: list it in the method's vision_layers()")
-        cache = runner.state.vision_maps  # emptied when the next prefill starts
-        if ("frame_pooling", i) not in cache:
-            captured = runner.state.vision_captured.get(i, {})
-            if "output" not in captured:
-                raise RuntimeError(f"vision layer {i} did not run in this forward (no video pixels?)")
-            cache[("frame_pooling", i)] = runner.backbone.frame_pooling(i, captured, self.batch_size)
-        return cache[("frame_pooling", i)]
+        return self._runner.frame_pooling(layer)
 
     # -- probes -----------------------------------------------------------------------------------
     def probe(self, modify_inputs: Callable[[dict], dict], fn: Callable[["StageContext"], Any]) -> Any:

@@ -217,6 +217,9 @@ class PruningMethod:
     input_dependent_schedule: ClassVar[bool] = False
     # what the official code does with the kept tokens' RoPE positions on 1-D RoPE ("auto" there)
     official_positions: ClassVar[str] = "original"
+    # reads ``ctx.frame_pooling`` (FastVID): on a hub (pretrained) LLaVA backbone that needs SigLIP's
+    # attention-pooling head from the hub too, which the run's preflight checks with the weights
+    reads_frame_pooling: ClassVar[bool] = False
     retention: float = 1.0
     positions: str = "auto"
 

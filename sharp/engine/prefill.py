@@ -191,15 +191,24 @@ class PrefillRunner:
 
     def vision_maps(self, layer=None):
         """VisionMaps of a requested vision layer in the current prefill (computed on first use)."""
+        return self._from_vision_layer("maps", layer, self.backbone.vision_maps)
+
+    def frame_pooling(self, layer=None):
+        """FramePooling (FastVID's per-frame global feature and probe attention) of a requested vision
+        layer in the current prefill (computed on first use)."""
+        return self._from_vision_layer("frame_pooling", layer, self.backbone.frame_pooling)
+
+    def _from_vision_layer(self, kind: str, layer, compute):
+        """``compute(i, captured call, batch size)`` for requested vision layer i, once per prefill."""
         i = self.backbone.resolve_vision_layer(layer)
         state = self.state
         if i not in self.plan.vision_layers:
             raise RuntimeError(f"vision layer {i} was not requested: list it in the method's vision_layers()")
-        if i not in state.vision_maps:
+        if (kind, i) not in state.vision_maps:  # emptied when the next prefill starts
             if "output" not in state.vision_captured.get(i, {}):
                 raise RuntimeError(f"vision layer {i} did not run in this forward (no video pixels?)")
-            state.vision_maps[i] = self.backbone.vision_maps(i, state.vision_captured[i], state.seq.visual_mask.shape[0])
-        return state.vision_maps[i]
+            state.vision_maps[kind, i] = compute(i, state.vision_captured[i], state.seq.visual_mask.shape[0])
+        return state.vision_maps[kind, i]
 
     # -- before each decoder layer -------------------------------------------------------------
     def layer_kwargs(self, idx: int, args, kwargs):

@@ -84,6 +84,30 @@ def check_weights(backbone: str, hub_id: Optional[str] = None) -> list[Missing]:
     )]
 
 
+def check_method_weights(backbone: str, method: Optional[str], hub_id: Optional[str] = None) -> list[Missing]:
+    """Hub weights a method needs besides the backbone's: SigLIP's attention-pooling head for a method
+    that reads ``ctx.frame_pooling`` (FastVID) on a pretrained backbone whose family reloads it."""
+    from sharp.backbones import backbone_family, family_class
+    from sharp.backbones.vision import SIGLIP_HEAD_FILE, SIGLIP_HEAD_HUB
+    from sharp.methods.registry import leaf_classes
+
+    hub_id = hub_id or BACKBONE_HUB.get(backbone)
+    if not method or not hub_id or os.path.isdir(hub_id):  # tiny/toy backbones get a random head
+        return []
+    if not any(cls.reads_frame_pooling for cls in leaf_classes(method)):
+        return []
+    if not hasattr(family_class(backbone_family(backbone)), "pooling_head"):  # Qwen families: no head
+        return []
+    if _has_snapshot(SIGLIP_HEAD_HUB, "model", [SIGLIP_HEAD_FILE]):
+        return []
+    return [Missing(
+        "weights", SIGLIP_HEAD_HUB,
+        f"method {method} on {backbone}: SigLIP's attention-pooling head (FastVID reloads it; LLaVA drops it), "
+        f"no snapshot with {SIGLIP_HEAD_FILE} under {_repo_dir(SIGLIP_HEAD_HUB, 'model')}/snapshots/",
+        [f"hf download {SIGLIP_HEAD_HUB} {SIGLIP_HEAD_FILE}"],
+    )]
+
+
 def check_tasks(tasks: Iterable[str]) -> list[Missing]:
     missing = []
     for task in tasks:
@@ -141,10 +165,11 @@ def format_missing(missing: list[Missing], *, backbone: str = "", tasks: Iterabl
     return "\n".join(lines)
 
 
-def preflight(backbone: str, tasks: Iterable[str], hub_id: Optional[str] = None) -> list[Missing]:
+def preflight(backbone: str, tasks: Iterable[str], hub_id: Optional[str] = None,
+              method: Optional[str] = None) -> list[Missing]:
     """Raise MissingResourceError when offline and something is missing; return what is missing."""
     tasks = list(tasks)
-    missing = check_weights(backbone, hub_id) + check_tasks(tasks)
+    missing = check_weights(backbone, hub_id) + check_method_weights(backbone, method, hub_id) + check_tasks(tasks)
     if missing and offline_mode():
         raise MissingResourceError(format_missing(missing, backbone=backbone, tasks=tasks))
     return missing

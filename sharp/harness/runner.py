@@ -128,7 +128,7 @@ def run_cell(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Opti
     root = results_root(cfg)
     out_dir = cell.dir(root)
     hub_id = cfg.backbone.get("hub_id")
-    missing = preflight(cell.backbone, cell.tasks, hub_id=hub_id)
+    missing = preflight(cell.backbone, cell.tasks, hub_id=hub_id, method=cell.method)
     if w.main:
         for m in missing:
             log.warning("not in the local cache, lmms-eval/transformers will download it: %s %s (%s)", m.what, m.name, m.detail)
@@ -241,7 +241,7 @@ def _run_parallel(cfg: DictConfig, cell: C.Cell, options: RunOptions, overrides:
         diff = "\n  ".join(C.key_diff(summary.get("cell", {}), cell.key()))
         raise HarnessError(f"{out_dir} holds a finished cell with another configuration:\n  {diff}\n"
                            "Pass overwrite=true to replace it, or results_dir=... to write elsewhere.")
-    preflight(cell.backbone, cell.tasks, hub_id=cfg.backbone.get("hub_id"))
+    preflight(cell.backbone, cell.tasks, hub_id=cfg.backbone.get("hub_id"), method=cell.method)
     if overrides is None:
         raise HarnessError(f"num_processes={options.num_processes} starts copies of run.py with the command line's "
                            "overrides: run it as `python run.py ... num_processes=N` (or under accelerate launch)")

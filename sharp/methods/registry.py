@@ -180,6 +180,14 @@ def method_parts(name: str) -> Optional[list[str]]:
     return list(spec.parts) if spec else None
 
 
+def leaf_classes(name: str) -> list[type[PruningMethod]]:
+    """The classes of every method a name runs (a composition's children, recursively)."""
+    parts = method_parts(name)
+    if parts is None:
+        return [get_method_class(name)]
+    return [cls for part in parts for cls in leaf_classes(part.split("@")[0])]
+
+
 def is_composed_name(name: str) -> bool:
     """True for ``a+b`` names and declared compositions."""
     return method_parts(name) is not None
