@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import sharp
 from baselines.fastvid import FastVID
-from conftest import shared_backbone
+from conftest import shared_backbone, random_video_inputs
 from sharp.backbones import compat
 
 # -- numpy references -------------------------------------------------------------------------------
@@ -358,12 +358,7 @@ class _FramePoolingProbe(FastVID):
 
 
 def video_inputs(bb, frames, seeds=(1,)):
-    h, w = bb.synthetic_frame_size()
-    pixels = [bb.video_pixels(np.random.default_rng(s).integers(0, 256, (frames, h, w, 3), dtype=np.uint8))
-              for s in seeds]
-    out = bb._tokenize([bb.build_prompt("What happens?", bb.n_placeholders(**pixels[0]))] * len(seeds))
-    out.update(bb.collate_pixels(pixels))
-    return bb._to_model(out)
+    return random_video_inputs(bb, seeds, frames)
 
 
 def hand_head_ov(bb, inputs):
