@@ -65,11 +65,14 @@ def representative(cells: list[dict]) -> set[int]:
 
 def _cases():
     run_all = os.environ.get("SHARP_SMOKE_ALL", "") not in ("", "0")
+    seen = set()  # a cell an earlier sweep already ran on the same tiny backbone (the field sweep's vanilla)
     for sweep in TINY:
         cells = load_sweep(sweep)["cells"]
         chosen = set(range(len(cells))) if run_all else representative(cells)
         for i, raw in enumerate(cells):
-            if i in chosen:
+            key = (TINY[sweep], raw["method"], float(raw["retention"]), json.dumps(raw.get("method_kwargs"), sort_keys=True))
+            if i in chosen and key not in seen:
+                seen.add(key)
                 yield pytest.param(sweep, i, id=f"{sweep}-{i}-{raw['method']}-r{raw['retention']:g}")
 
 
