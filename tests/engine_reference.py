@@ -223,3 +223,31 @@ def _spread(mask, origin, s):
         idx = o[real]
         out[i, 0, idx[:, None], idx[None, :]] = mask[i, 0][real][:, real].bool()
     return out
+
+
+def layer_input(bb, inputs, method=None, retention: float = 1.0, layer: int = 0, **method_kwargs):
+    """(hidden (b, s, d), trace): the input of decoder layer ``layer`` in one forward of ``inputs``:
+    unpruned when ``method`` is None (trace None), else after the engine's stages of
+    ``sharp.prune(bb, method, retention, **method_kwargs)`` (the hook is registered inside the block,
+    so it runs after the engine's own)."""
+    import sharp
+
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    def forward():
+        hook = bb.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                bb.model(**inputs)
+        finally:
+            hook.remove()
+
+    if method is None:
+        forward()
+        return seen["x"], None
+    with sharp.prune(bb, method, retention, **method_kwargs) as trace:
+        forward()
+    return seen["x"], trace

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sharp
+from engine_reference import layer_input
 from conftest import shared_backbone
 
 NAMES = ["tiny_llava_onevision", "tiny_qwen2_vl"]
@@ -23,19 +24,9 @@ def video(bb, seed=3):
 
 def stage_rows(bb, inputs, method, retention, **kwargs):
     """(unpruned input of layer 0 (s, d), the stage's output entering layer 0 (s', d), the trace)."""
-    seen = {}
-    grab = lambda key: (lambda m, a, k: seen.update({key: (a[0] if a else k["hidden_states"])[0].clone()}))
-    before = bb.layers[0].register_forward_pre_hook(grab("raw"), with_kwargs=True)  # runs before the engine's
-    try:
-        with sharp.prune(bb, method, retention, **kwargs) as trace, torch.no_grad():
-            after = bb.layers[0].register_forward_pre_hook(grab("pruned"), with_kwargs=True)  # after the engine's
-            try:
-                bb.model(**inputs)
-            finally:
-                after.remove()
-    finally:
-        before.remove()
-    return seen["raw"], seen["pruned"], trace
+    raw, _ = layer_input(bb, inputs)
+    pruned, trace = layer_input(bb, inputs, method, retention, **kwargs)
+    return raw[0], pruned[0], trace
 
 
 # -- random --------------------------------------------------------------------------------------

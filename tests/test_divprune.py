@@ -9,6 +9,7 @@ import torch
 
 import sharp
 from baselines.divprune import cosine_distance, max_min_diverse
+from engine_reference import layer_input
 from conftest import shared_backbone
 
 
@@ -74,16 +75,10 @@ def test_kept_set_equals_the_max_min_reference(name):
     h, w = bb.synthetic_frame_size()
     frames = np.random.default_rng(4).integers(0, 256, size=(8, h, w, 3), dtype=np.uint8)
     inputs = bb.pixels_to_inputs(frames, "What happens in the video?")
-    seen = {}
-    hook = bb.layers[0].register_forward_pre_hook(
-        lambda m, a, k: seen.update(x=(a[0] if a else k["hidden_states"])[0].clone()), with_kwargs=True)
-    try:
-        with sharp.prune(bb, "divprune", 0.25) as trace, torch.no_grad():
-            bb.model(**inputs)
-    finally:
-        hook.remove()
+    raw, _ = layer_input(bb, inputs)
+    _, trace = layer_input(bb, inputs, "divprune", 0.25)
     vis = bb.visual_mask(inputs["input_ids"], bb.layout(inputs))[0]
-    expected = sorted(official_divprune(seen["x"][vis].double().numpy(), 0.25))
+    expected = sorted(official_divprune(raw[0][vis].double().numpy(), 0.25))
     assert trace.method("divprune").kept[0].tolist() == sorted(set(expected))
     assert trace.visual_tokens_per_layer[0] == len(set(expected))
     assert len(expected) == round(0.25 * int(vis.sum()))  # random frames: no repeated pick

@@ -21,6 +21,7 @@ import torch
 
 import sharp
 from baselines.prumerge_plus import PruMergePlus, fixed_kept
+from engine_reference import layer_input
 from conftest import shared_backbone, random_video_inputs
 from sharp import flops
 from sharp.methods import PruningMethod, Selection, budget, register_method, split_budget
@@ -304,22 +305,6 @@ def video_inputs(bb, seeds):
     return random_video_inputs(bb, seeds, FRAMES)
 
 
-def layer0_input(bb, inputs, method, retention, **kw):
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-
-    with sharp.prune(bb, method, retention, **kw) as trace:
-        h = bb.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                bb.model(**inputs)
-        finally:
-            h.remove()
-    return seen["x"], trace
-
-
 @pytest.mark.parametrize("name", ["tiny_llava_onevision", "tiny_qwen2_vl"])
 @pytest.mark.parametrize("mode", ["fixed", "adaptive"])
 def test_through_prune_equals_reference_on_engine_maps(name, mode):
@@ -328,9 +313,9 @@ def test_through_prune_equals_reference_on_engine_maps(name, mode):
     bb = shared_backbone(name, "eager")
     inputs = video_inputs(bb, (1, 2))
     layout = bb.layout(inputs)
-    emb, spy = layer0_input(bb, inputs, "_prumerge_maps_spy", 1.0)
+    emb, spy = layer_input(bb, inputs, "_prumerge_maps_spy", 1.0)
     maps = spy.method("_prumerge_maps_spy")
-    got, trace = layer0_input(bb, inputs, "prumerge_plus", 0.25, mode=mode)
+    got, trace = layer_input(bb, inputs, "prumerge_plus", 0.25, mode=mode)
     t = trace.method("prumerge_plus")
     ov = name == "tiny_llava_onevision"
     assert t.vision_layer == ("feature" if ov else -1) and t.mode == mode

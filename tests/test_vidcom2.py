@@ -17,6 +17,7 @@ import torch
 
 import sharp
 from baselines.vidcom2 import VidCom2, vidcom2_video
+from engine_reference import layer_input
 from conftest import shared_backbone, random_video_inputs
 from sharp import PruningMethod, Selection
 
@@ -201,29 +202,6 @@ def video_inputs(bb, seeds=(1, 2), frames=8):
     return random_video_inputs(bb, seeds, frames)
 
 
-def layer0_input(bb, inputs, method=None):
-    """Decoder layer 0's input, unpruned or after the engine's stage of ``method``."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-
-    def forward():
-        h = bb.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                bb.model(**inputs)
-        finally:
-            h.remove()
-
-    if method is None:
-        forward()
-        return seen["x"], None
-    with sharp.prune(bb, method) as trace:
-        forward()
-    return seen["x"], trace
-
-
 @pytest.mark.parametrize("name", ["tiny_llava_onevision", "tiny_qwen2_5_vl"])
 def test_prune_keeps_the_reference_set_of_the_layer0_embeddings(name):
     """Through sharp.prune (batch 2, two videos, default float32): the trace's kept indices and per-frame budgets equal
@@ -234,10 +212,10 @@ def test_prune_keeps_the_reference_set_of_the_layer0_embeddings(name):
     inputs = video_inputs(bb)
     layout = bb.layout(inputs)
     per, n = layout.tokens_per_frame, layout.n_visual
-    emb, _ = layer0_input(bb, inputs)
+    emb, _ = layer_input(bb, inputs)
     r = 0.3  # 0.25 x (1 - 1/8) x 16 = 3.5 is an exact rounding tie on the tiny OV frames
     method = sharp.resolve_method("vidcom2", bb, r).method  # the default float32
-    got, trace = layer0_input(bb, inputs, method)
+    got, trace = layer_input(bb, inputs, method)
     t = trace.method("vidcom2")
     vis = bb.visual_mask(inputs["input_ids"], layout)
     for b in range(2):
@@ -283,9 +261,9 @@ def test_composed_after_a_method_sees_unequal_frames():
     inputs = video_inputs(bb, seeds=(3,))
     layout = bb.layout(inputs)
     per = layout.tokens_per_frame
-    emb, _ = layer0_input(bb, inputs)
+    emb, _ = layer_input(bb, inputs)
     method = sharp.compose(_DropSome(), VidCom2(retention=0.5, compute_dtype="float64"))
-    _, trace = layer0_input(bb, inputs, method)
+    _, trace = layer_input(bb, inputs, method)
     rows = emb[0, bb.visual_mask(inputs["input_ids"], layout)[0]].double().numpy()
     survivors = [list(range(f * per + min(2 * f, per - 1), (f + 1) * per)) for f in range(layout.frames)]
     ref = reference_vidcom2([rows[s] for s in survivors], 0.5, per)

@@ -19,6 +19,7 @@ from baselines.visionzip import dominant_split, visionzip_group
 from sharp import split_budget
 from sharp import flops
 from sharp.methods import budget
+from engine_reference import layer_input
 from conftest import shared_backbone, random_video_inputs
 from sharp.backbones import compat
 
@@ -106,33 +107,6 @@ def reference_maps(bb, inputs, monkeypatch):
     return reference_maps_ov(bb, inputs) if is_ov(bb) else reference_maps_qwen(bb, inputs, monkeypatch)
 
 
-def layer0_input(bb, inputs, prune=None):
-    """The input of decoder layer 0 (after the engine's stage when ``prune`` = (method, retention, kw))."""
-    seen = {}
-    hook_args = {"with_kwargs": True}
-
-    def grab(module, args, kwargs):
-        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-
-    if prune is None:
-        h = bb.layers[0].register_forward_pre_hook(grab, **hook_args)
-        try:
-            with torch.no_grad():
-                bb.model(**inputs)
-        finally:
-            h.remove()
-        return seen["x"], None
-    method, retention, kw = prune
-    with sharp.prune(bb, method, retention, **kw) as trace:
-        h = bb.layers[0].register_forward_pre_hook(grab, **hook_args)  # after the engine's hook
-        try:
-            with torch.no_grad():
-                bb.model(**inputs)
-        finally:
-            h.remove()
-    return seen["x"], trace
-
-
 def reference_visionzip(att, keys, emb, groups, budgets, ratio):
     """Plain-loop VisionZip over groups of original indices: (dominant, targets, {target: row})."""
     dominant, targets, rows = [], [], {}
@@ -218,8 +192,8 @@ def test_selection_and_rows_equal_eager_reference(name, retention, ratio, monkey
     inputs = video_inputs(bb, seeds=(1, 2))
     layout = bb.layout(inputs)
     att, keys = reference_maps(bb, inputs, monkeypatch)
-    emb, _ = layer0_input(bb, inputs)
-    got, trace = layer0_input(bb, inputs, ("visionzip", retention, {"dominant_ratio": ratio, **native_kwargs(bb)}))
+    emb, _ = layer_input(bb, inputs)
+    got, trace = layer_input(bb, inputs, "visionzip", retention, dominant_ratio=ratio, **native_kwargs(bb))
     t = trace.method("visionzip")
     assert t.vision_layer == ("feature" if is_ov(bb) else -2) and t.scope == ("frame" if is_ov(bb) else "video")
     n, per = layout.n_visual, layout.tokens_per_frame
@@ -253,7 +227,7 @@ def test_scope_and_layer_kwargs_change_the_selection(name, monkeypatch):
     k = budget(layout.n_visual, 0.25)
     d = dominant_split(k, 54 / 64)[0]
     other = "video" if is_ov(bb) else "frame"
-    _, trace = layer0_input(bb, inputs, ("visionzip", 0.25, {"scope": other, **native_kwargs(bb)}))
+    _, trace = layer_input(bb, inputs, "visionzip", 0.25, scope=other, **native_kwargs(bb))
     got = trace.method("visionzip").dominant[0].tolist()
     if other == "video":
         assert got == sorted(torch.topk(att[0], d).indices.tolist())
@@ -264,8 +238,8 @@ def test_scope_and_layer_kwargs_change_the_selection(name, monkeypatch):
         assert got == sorted(want)
     # the default layer's ranking is not the other layer's (the layer choice is tested above)
     port = len(bb.vision_layers) - 1 if is_ov(bb) else len(bb.vision_layers) - 2
-    _, t2 = layer0_input(bb, inputs, ("visionzip", 0.25, {"vision_layer": 1 - port, **native_kwargs(bb)}))
-    _, t1 = layer0_input(bb, inputs, ("visionzip", 0.25, native_kwargs(bb)))
+    _, t2 = layer_input(bb, inputs, "visionzip", 0.25, vision_layer=1 - port, **native_kwargs(bb))
+    _, t1 = layer_input(bb, inputs, "visionzip", 0.25, **native_kwargs(bb))
     assert t2.method("visionzip").dominant[0].tolist() != t1.method("visionzip").dominant[0].tolist()
 
 
