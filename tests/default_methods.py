@@ -48,6 +48,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "visionzip-video": ("visionzip", {"scope": "video", "positions": "original"}),
     # an explicit layer the depth rule would have moved: user values are never mapped
     "pdrop-explicit": ("pdrop", {"layers": [2, 3]}),
+    # the field methods' other readings: PruMerge+'s adaptive IQR count (measured schedule), DivPrune
+    # without repeated picks, random as an in-LLM control (a stage inside the model, original positions)
+    "prumerge_plus-adaptive": ("prumerge_plus", {"mode": "adaptive"}),
+    "divprune-distinct": ("divprune", {"repeats": "distinct", "distance_dtype": "float32"}),
+    "random-layer2": ("random", {"layer": 2}),
 }
 
 
