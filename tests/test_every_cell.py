@@ -134,6 +134,12 @@ def test_run_py_cell_runs_from_defaults(method, backbone, run_env, capsys):
         assert summary["tokens"]["visual_after"] == kept
         assert f"visual tokens kept  {kept} of {n_visual}" in printed
     assert summary["tokens"]["visual_after"] == statistics.fmean(r["visual_tokens_after"] for r in requests)
+    # both FLOPs conventions on the measured schedule: the exact one counts every row the LLM computed
+    dims = sharp.flops.lm_dims(backbone)
+    exact = [sharp.flops.schedule_tflops([v + r["input_tokens"] - n_visual for v in r["visual_tokens_per_layer"]],
+                                         dims, "exact") for r in requests]
+    assert [r["prefill_tflops_exact"] for r in requests] == pytest.approx(exact)
+    assert summary["tflops"]["exact_sequence_mean"] == pytest.approx(statistics.fmean(exact))
 
 
 def _requests(root: Path, backbone: str, method: str, retention: float) -> list[dict]:

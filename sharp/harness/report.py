@@ -69,7 +69,8 @@ def format_report(summary: dict, path: Optional[str] = None) -> str:
     batch = run.get("batch_size", 1)
     lines += [
         f"visual tokens kept  {kept} per request (mean)",
-        f"prefill TFLOPs      {_tflops((summary.get('tflops') or {}).get('prefill_mean'))} per request (paper convention)",
+        f"prefill TFLOPs      {_tflops((summary.get('tflops') or {}).get('prefill_mean'))} per request (paper convention), "
+        f"{_tflops((summary.get('tflops') or {}).get('exact_sequence_mean'))} (exact, every row)",
         f"prefill ms          {_num(lat.get('prefill_mean'))} mean, {_num(lat.get('prefill_median'))} median"
         + (f" (per batch of up to {batch})" if batch and batch > 1 else ""),
     ]

@@ -86,7 +86,9 @@ def aggregate_requests(rows: list[dict]) -> dict:
         },
         "tflops": {"prefill_mean": _mean([r.get("prefill_tflops") for r in ok]),  # method's token schedule
                    "measured_mean": _mean([r.get("prefill_tflops_measured") for r in ok]),  # trace per layer
-                   "convention": "paper"},
+                   "convention": "paper",
+                   # every row the LLM computed (text included; SwiGLU, GQA, causal): sharp.flops "exact"
+                   "exact_sequence_mean": _mean([r.get("prefill_tflops_exact") for r in ok])},
         "latency_ms": {
             "prefill_mean": _mean([r.get("prefill_ms") for r in ok]),
             "prefill_median": _median([r.get("prefill_ms") for r in ok]),

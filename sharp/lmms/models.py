@@ -616,6 +616,8 @@ class SharpVideoLMM(lmms):
                 "batch_size": len(batch),
                 "prefill_tflops": self._tflops(n_visual, per_layer),
                 "prefill_tflops_measured": self._measured_tflops(per_layer),
+                "prefill_tflops_exact": self._measured_tflops(per_layer, text_rows=lengths[i] - n_visual,
+                                                              convention="exact"),
                 "stage_ms": dict(stage_ms),
                 "peak_memory_mb": peak,
                 "peak_memory_kind": kind,
@@ -642,15 +644,17 @@ class SharpVideoLMM(lmms):
         """Whether the method's kept counts depend on the video (asked once per wrapper)."""
         return bool(self.pruner.input_dependent_schedule)
 
-    def _measured_tflops(self, per_layer: list[int]) -> Optional[float]:
-        """Paper-convention TFLOPs of the visual tokens each layer really processed (adaptive methods)."""
+    def _measured_tflops(self, per_layer: list[int], text_rows: int = 0, convention: str = "paper") -> Optional[float]:
+        """TFLOPs of the rows each layer really processed: the visual tokens (paper convention), or with
+        ``text_rows`` and ``convention="exact"`` every row the LLM computes (text included; SwiGLU, GQA,
+        causal attention), as ``scripts/bench_prefill.py``'s sequence FLOPs."""
         try:
             from sharp.flops import lm_dims, schedule_tflops
 
             dims = lm_dims(self.bb)
             if len(per_layer) != dims.num_layers:
                 return None
-            return float(schedule_tflops(per_layer, dims, "paper"))
+            return float(schedule_tflops([n + text_rows for n in per_layer], dims, convention))
         except Exception:  # noqa: BLE001
             return None
 
