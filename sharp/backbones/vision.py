@@ -141,8 +141,8 @@ class FramePooling:
 class SiglipPoolingHead(torch.nn.Module):
     """SigLIP's post_layernorm + multihead attention pooling head, with the parameter names of the HF
     checkpoint (``vision_model.post_layernorm.*``, ``vision_model.head.*``): a learned probe attends to
-    the frame's patches (``torch.nn.MultiheadAttention``'s weights; the forward written out, as its
-    generic path costs more than the head itself on small towers), then a pre-norm MLP with a residual."""
+    the frame's patches (``torch.nn.MultiheadAttention``, as HF's ``SiglipMultiheadAttentionPoolingHead``,
+    which does not return the weights FastVID needs), then a pre-norm MLP with a residual."""
 
     def __init__(self, hidden: int, heads: int, intermediate: int, eps: float = 1e-6, act: str = "gelu_pytorch_tanh"):
         super().__init__()
@@ -157,15 +157,11 @@ class SiglipPoolingHead(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: (frames, patches, d) -> pooled (frames, d), attention (frames, patches) (head mean)."""
         x = self.post_layernorm(hidden)
-        attn, dim = self.attention, hidden.shape[-1]
-        heads = attn.num_heads
-        w, b = attn.in_proj_weight, attn.in_proj_bias  # packed q, k, v as nn.MultiheadAttention's
-        q = torch.nn.functional.linear(self.probe[0, 0], w[:dim], b[:dim]).reshape(heads, -1)  # (h, hd)
-        k, v = torch.nn.functional.linear(x, w[dim:], b[dim:]).reshape(*x.shape[:2], 2, heads, -1).unbind(2)
-        probs = torch.softmax(torch.einsum("hd,nphd->nhp", q, k) * (dim // heads) ** -0.5, dim=-1)  # (n, h, P)
-        out = attn.out_proj(torch.einsum("nhp,nphd->nhd", probs, v).reshape(x.shape[0], dim))  # (n, d)
+        probe = self.probe.expand(x.shape[0], -1, -1)  # (frames, 1, d)
+        out, weights = self.attention(probe, x, x)  # (frames, 1, d), (frames, 1, patches) averaged over heads
+        out = out[:, 0]
         mlp = self.fc2(torch.nn.functional.gelu(self.fc1(self.layernorm(out)), approximate=self.approximate))
-        return out + mlp, probs.mean(dim=1)
+        return out + mlp, weights[:, 0]
 
     def load_checkpoint_tensors(self, tensors: dict) -> None:
         """Load ``vision_model.post_layernorm.*`` and ``vision_model.head.*`` tensors of a SigLIP checkpoint."""
