@@ -56,6 +56,7 @@ from typing import ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
+from baselines.density_peaks import density_peak_scores
 from sharp import PruningMethod, Selection
 
 RULES = ("auto", "onevision", "llava_video", "qwen")
@@ -172,12 +173,7 @@ def density_scores(tokens: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     Returns (T, m) float32."""
     x = tokens.float()
     dist = pairwise_distances(x) / math.sqrt(x.shape[-1])  # (T, m, m)
-    nearest = torch.topk(dist, min(NEIGHBOURS, x.shape[1]), dim=-1, largest=False).values
-    rho = torch.exp(-(nearest ** 2).mean(dim=-1)) + noise  # (T, m)
-    denser = rho[:, None, :] > rho[:, :, None]  # [t, j, k]: rho_k > rho_j
-    farthest = dist.flatten(1).max(dim=-1).values[:, None, None]  # (T, 1, 1)
-    delta = torch.where(denser, dist, farthest).min(dim=-1).values
-    return rho * delta
+    return density_peak_scores(dist, NEIGHBOURS, noise)
 
 
 def merge_into_anchors(anchors: torch.Tensor, pool: torch.Tensor, beta: float,

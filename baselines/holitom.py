@@ -56,6 +56,7 @@ from typing import ClassVar, Optional, Union
 
 import torch
 
+from baselines.density_peaks import density_peak_scores
 from sharp import BackboneFacts, PruningMethod, Selection, budget, layer_kwarg, split_budget
 
 ROUNDINGS = ("exact", "official")
@@ -156,13 +157,9 @@ def dpc_knn_centres(x: torch.Tensor, clusters: int, k: int, generator: Optional[
     x = x.float()
     m, d = x.shape
     dist = torch.cdist(x[None], x[None])[0] / math.sqrt(d)
-    nearest = torch.topk(dist, min(k, m), dim=-1, largest=False).values  # (m, k)
-    density = torch.exp(-(nearest ** 2).mean(dim=-1))
     noise = torch.rand(m, generator=generator, dtype=torch.float32) if generator is not None else torch.rand(m)
-    density = density + noise.to(density.device) * TIE_BREAK
-    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
-    delta = torch.where(denser, dist, dist.max()).min(dim=-1).values
-    centres = torch.topk(delta * density, clusters).indices
+    score = density_peak_scores(dist, k, noise.to(dist.device) * TIE_BREAK)  # (m,) rho x delta
+    centres = torch.topk(score, clusters).indices
     return centres.sort().values, dist
 
 
