@@ -63,7 +63,7 @@ def test_random_is_reproducible_and_the_seed_matters():
 
 
 def test_random_keeps_original_positions_on_every_family():
-    for name in ["tiny_llava_onevision", "tiny_llava_video"]:
+    for name in ["tiny_llava_onevision", "tiny_llava_video", "tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_qwen3_vl"]:
         method = sharp.resolve_method("random", name, 0.25).method
         assert method.positions == "original"
 
