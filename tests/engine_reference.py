@@ -154,7 +154,9 @@ def replay_reference_logits(bb, inputs, sequences, trace, recorder, compact_laye
     """No-cache logits of the unpruned model over prompt + generated tokens in which every layer sees
     only the keys the engine kept for it, the merged rows the methods produced at their stages (layer
     inputs) and after their layers' attention (written into the residual stream before the MLP), and
-    the methods' custom masks on the prompt rows. ``compact_layers``: layers with compacted positions
+    the methods' custom masks on the prompt rows, and each decode step's visual-key selections (the
+    trace's ``decode_steps``: the step's query row sees only the chosen visual keys from the selecting
+    layer on). ``compact_layers``: layers with compacted positions
     (a dict maps each to the layer whose kept set numbers it: its last compacting stage)."""
     b, s = sequences.shape
     p = inputs["input_ids"].shape[1]
@@ -174,6 +176,10 @@ def replay_reference_logits(bb, inputs, sequences, trace, recorder, compact_laye
                 positions[layer] = (visible.long().cumsum(-1) - 1).clamp_min(0)
         for origin, mask in recorder.masks.get(layer, []):
             a = a & _spread(mask, origin, s)
+        for step, selections in enumerate(trace.decode_steps):  # decode step i's query is row p + i
+            for from_layer, _, kept in selections:
+                if kept is not None and layer >= from_layer:
+                    a[:, :, p + step] &= kept_key_mask(bb, inputs, sequences, kept)[:, None, :]
         allowed[layer] = a | eye
     merged, mid = {}, {}
     for layer, i, origin, rows in recorder.merges:

@@ -91,6 +91,9 @@ class ComposedMethod(PruningMethod):
     def after_attention_layers(self, num_layers: int) -> list[int]:
         return sorted({k for c in self.flat_children() for k in c.after_attention_layers(num_layers)})
 
+    def decode_stages(self, num_layers: int) -> list[int]:
+        return sorted({k for c in self.flat_children() for k in c.decode_stages(num_layers)})
+
     def vision_layers(self) -> list[Union[int, str]]:
         out = []
         for c in self.flat_children():

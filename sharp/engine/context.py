@@ -254,7 +254,8 @@ class StageContext:
         return StageContext(self._runner, layer, hidden, seq, self.owner)
 
     def last_token_attention(self, layer: Optional[int] = None, queries: int = 1, rope: bool = True,
-                             softmax_over: str = "all", space: str = "prob") -> torch.Tensor:
+                             softmax_over: str = "all", space: str = "prob", causal: bool = True,
+                             reduce: str = "mean") -> torch.Tensor:
         """Attention of the last ``queries`` tokens in layer ``layer`` (default: this layer), read at
         the CURRENT sequence's rows. Returns (b, s) float32.
 
@@ -264,7 +265,9 @@ class StageContext:
         between) is computed on ITS sequence and read at the rows still present.
         ``softmax_over="visual"`` normalises over the visual keys only (FEATHER); ``rope=False`` skips
         RoPE (FEATHER's de-RoPE criterion); ``space="logit"`` returns the pre-softmax logits averaged
-        the same way (masked keys read 0).
+        the same way (masked keys read 0). ``causal=False``: the query rows see every key, later ones
+        too (no causal mask; padding still masked); ``reduce="max"``: the max over heads and queries
+        instead of the mean (PruneVid's official non-causal, un-RoPE'd, max-reduced map).
         """
         if softmax_over not in ("all", "visual"):
             raise ValueError(f"softmax_over must be 'all' or 'visual', got {softmax_over!r}")
@@ -272,7 +275,8 @@ class StageContext:
         scores = attention_of_last_tokens(
             self.backbone, src.layer_idx, src.layer_input, src.seq.position_embeddings,
             src.seq.attention_mask_2d, queries=queries, rope=rope,
-            key_mask=src.seq.visual_mask if softmax_over == "visual" else None, space=space)
+            key_mask=src.seq.visual_mask if softmax_over == "visual" else None, space=space,
+            causal=causal, reduce=reduce)
         return self.seq.map_from(src.seq, scores, self._runner.input_length)
 
     # -- the vision tower ---------------------------------------------------------------------------
@@ -426,3 +430,73 @@ def _segment_restriction(seq: SeqState, segment_of_index: Sequence[torch.Tensor]
         if bool(((highest <= lowest) | ~present.any(dim=1)).all()):  # one segment (or none) per sample
             return None
     return SegmentRestriction(seg, visual_sees_text=visual_sees_text)
+
+
+class DecodeContext:
+    """What ``decode_select`` sees: one decode step, before decoder layer ``layer_idx`` (a layer in the
+    method's ``decode_stages``). The step's query is the token being decoded; the visual entries are
+    those of this layer's KV cache (the prefill's kept visual tokens, in cache order)."""
+
+    phase = "decode"
+
+    def __init__(self, session: "PruningSession", layer: int, owner: int):
+        self._session = session
+        self.layer_idx = layer
+        self.owner = owner
+
+    backbone = property(lambda self: self._session.backbone)  # the engine's (and tests'); methods use the facts
+    backbone_name = property(lambda self: self._session.backbone.name)
+    backbone_family = property(lambda self: self._session.backbone.family)
+    num_layers = property(lambda self: self._session.plan.num_layers)
+    step = property(lambda self: self._session.kv.step_index)  # 0: the first decode step after the prefill
+
+    @property
+    def trace(self) -> SimpleNamespace:
+        """The method's namespace on the trace."""
+        return self._session.prefill.method_trace(self.owner)
+
+    @property
+    def state(self) -> SimpleNamespace:
+        """The method's scratch space of the last prefill: it lasts through the decode steps after it."""
+        return self._session.prefill.method_state(self.owner)
+
+    def timed(self, key: str):
+        """``with ctx.timed(key): ...``: the block's time (session clock, GPU synced) into ``stage_times``."""
+        return self._session.trace.timed(key, self.backbone.device)
+
+    def _rows(self) -> torch.Tensor:
+        return self._session.kv.cache_visual_index[self.layer_idx]  # (b, kv_prefill) ORIGINAL id or -1
+
+    @property
+    def batch_size(self) -> int:
+        return self._rows().shape[0]
+
+    @property
+    def visual_counts(self) -> list[int]:
+        """Per sample, the visual entries of this layer's cache."""
+        return (self._rows() >= 0).sum(dim=1).tolist()
+
+    def visual_index(self, b: int) -> torch.Tensor:
+        """(n_b,) ORIGINAL visual indices of sample b's cached visual entries, in cache order (what
+        ``Selection.keep_visual[b]`` indexes)."""
+        rows = self._rows()[b]
+        return rows[rows >= 0]
+
+    def visual_attention(self, layer: int) -> torch.Tensor:
+        """(b, n_max) float32: the attention the step's query paid, in the earlier decoder layer ``layer``
+        (head mean, softmax over every cache entry that layer's attention saw in this step), to each of
+        THIS layer's cached visual entries (cache order; 0 past a sample's count or where ``layer`` does not
+        hold the entry). DyCoke's a = mean_h A_{L-1}[last query, visual]."""
+        if not 0 <= layer < self.layer_idx:
+            raise ValueError(f"visual_attention: layer must be in 0..{self.layer_idx - 1} (it must have run), got {layer}")
+        attention, rows = self._session.kv.query_attention(layer)  # (b, kv), (b, kv)
+        counts = self.visual_counts
+        out = attention.new_zeros(len(counts), max(counts, default=0))
+        for b, n in enumerate(counts):
+            present = rows[b] >= 0
+            table = attention.new_zeros(int(rows[b].max().clamp_min(0)) + 1)
+            table[rows[b][present]] = attention[b][present]
+            wanted = self.visual_index(b).to(table.device)
+            inside = wanted < table.shape[0]
+            out[b, :n][inside] = table[wanted[inside]]
+        return out

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Union
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sharp.engine.context import SessionContext, StageContext
+    from sharp.engine.context import DecodeContext, SessionContext, StageContext
 
 POSITION_MODES = ("auto", "original", "compact")
 REFERENCE_DEPTH = 28  # decoder layers of the paper's 7B backbones, where the methods' layer defaults are set
@@ -290,6 +290,20 @@ class PruningMethod:
         the MLP; the FLOPs counter counts this layer at its input count).
         """
         return Selection.unchanged()
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode_stages(self, num_layers: int) -> list[int]:
+        """Decoder layers before which ``decode_select`` runs in EVERY decode step (DyCoke's dynamic KV
+        selection). The visual cache entries a step's selection keeps are the only ones that step's query
+        sees in that layer and every later one (up to the next decode stage); the cache itself is not
+        shrunk. Raise ValueError for a layer outside 1..num_layers-1 (a selection reads an earlier layer)."""
+        return []
+
+    def decode_select(self, ctx: "DecodeContext") -> Selection:
+        """One decode step's visual-key selection at ``ctx.layer_idx``: ``keep_visual[b]`` indexes that
+        layer's cached visual entries (``ctx.visual_index(b)``, cache order); ``Selection.unchanged()``
+        = the step sees the whole cache. ``hidden_states`` is not allowed here."""
+        raise NotImplementedError(f"{self.name} lists decode_stages but does not implement decode_select")
 
     # -- optional extras -------------------------------------------------------------------
     def install(self, ctx: "SessionContext") -> None:

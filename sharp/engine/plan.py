@@ -28,6 +28,7 @@ class PruningPlan:
     num_layers: int
     stage_owners: dict[int, list[int]]  # layer -> owners with a stage before it, in composition order
     after_attention_owners: dict[int, list[int]]  # layer -> owners selecting after its attention
+    decode_stage_owners: dict[int, list[int]]  # layer -> owners selecting visual keys before it in each decode step
     score_layers: frozenset[int]  # layers whose prefill inputs are recorded for later stages
     vision_layers: tuple[int, ...]  # vision-encoder layers whose maps a method reads (resolved indices)
 
@@ -44,6 +45,7 @@ class PruningPlan:
             stage_owners=_owners_by_layer(methods, num_layers, "stages", "stage"),
             after_attention_owners=_owners_by_layer(methods, num_layers, "after_attention_layers",
                                                     "after-attention"),
+            decode_stage_owners=_owners_by_layer(methods, num_layers, "decode_stages", "decode stage"),
             score_layers=frozenset(_owners_by_layer(methods, num_layers, "score_layers", "score")),
             vision_layers=tuple(sorted({backbone.resolve_vision_layer(v) for v in wanted_vision})),
         )

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from sharp.engine import compat
-from sharp.engine.context import LayerRows, SessionContext
+from sharp.engine.context import DecodeContext, LayerRows, SessionContext
 from sharp.engine.decode import DecodePatcher
 from sharp.engine.method import PruningMethod
 from sharp.engine.plan import PruningPlan
@@ -39,6 +39,8 @@ class PruningSession:
         self.trace = Trace()
         self.kv = DecodePatcher(backbone)
         self.prefill = PrefillRunner(backbone, self.plan, self.trace, self.kv)
+        self.kv.decode_stage = self._decode_stage
+        self.kv.decode_stage_layers = frozenset(self.plan.decode_stage_owners)
         self._call: Optional[str] = None  # the top-level call in progress or last: prefill | decode
         self._handles: list = []
 
@@ -97,13 +99,15 @@ class PruningSession:
             self.prefill.start(input_ids, kwargs)
         else:
             self._call = "decode"
-            self.kv.start_step(kwargs.get("attention_mask"))
+            self.kv.start_step(kwargs.get("attention_mask"), pkv)
         return None
 
     def _model_post_hook(self, module, args, kwargs, output):
         if self.phase == "prefill":
             self.kv.finish_call(output)
             self.prefill.finish()
+            self.kv.record_cache_rows({i: self.prefill.layer_sequence(i).visual_index
+                                      for i in range(self.plan.num_layers)})
             for owner, m in enumerate(self.plan.methods):
                 m.after_prefill(self.context(owner))
         elif self.phase == "decode":
@@ -121,6 +125,25 @@ class PruningSession:
             return None
 
         return hook
+
+    # -- decode stages (DyCoke) ---------------------------------------------------------------------
+    def _decode_stage(self, idx: int, hidden: torch.Tensor) -> list:
+        """Every decode stage at layer ``idx`` in this step, in composition order: per owner, the
+        visual cache entries (ORIGINAL ids per sample) its query may see from ``idx`` on, or None (all)."""
+        chosen = []
+        for owner in self.plan.decode_stage_owners[idx]:
+            ctx = DecodeContext(self, idx, owner)
+            with self.trace.timed("decode_select", self.backbone.device):
+                selection = self.plan.methods[owner].decode_select(ctx)
+            if selection.hidden_states is not None:
+                raise ValueError(f"{self.plan.keys[owner]}: a decode selection cannot replace hidden states")
+            kept = None
+            if selection.keep_visual is not None:
+                kept = [ctx.visual_index(b)[torch.as_tensor(k, device=ctx.visual_index(b).device).long()].sort().values
+                        for b, k in enumerate(selection.keep_visual)]
+            self.trace.record_decode_selection(self.kv.step_index, idx, self.plan.keys[owner], kept)
+            chosen.append(kept)
+        return chosen
 
     # -- layer watchers (SessionContext.watch_layers) ----------------------------------------------
     def watch_layers(self, fn: Callable, where: str = "input") -> None:

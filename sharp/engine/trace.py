@@ -24,6 +24,10 @@ class Trace:
     stage_times: seconds per named step (engine: prefill, select, mask; methods add their own keys).
     clock: what every stage timer of the session reads (``time.perf_counter``; ``scripts/bench_prefill.py
         --clock cpu`` sets ``time.thread_time`` so that stage shares and prefill times are of one clock).
+    decode_steps: [step] -> the decode-time visual-key selections of that decode step after the last
+        prefill (methods with ``decode_stages``, DyCoke), each ``(layer, method key, kept)``: from
+        ``layer`` on, the step's query saw the visual cache entries with ORIGINAL indices ``kept[b]``
+        (None: the whole cache).
     methods: method key -> namespace of that method's results (``trace.method("sharp").segments``);
         the key is the method's name, ``name@i`` for the i-th of a repeated child.
     """
@@ -37,6 +41,7 @@ class Trace:
     stage_times: dict[str, float] = field(default_factory=dict)
     prefill_calls: int = 0
     methods: dict[str, SimpleNamespace] = field(default_factory=dict)
+    decode_steps: list[list[tuple]] = field(default_factory=list)
     clock: Callable[[], float] = time.perf_counter
 
     def add_time(self, key: str, seconds: float) -> None:
@@ -67,12 +72,20 @@ class Trace:
         self.n_visual = n_visual
         self.prefill_calls += 1
         self.methods = {key: SimpleNamespace() for key in method_keys}
+        self.decode_steps = []
 
     def record_stage(self, layer: int, key: str, kept: list[torch.Tensor]) -> None:
         """An applied stage: before ``layer``, method ``key`` left ``kept[b]`` (ORIGINAL indices)."""
         self.kept.append(kept)
         self.stage_layers.append(layer)
         self.stage_owners.append(key)
+
+    def record_decode_selection(self, step: int, layer: int, key: str, kept: Optional[list[torch.Tensor]]) -> None:
+        """Decode step ``step``: from ``layer`` on, method ``key`` let the query see the visual cache
+        entries ``kept[b]`` (ORIGINAL indices; None = all)."""
+        while len(self.decode_steps) <= step:
+            self.decode_steps.append([])
+        self.decode_steps[step].append((layer, key, kept))
 
     def record_layer_counts(self, counts: list[int]) -> None:
         """The visual tokens of each sample that the next decoder layer processes."""
