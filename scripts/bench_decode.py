@@ -1,7 +1,9 @@
-"""Decode time per token and KV-cache bytes of vanilla vs SharpV with and without its memory stage.
+"""Decode time per token and KV-cache bytes of vanilla vs SharpV with and without its memory stage,
+or vs DyCoke with and without its decode-time KV selection.
 
     python scripts/bench_decode.py --threads 1                     # mid-size LLaVA-OV, M = 0 / 0.2 / 1
     python scripts/bench_decode.py --thresholds 0 0.2 --method-kwargs '{"mode": "fixed"}' --retention 0.25
+    python scripts/bench_decode.py --method dycoke --threads 1     # DyCoke (K 0.7, P 0.8) and P = 0 (TTM only)
     python scripts/bench_decode.py --backbone llava_onevision_7b --random-weights --attn flash_attention_2
 
 ``bench_prefill.py`` times the prefill only; Memory SharpV acts after it (it drops the visual
@@ -16,9 +18,12 @@ Reported per configuration: median prefill ms; decode ms per token (median over 
 the mean decode-step time; every round's value is in the JSON); KV-cache bytes after the prefill (the cache the decode steps read:
 vanilla's full cache, SharpV's after its visual stage and, when on, its memory drop) and at the end
 of generation (``out.past_key_values``); the layers whose visual entries were dropped and the
-per-layer similarity sim_l from the trace; the peak memory one generate added (``peak_mib``: CPU peak
+per-layer similarity sim_l from the trace (SharpV); the decode steps that re-selected and the visual
+entries a decode step's query saw on average from layer L on (DyCoke: its cache keeps every entry); the peak memory one generate added (``peak_mib``: CPU peak
 RSS, GPU ``torch.cuda.max_memory_allocated``, ``sharp.engine.memory``). Rows: vanilla, then ``sharpv`` with
-``memory_threshold`` = each of ``--thresholds`` (0 = no memory stage: the visual stage alone).
+``memory_threshold`` = each of ``--thresholds`` (0 = no memory stage: the visual stage alone); with
+``--method dycoke``: ``dycoke`` (its defaults and ``--method-kwargs``; ``--retention`` default 0.494 = the
+official K = 0.7 on 32 x 196) and ``dycoke P=0`` (the same TTM, no decode-time selection).
 Writes the Markdown table to stdout and, with ``--json FILE``, the figures to FILE.
 """
 from __future__ import annotations
@@ -96,7 +101,14 @@ def run_once(bb, inputs, new_tokens: int, prune=None) -> dict:
     # after the prefill each layer holds its prompt entries; every decode step adds one per layer
     per_entry = row["kv_bytes_end"] // max(1, sum(row["kv_entries_end"]))  # bytes of one entry, whole batch
     row["kv_bytes_after_prefill"] = row["kv_bytes_end"] - (new_tokens - 1) * len(row["kv_entries_end"]) * per_entry
-    if trace is not None:
+    if trace is not None and "dycoke" in trace.methods:
+        m = trace.method("dycoke")
+        row["visual_tokens_kept"] = trace.visual_tokens_per_layer[0]
+        row["reselected_steps"] = sum(any(step) for step in getattr(m, "reselected", []))
+        seen = [len(kept[0]) if kept is not None else row["visual_tokens_kept"]
+                for step in trace.decode_steps for _, _, kept in step]
+        row["visual_seen_per_step"] = statistics.fmean(seen) if seen else row["visual_tokens_kept"]
+    elif trace is not None:
         m = trace.method("sharpv")
         row["visual_tokens_kept"] = trace.visual_tokens_per_layer[0]
         row["dropped_layers"] = getattr(m, "dropped_layers", [])
@@ -131,8 +143,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="mid_llava_onevision")
     p.add_argument("--random-weights", action="store_true", help="build the 7B architecture without weights")
-    p.add_argument("--retention", type=float, default=0.12, help="SharpV's retention (fixed mode only)")
-    p.add_argument("--method-kwargs", default="{}", help='JSON kwargs of sharpv, e.g. \'{"mode": "fixed"}\'')
+    p.add_argument("--method", default="sharpv", choices=["sharpv", "dycoke"])
+    p.add_argument("--retention", type=float, default=None,
+                   help="SharpV's retention (fixed mode only; default 0.12) or DyCoke's (default 0.494)")
+    p.add_argument("--method-kwargs", default="{}", help='JSON kwargs of the method, e.g. \'{"mode": "fixed"}\'')
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.2, 1.0],
                    help="memory_threshold of each SharpV row (0 = no memory stage)")
     p.add_argument("--frames", type=int, default=32)
@@ -149,10 +163,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     kwargs = json.loads(args.method_kwargs)
+    if args.retention is None:
+        args.retention = 0.12 if args.method == "sharpv" else 0.494
     if "memory_threshold" in kwargs:
         p.error("set memory_threshold with --thresholds, not in --method-kwargs")
     try:  # bad kwargs: one error line before any model is built
-        sharp.make_method("sharpv", args.retention, **kwargs)
+        sharp.make_method(args.method, args.retention, **kwargs)
     except (TypeError, ValueError) as err:
         p.error(str(err))
 
@@ -164,7 +180,10 @@ def main(argv=None):
     print(f"backbone {bb.name} ({bb.device}, {bb.dtype}, {args.attn}): {layout.n_visual} visual tokens, "
           f"sequence {inputs['input_ids'].shape[1]}, {args.new_tokens} new tokens, {bb.num_layers} layers")
     configs = {"vanilla": None}
-    for m_value in args.thresholds:
+    if args.method == "dycoke":
+        configs["dycoke"] = lambda: sharp.prune(bb, "dycoke", args.retention, **kwargs)
+        configs["dycoke P=0"] = lambda: sharp.prune(bb, "dycoke", args.retention, **{**kwargs, "kv_prune_ratio": 0.0})
+    for m_value in args.thresholds if args.method == "sharpv" else []:
         configs[f"sharpv M={m_value:g}"] = (lambda m_value=m_value: sharp.prune(
             bb, "sharpv", args.retention, memory_threshold=m_value, **kwargs))
     rows = measure(bb, inputs, configs, args.new_tokens, args.repeats, args.warmup)
@@ -181,6 +200,11 @@ def main(argv=None):
               f"{100 * r['kv_bytes_after_prefill'] / van['kv_bytes_after_prefill']:.1f}% | "
               f"{len(dropped)} of {bb.num_layers}" + (f" ({dropped[0]}..{dropped[-1]})" if dropped else "") + " | "
               + ("—" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}") + " |")
+    for r in rows:
+        if "reselected_steps" in r:
+            print(f"\n{r['config']}: {r['reselected_steps']} of {args.new_tokens - 1} decode steps re-selected; "
+                  f"a step's query saw {r['visual_seen_per_step']:.1f} of {r['visual_tokens_kept']} visual entries "
+                  f"from layer L on, on average")
     sims = next((r["similarity"] for r in rows if r.get("similarity")), None)
     if sims:
         print("\nsim_l (layer input vs layer 0, sample 0): " + " ".join(f"{s:.3f}" for s in sims))

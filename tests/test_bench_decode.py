@@ -62,3 +62,15 @@ def test_memory_stage_records_no_layer_input():
     assert big == []
     assert [t.shape for t in tensors(state.sims)] == [(1,)] * bb.num_layers
     assert len(trace.method("sharpv").similarity) == bb.num_layers
+
+
+def test_dycoke_rows_report_the_decode_selection(capsys):
+    rows = bench_decode.main(["--backbone", "tiny_llava_onevision", "--frames", "8", "--new-tokens", "3",
+                              "--repeats", "1", "--warmup", "0", "--method", "dycoke", "--retention", "0.5"])
+    assert [r["config"] for r in rows] == ["vanilla", "dycoke", "dycoke P=0"]
+    dycoke, ttm_only = rows[1], rows[2]
+    assert dycoke["visual_tokens_kept"] == ttm_only["visual_tokens_kept"] < 128  # the same TTM
+    assert dycoke["reselected_steps"] >= 1  # the first decode step always selects
+    assert dycoke["visual_seen_per_step"] < dycoke["visual_tokens_kept"] == ttm_only["visual_seen_per_step"]
+    assert dycoke["kv_bytes_after_prefill"] == ttm_only["kv_bytes_after_prefill"]  # the cache keeps every entry
+    assert "re-selected" in capsys.readouterr().out
