@@ -247,6 +247,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weights-dir", default=None, help="toy weights from this folder (e.g. a retrained copy)")
     ap.add_argument("--out", default=None, help="default: results/retention_curve/<backbone>")
     ap.add_argument("--method-kwargs", default="{}", help='JSON {method: kwargs}, e.g. \'{"sharpv": {"mode": "fixed"}}\'')
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other methods' rows of the output folder's retention_curve.json (same split, n "
+                         "and retentions): rerun or add some methods without rerunning all")
     ap.add_argument("--match-flops", default=None, metavar="METHOD@R",
                     help="run each method once, at the TFLOPs of METHOD at retention R (e.g. fastv@0.25); "
                          "writes matched.md / matched.json")
@@ -283,10 +286,31 @@ def main(argv=None) -> int:
         print(path.read_text())
         print("wrote", path)
         return 1 if any(r.get("error") for r in rows) else 0
+    if args.merge:
+        rows, info = merged_with_existing(rows, info, out, ap)
     paths = write_outputs(rows, info, out)
     print((out / "retention_curve.md").read_text())
     print("wrote", ", ".join(paths.values()))
     return 1 if any(r.get("error") for r in rows) else 0
+
+
+def merged_with_existing(rows: list[dict], info: dict, out: Path, ap) -> tuple[list[dict], dict]:
+    """``rows`` plus the rows of the methods NOT rerun from ``out/retention_curve.json`` (which must be of
+    the same backbone, split, n and retentions), in the existing order with new methods appended."""
+    path = out / "retention_curve.json"
+    if not path.exists():
+        ap.error(f"--merge: {path} does not exist; run without --merge first")
+    old = json.loads(path.read_text())
+    for key in ("backbone", "split", "n", "retentions"):
+        if old["info"].get(key) != info.get(key):
+            ap.error(f"--merge: {path} has {key}={old['info'].get(key)!r}, this run {info.get(key)!r}; accepted: the same")
+    rerun = {r["method"] for r in rows if r["method"] != "vanilla"}
+    kept = [r for r in old["rows"] if r["method"] not in rerun and r["method"] != "vanilla"]
+    vanilla = [r for r in rows if r["method"] == "vanilla"] or [r for r in old["rows"] if r["method"] == "vanilla"]
+    new = [r for r in rows if r["method"] != "vanilla"]
+    methods = list(dict.fromkeys([*old["info"].get("methods", []), *info.get("methods", [])]))
+    seconds = round(old["info"].get("seconds", 0) + info.get("seconds", 0), 1)
+    return vanilla + kept + new, {**old["info"], **info, "methods": methods, "seconds": seconds}
 
 
 def parse_match_flops(ap, value):

@@ -1,6 +1,7 @@
-"""scripts/retention_curve.py --match-flops: each method at the TFLOPs of a target method."""
+"""scripts/retention_curve.py --match-flops (each method at the TFLOPs of a target method) and --merge."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,17 @@ def test_bad_match_flops_is_one_line_and_exit_2():
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "accepted METHOD@R" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_merge_adds_methods_and_keeps_the_other_rows(tmp_path):
+    common = ["--backbone", "toy_llava_onevision", "--n", "4", "--retentions", "0.5", "--out", str(tmp_path)]
+    assert retention_curve.main([*common, "--methods", "random"]) == 0
+    first = json.loads((tmp_path / "retention_curve.json").read_text())["rows"]
+    assert retention_curve.main([*common, "--methods", "pooling", "--merge"]) == 0
+    merged = json.loads((tmp_path / "retention_curve.json").read_text())
+    assert [r["method"] for r in merged["rows"]] == ["vanilla", "random", "pooling"]
+    assert merged["rows"][1] == first[1] and merged["info"]["methods"] == ["random", "pooling"]
+    assert "pooling" in (tmp_path / "retention_curve.md").read_text()
+    with pytest.raises(SystemExit):  # another retention list: not mergeable
+        retention_curve.main([*common[:-4], "--retentions", "0.25", "--out", str(tmp_path), "--methods", "fastv",
+                              "--merge"])
