@@ -47,8 +47,9 @@ def cache_of(kwargs: dict) -> Any:
 
 
 def output_cache(output) -> Any:
-    """The KV cache of a model or generate output (``past_key_values`` on 4.57, ``cache`` on 5.x)."""
-    for key in CACHE_KWARGS:
+    """The KV cache of a model or generate output (``past_key_values`` on 4.57, ``cache`` on 5.x: read
+    first, since reading 5.x's deprecated ``past_key_values`` alias prints a warning)."""
+    for key in reversed(CACHE_KWARGS):
         got = getattr(output, key, None)
         if got is not None:
             return got
