@@ -53,6 +53,23 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "prumerge_plus-adaptive": ("prumerge_plus", {"mode": "adaptive"}),
     "divprune-distinct": ("divprune", {"repeats": "distinct", "distance_dtype": "float32"}),
     "random-layer2": ("random", {"layer": 2}),
+    # PruneVid: every row at its own slot (LLaVA too); static cells (tau 0.5) and clustering on the 16-token
+    # tiny frames (sets above 4 tokens), the official alpha given explicitly, stage 2 after layer 2
+    "prunevid-original": ("prunevid", {"positions": "original", "density_noise": 0.0}),
+    "prunevid-static-clustered": ("prunevid", {"tau": 0.5, "cluster_above": 4, "alpha": 0.4, "layer": 2}),
+    # STTM: spatial merging on the 4 x 4 grids (root level 0), the corrected stop test with patch-weighted
+    # means; the 7B's in-LLM stage at layer 2 (LLaVA: compact positions from there); spatial-only
+    "sttm-root0-masked": ("sttm", {"root_level": 0, "invalid_child_slots": "masked", "weighted_average": True}),
+    "sttm-layer2": ("sttm", {"layer": 2, "root_level": 0}),
+    "sttm-spatial": ("sttm", {"root_level": 0, "tau_t": -1.0}),
+    # FlashVID: the whole video one segment (TSTM trees across frames, the floor rule, DPC-kNN on the
+    # roots) with the subtree-mean denominator and ADTS v1; and original positions on LLaVA
+    "flashvid-tstm": ("flashvid", {"do_segment": False, "merge_denominator": "subtree", "token_selection": "attn_div"}),
+    "flashvid-original": ("flashvid", {"min_segments": 2, "positions": "original"}),
+    # DyCoke: every decode step re-selects (strict threshold), all visual entries scored, spatial order,
+    # a similar step keeping the previous selection
+    "dycoke-reselect": ("dycoke", {"similarity_threshold": 0.9999, "scored_span": "all"}),
+    "dycoke-previous": ("dycoke", {"similar_steps": "previous", "frame_order": "spatial", "kv_prune_ratio": 0.5}),
 }
 
 
