@@ -248,8 +248,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: results/retention_curve/<backbone>")
     ap.add_argument("--method-kwargs", default="{}", help='JSON {method: kwargs}, e.g. \'{"sharpv": {"mode": "fixed"}}\'')
     ap.add_argument("--merge", action="store_true",
-                    help="keep the other methods' rows of the output folder's retention_curve.json (same split, n "
-                         "and retentions): rerun or add some methods without rerunning all")
+                    help="keep the other methods' rows of the output folder's retention_curve.json (matched.json "
+                         "with --match-flops; same split, n and retentions): rerun or add some methods without "
+                         "rerunning all")
     ap.add_argument("--match-flops", default=None, metavar="METHOD@R",
                     help="run each method once, at the TFLOPs of METHOD at retention R (e.g. fastv@0.25); "
                          "writes matched.md / matched.json")
@@ -282,6 +283,8 @@ def main(argv=None) -> int:
     info["seconds"] = round(time.time() - t0, 1)
     if match is not None:
         info["match_flops"] = list(match)
+        if args.merge:
+            rows, info = merged_with_existing(rows, info, out, ap, "matched.json")
         path = write_matched(rows, info, out)
         print(path.read_text())
         print("wrote", path)
@@ -294,14 +297,16 @@ def main(argv=None) -> int:
     return 1 if any(r.get("error") for r in rows) else 0
 
 
-def merged_with_existing(rows: list[dict], info: dict, out: Path, ap) -> tuple[list[dict], dict]:
-    """``rows`` plus the rows of the methods NOT rerun from ``out/retention_curve.json`` (which must be of
-    the same backbone, split, n and retentions), in the existing order with new methods appended."""
-    path = out / "retention_curve.json"
+def merged_with_existing(rows: list[dict], info: dict, out: Path, ap, name: str = "retention_curve.json"
+                         ) -> tuple[list[dict], dict]:
+    """``rows`` plus the rows of the methods NOT rerun from ``out/<name>`` (which must be of the same
+    backbone, split, n and retentions, and target for ``matched.json``), in the existing order with new
+    methods appended."""
+    path = out / name
     if not path.exists():
         ap.error(f"--merge: {path} does not exist; run without --merge first")
     old = json.loads(path.read_text())
-    for key in ("backbone", "split", "n", "retentions"):
+    for key in ("backbone", "split", "n", "retentions", "match_flops"):
         if old["info"].get(key) != info.get(key):
             ap.error(f"--merge: {path} has {key}={old['info'].get(key)!r}, this run {info.get(key)!r}; accepted: the same")
     rerun = {r["method"] for r in rows if r["method"] != "vanilla"}

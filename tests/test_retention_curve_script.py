@@ -46,3 +46,12 @@ def test_merge_adds_methods_and_keeps_the_other_rows(tmp_path):
     with pytest.raises(SystemExit):  # another retention list: not mergeable
         retention_curve.main([*common[:-4], "--retentions", "0.25", "--out", str(tmp_path), "--methods", "fastv",
                               "--merge"])
+
+
+def test_merge_keeps_the_other_matched_rows(tmp_path):
+    common = ["--backbone", "toy_llava_onevision", "--n", "4", "--match-flops", "fastv@0.25", "--out", str(tmp_path)]
+    assert retention_curve.main([*common, "--methods", "random"]) == 0
+    assert retention_curve.main([*common, "--methods", "pooling", "--merge"]) == 0
+    merged = json.loads((tmp_path / "matched.json").read_text())
+    assert [r["method"] for r in merged["rows"]] == ["vanilla", "random", "pooling"]
+    assert "| random |" in (tmp_path / "matched.md").read_text()
