@@ -2,13 +2,17 @@
 
     python scripts/ablation.py                       # both toys, retentions 0.235 and 0.1, 200 test videos
     python scripts/ablation.py --backbones toy_llava_onevision --n 100 --readings default previous
+    python scripts/ablation.py --backbones toy_scenes_qwen2_vl --retentions 0.235 --readings grid
 
 The variants are the cells of ``configs/sweep/table5.yaml`` (original, posc, posc+segm, posc+regd,
 segm+regd, sharp); the paper ran them at 23.5% on LLaVA-OV-7B. Each reading (``READINGS``) is a set
-of ShaRP kwargs; a reading is only run on the variants where it can change something (e.g. the PosC
-space only with PosC on). Accuracy by greedy generation of the answer letter through ``sharp.prune``
-(``sharp.toy.evaluate``). Writes ``ablation.md``, ``ablation.csv`` and ``ablation.json`` to
-``results/ablation/`` (or ``--out``).
+of ShaRP kwargs; ``--readings grid`` names the eight readings of SegM's pass x Eq. 4's text keys x
+Eq. 5's space (``GRID``). A kwarg only matters where its component is on (SegM's pass and mask with
+SegM; RegD's readings with RegD): a variant where a reading changes nothing is run once and that
+result is shown under every reading it stands for (``shared`` in the CSV); a reading that only differs
+from the default in kwargs that do not matter there is left empty. Accuracy by greedy generation of
+the answer letter through ``sharp.prune`` (``sharp.toy.evaluate``). Writes ``ablation.md``,
+``ablation.csv`` and ``ablation.json`` to ``results/ablation/`` (or ``--out``).
 """
 from __future__ import annotations
 
@@ -33,11 +37,25 @@ from sharp import toy  # noqa: E402
 READINGS = {
     "default": ({}, None),
     "previous": ({"score_at": "previous"}, None),  # the old default: layer 0's map ranks
-    "logit": ({"posc_space": "logit"}, "posc"),  # Eq. 5 on pre-softmax logits
+    "prob": ({"posc_space": "prob"}, None),  # rank (and calibrate) post-softmax attention
+    "logit": ({"posc_space": "logit"}, None),  # Eq. 2 / 5's pre-softmax a~ (the default)
     "dedup-adjacent": ({"dedup": "adjacent"}, "regd"),  # compare with the adjacent register token
     "cluster-adjacent": ({"cluster": "adjacent"}, "regd"),  # clusters grow by the adjacent token
+    "centre-medoid": ({"centre": "medoid"}, "regd"),  # a cluster's centre is its medoid
+    "centre-mean": ({"centre": "mean"}, "regd"),  # ... its members' mean
     "regd-video": ({"regd_segments": "video"}, "regd-no-segm"),  # SegM off: RegD over the whole video
 }
+# the grid of issue 34: SegM's pass x Eq. 4's text keys x Eq. 5's space (every other kwarg at its default)
+GRID = {}
+for _pass in ("forward", "scoring"):
+    for _text in (False, True):
+        for _space in ("logit", "prob"):
+            GRID[f"{_pass}/{'text' if _text else 'segment'}/{_space}"] = (
+                {"segm_pass": _pass, "segm_sees_text": _text, "posc_space": _space}, None)
+READINGS.update(GRID)
+# the component each kwarg needs to change anything (absent: always)
+NEEDS = {"segm_pass": "segm", "segm_sees_text": "segm", "segm_layers": "segm", "dedup": "regd",
+         "cluster": "regd", "centre": "regd", "fill": "regd", "absorb": "regd", "regd_segments": "regd-no-segm"}
 
 
 def table5_variants() -> list[tuple[str, dict]]:
@@ -59,24 +77,35 @@ def applies(need, kwargs: dict) -> bool:
     return on[need]
 
 
+def effective(extra: dict, kwargs: dict) -> dict:
+    """The reading's kwargs that can change the variant ``kwargs`` (the others are dropped)."""
+    return {k: v for k, v in extra.items() if applies(NEEDS.get(k), kwargs)}
+
+
 def run(backbone: str, retentions, readings, n: int, batch_size: int, log=print) -> list[dict]:
     bb = sharp.load_backbone(backbone, device="cpu")
     docs = toy.toy_benchmark(backbone).ensure_split("test", n=n)  # the backbone's own benchmark
     store = toy.cached_pixels(bb, docs)
-    rows = []
+    rows, done = [], {}
     for retention in retentions:
         for variant, kwargs in table5_variants():
             for reading in readings:
                 extra, need = READINGS[reading]
-                if not applies(need, kwargs):
+                used = effective(extra, kwargs)
+                if not applies(need, kwargs) or (extra and not used and reading not in GRID):
                     continue
-                t0 = time.time()
-                res = toy.evaluate(bb, docs, "sharp", retention, store=store, batch_size=batch_size,
-                                   **kwargs, **extra)
+                key = (retention, json.dumps(kwargs, sort_keys=True), json.dumps(used, sort_keys=True))
+                shared = key in done
+                if not shared:
+                    t0 = time.time()
+                    res = toy.evaluate(bb, docs, "sharp", retention, store=store, batch_size=batch_size,
+                                       **kwargs, **used)
+                    done[key] = {"accuracy": res.accuracy, "kept_tokens": res.kept_tokens, "n": res.n,
+                                 "seconds": round(time.time() - t0, 1)}
                 rows.append({"backbone": backbone, "retention": retention, "variant": variant, "reading": reading,
-                             "accuracy": res.accuracy, "kept_tokens": res.kept_tokens, "n": res.n,
-                             "seconds": round(time.time() - t0, 1)})
-                log(f"{backbone} r={retention:g} {variant:>10s} {reading:>16s}: {res.accuracy:5.1f}%")
+                             **done[key], "shared": shared})
+                log(f"{backbone} r={retention:g} {variant:>10s} {reading:>24s}: {done[key]['accuracy']:5.1f}%"
+                    + (" (same run)" if shared else ""))
     return rows
 
 
@@ -102,13 +131,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbones", nargs="*", default=["toy_llava_onevision", "toy_qwen2_vl"])
     p.add_argument("--retentions", nargs="*", type=float, default=[0.235, 0.1])
-    p.add_argument("--readings", nargs="*", default=list(READINGS), choices=list(READINGS))
+    p.add_argument("--readings", nargs="*", default=[r for r in READINGS if r not in GRID],
+                   choices=list(READINGS) + ["grid"], help="'grid': the eight readings of GRID")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "results" / "ablation"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.readings = [r for x in args.readings for r in (GRID if x == "grid" else [x])]
     rows = []
     for backbone in args.backbones:
         rows += run(backbone, args.retentions, args.readings, args.n, args.batch_size)

@@ -84,7 +84,7 @@ def test_all_off_keeps_fastvs_tokens(name):
     inputs = bb.synthetic_inputs(frames=8, seed=3, batch_size=2)
     with sharp.prune(bb, "fastv", 0.25, layer=1) as ft:
         prefill(bb, inputs)
-    with sharp.prune(bb, "sharp", 0.25, score_at="previous", **OFF) as st:
+    with sharp.prune(bb, "sharp", 0.25, score_at="previous", posc_space="prob", **OFF) as st:
         prefill(bb, inputs)
     for f, s, t in zip(ft.kept[0], st.kept[0], st.method("sharp").after_topk):
         assert torch.equal(f.sort().values, s.sort().values)
@@ -92,7 +92,7 @@ def test_all_off_keeps_fastvs_tokens(name):
     # the default "stage" reading scores with layer 1's own map: FastV's choice at K = 2
     with sharp.prune(bb, "fastv", 0.25, layer=2) as ft2:
         prefill(bb, inputs)
-    with sharp.prune(bb, "sharp", 0.25, **OFF) as st2:
+    with sharp.prune(bb, "sharp", 0.25, posc_space="prob", **OFF) as st2:
         prefill(bb, inputs)
     for f, s in zip(ft2.kept[0], st2.kept[0]):
         assert torch.equal(f.sort().values, s.sort().values)
@@ -297,7 +297,9 @@ def test_default_ranking_follows_the_question(name="toy_llava_onevision"):
     (score_at="stage") keeps different tokens; the old default ("previous", layer 0's map computed
     from the embeddings, where the last token's query is its id and position) keeps the same ones.
     (On toy_qwen2_vl the kept sets coincide in both readings for such pairs: its layer-1 ranking is
-    dominated by the video; docs/sharp.md.)"""
+    dominated by the video; docs/sharp.md.) Ranked post-softmax (``posc_space="prob"``): with the
+    default pre-softmax logits the kept sets of this pair coincide on toy_llava_onevision too (measured,
+    docs/sharp.md)."""
     from sharp.synthetic import ensure_split
     from sharp.toy import question_text
 
@@ -310,7 +312,8 @@ def test_default_ranking_follows_the_question(name="toy_llava_onevision"):
     for at in ("stage", "previous"):
         for q in (q1, q2):
             kwargs = {} if at == "stage" else {"score_at": at}
-            with sharp.prune(bb, "sharp", 0.25, cache_dir="", **kwargs) as trace:
+            with sharp.prune(bb, "sharp", 0.25, cache_dir="", posc_space="prob", segm_sees_text=True,
+                             **kwargs) as trace:
                 prefill(bb, bb.prepare(doc["video"], q))
             kept[at, q] = trace.kept[0][0]
     assert make_method("sharp", 0.25).score_at == "stage"

@@ -219,8 +219,10 @@ def test_regd_rejects_bad_input():
 
 
 # ------------------------------------------------------------------------- loop reference
-def reference_regd(h, scores, registers, seg, tau_filter, tau_merge, tau_cluster, beta, dedup, cluster, fill):
-    """Token-by-token loops straight from the text of Sec. 4.3 (with docs/sharp.md's readings)."""
+def reference_regd(h, scores, registers, seg, tau_filter, tau_merge, tau_cluster, beta, dedup, cluster, fill,
+                   centre="first", out=None):
+    """Token-by-token loops straight from the text of Sec. 4.3 (with docs/sharp.md's readings).
+    ``out`` (a dict) receives the clusters: centre token -> its members (first member first)."""
     x = F.normalize(h.float(), dim=-1)
     n = len(h)
     gram = (x @ x.T).tolist()
@@ -248,21 +250,30 @@ def reference_regd(h, scores, registers, seg, tau_filter, tau_merge, tau_cluster
     kept_reg = [r for r in regs if absorber[r] < 0]
     need = len(regs) - len(kept_reg)
     rest = [i for i in range(n) if i not in is_reg and absorber[i] < 0]
-    clusters = []  # (3) post-filling: [centre, size]
+    clusters = []  # (3) post-filling: member lists, in order
     for s in sorted(set(seg)):
         cur = prev = None
         for i in [i for i in rest if seg[i] == s]:
             if cur is not None and sim(i, cur[0] if cluster == "first" else prev) > tau_cluster:
-                cur[1] += 1
+                cur.append(i)
             else:
-                cur = [i, 1]
+                cur = [i]
                 clusters.append(cur)
             prev = i
     div = {}
-    for c, size in clusters:
+    for members_c in clusters:
+        if centre == "medoid":  # the member with the largest summed similarity to the members
+            summed = {i: sum(sim(i, j) for j in members_c) for i in members_c}
+            c = next(i for i in members_c if summed[i] >= max(summed.values()) - 1e-5)  # ties: the earliest
+            vec = x[c]
+        else:
+            c = members_c[0]
+            vec = F.normalize(h[members_c].float().mean(0), dim=-1) if centre == "mean" else x[c]
+        if out is not None:
+            out[c] = members_c
         regs_s = [r for r in kept_reg if seg[r] == seg[c]]
-        mean_sim = sum(sim(c, r) for r in regs_s) / len(regs_s) if regs_s else 0.0
-        div[c] = 1 - mean_sim + beta * size
+        mean_sim = sum(float(vec @ x[r]) for r in regs_s) / len(regs_s) if regs_s else 0.0
+        div[c] = 1 - mean_sim + beta * len(members_c)
     by_div = sorted(div, key=lambda c: (-div[c], c))
     chosen = []
     if fill == "segment":
@@ -275,6 +286,38 @@ def reference_regd(h, scores, registers, seg, tau_filter, tau_merge, tau_cluster
     order += sorted(members, key=lambda i: (-float(scores[i]), i))
     order += sorted(absorbed, key=lambda i: (-float(scores[i]), i))
     return sorted(kept_reg + order[:need])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_regd_centres_match_loop_reference(seed):
+    """centre="medoid" / "mean" against the loop reference; "mean" forwards each refilled centre as the
+    plain mean of its cluster's members that are not kept themselves."""
+    g = torch.Generator().manual_seed(100 + seed)
+    for trial in range(10):
+        n = int(torch.randint(8, 40, (1,), generator=g))
+        h = _clustered(g, n, 5, int(torch.randint(1, 4, (1,), generator=g)), 0.6)
+        h = h * (torch.rand(n, 1, generator=g) + 0.5)  # different norms: a plain mean, not of directions
+        scores = torch.rand(n, generator=g)
+        seg = torch.arange(n) * int(torch.randint(1, 4, (1,), generator=g)) // n
+        k = budget(n, float(torch.rand(1, generator=g)) * 0.5 + 0.2)
+        registers = torch.topk(scores, k).indices
+        kw = dict(tau_filter=0.95, tau_merge=0.5, tau_cluster=float(torch.rand(1, generator=g)) * 0.6, beta=0.008)
+        for centre in ("first", "medoid", "mean"):
+            clusters = {}
+            expected = reference_regd(h, scores, registers, seg, dedup="pivot", cluster="first", fill="segment",
+                                      centre=centre, out=clusters, **kw)
+            r = regd(h, scores, registers, seg, absorb="drop", centre=centre, **kw)
+            assert r.keep.tolist() == expected, (seed, trial, centre)
+            assert set(r.centres.tolist()) <= set(clusters)
+            if centre != "mean":
+                assert r.kept_hidden is None
+                continue
+            out = r.apply(h)
+            kept = set(r.keep.tolist())
+            for c in r.centres.tolist():
+                rows = [c] + [i for i in clusters[c] if i not in kept]
+                assert torch.allclose(out[c], h[rows].mean(0), atol=1e-6)
+                assert all(int(r.owner[i]) == c for i in rows)
 
 
 def _clustered(g, n, d, k_protos, noise):

@@ -262,12 +262,22 @@ def structured_mask(restriction: SegmentRestriction, attention_mask_2d: torch.Te
     mode = resolved_mode(hidden.device)
     if mode == "dense" or impl not in ("sdpa", "flash_attention_2", "flex_attention"):
         return None
+    last = _LAST_PLAN.get("entry")
+    if last is not None and last[0] is restriction and last[1] is attention_mask_2d and last[2] == (hidden.device, mode):
+        return last[3]  # the layers of one sequence share its restriction: plan once (issue 34)
     segment_plan = plan(restriction.to(hidden.device), attention_mask_2d)
     if segment_plan is None:
         return None
     segment_plan.mode = mode
     register()
+    _LAST_PLAN["entry"] = (restriction, attention_mask_2d, (hidden.device, mode), segment_plan)
     return segment_plan
+
+
+# the last structured plan, with the objects it was built from (kept alive, compared by identity): a
+# restriction object is built once per sequence (StageContext.segment_restriction), so the masked layers
+# of one prefill reuse it
+_LAST_PLAN: dict = {}
 
 
 def dense_mask(restriction: torch.Tensor, attention_mask_2d: torch.Tensor, hidden: torch.Tensor,

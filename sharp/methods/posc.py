@@ -109,11 +109,13 @@ class BiasCache:
             print(f"sharp: could not write the PosC cache {path}: {err}", file=sys.stderr)
 
 
-def positional_bias(ctx, score: Callable, cache: BiasCache, reading: str, per_prompt: bool = False) -> torch.Tensor:
+def positional_bias(ctx, score: Callable, cache: BiasCache, reading: str, per_prompt: bool = False,
+                    probe: Optional[Callable] = None) -> torch.Tensor:
     """(b, n_max) PosC bias b_{i,T} of every current visual token (0 past a sample's count).
 
     ``score(ctx) -> (b, s)`` is the same score function as the real a_{i,T}; it is evaluated once in
-    a black-video probe for the samples whose key is not cached.
+    a black-video probe for the samples whose key is not cached. ``probe(modify_inputs, fn)``: how to
+    run that probe (default ``ctx.probe``; ShaRP passes one that applies its SegM mask there).
     """
     keys = cache.keys(ctx, reading, per_prompt)
     found = {b: bias for b, key in enumerate(keys) if (bias := cache.load(key)) is not None}
@@ -124,7 +126,7 @@ def positional_bias(ctx, score: Callable, cache: BiasCache, reading: str, per_pr
             scores = score(pctx)
             return [scores[b, pctx.visual_positions(b)].float().cpu() for b in range(scores.shape[0])]
 
-        probed = ctx.probe(ctx.black_video, measure)
+        probed = (probe or ctx.probe)(ctx.black_video, measure)
         ctx.add_time("probe", ctx.now() - t0)
         for b in range(len(keys)):
             if b not in found:

@@ -14,9 +14,12 @@ Every interpretation of the paper's text is listed in docs/sharp.md; in short:
    register sequence (surviving or not); runs of such tokens collapse into the run's first token.
 3. Post-filling (tau_cluster, beta), inside each segment, over ``H'_nreg`` in sequence order:
    sequential clustering, a token joins the current cluster if its cosine to the cluster's first
-   token (its centre; ``cluster="first"``, default) -- or to the immediately preceding token
-   (``cluster="adjacent"``) -- is ``> tau_cluster``, else it opens a new cluster. Centres are
-   ranked by Eq. 6, ``Div_k = 1 - mean_{h in H'_reg} cos(c_k, h) + beta |C_k|`` (the similarity
+   token (``cluster="first"``, default) -- or to the immediately preceding token
+   (``cluster="adjacent"``) -- is ``> tau_cluster``, else it opens a new cluster. The centre c_k of a
+   cluster (``centre``): its first token (default), its medoid (the member with the largest summed
+   cosine to the cluster's members, ties within MEDOID_TIE: the earliest) or its mean (the plain mean of the members'
+   hidden states, forwarded at the first member's position; the members then count as absorbed into
+   it). Centres are ranked by Eq. 6, ``Div_k = 1 - mean_{h in H'_reg} cos(c_k, h) + beta |C_k|`` (the similarity
    term is 0 for a segment without surviving register tokens).
    ``fill="segment"`` (default): every segment first refills the number of register tokens that
    deduplication removed from it, with its best centres; ``fill="global"``: the best centres over
@@ -48,11 +51,14 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["RegDResult", "regd", "sequential_pivots", "DEDUP_MODES", "CLUSTER_MODES", "FILL_MODES", "ABSORB_MODES"]
+__all__ = ["RegDResult", "regd", "sequential_pivots", "DEDUP_MODES", "CLUSTER_MODES", "CENTRE_MODES", "FILL_MODES",
+           "ABSORB_MODES"]
 
 DEDUP_MODES = ("pivot", "adjacent")
 _ROW_CHUNK = 2048  # rows of a similarity block computed at once (bounds memory to 2048 x m floats)
 CLUSTER_MODES = ("first", "adjacent")
+CENTRE_MODES = ("first", "medoid", "mean")
+MEDOID_TIE = 1e-5  # summed cosines this close to the cluster's best count as a tie (float rounding)
 FILL_MODES = ("segment", "global")
 ABSORB_MODES = ("mean", "drop")
 
@@ -122,12 +128,12 @@ class RegDResult:
     """Outcome of :func:`regd` for one sample (all indices are visual-token indices 0..n-1)."""
 
     keep: torch.Tensor  # sorted, exactly len(registers) tokens
-    kept_hidden: Optional[torch.Tensor]  # (len(keep), d) merged states of `keep` (absorb="mean"); None = unchanged
+    kept_hidden: Optional[torch.Tensor]  # (len(keep), d) merged states of `keep` (absorb / centre "mean"); None = unchanged
     owner: torch.Tensor  # (n,) kept token each token ends in (itself if kept), -1 = dropped unmerged
     filtered: torch.Tensor  # non-register tokens absorbed by pre-filtering
     deduplicated: torch.Tensor  # register tokens absorbed by deduplication
     registers_after_dedup: torch.Tensor  # H'_reg over all segments
-    centres: torch.Tensor  # cluster centres used for filling
+    centres: torch.Tensor  # cluster centres used for filling (centre="mean": the first members' positions)
     fallback: torch.Tensor  # tokens filled beyond cluster centres (not enough centres)
     times: dict[str, float] = field(default_factory=dict)  # filter / dedup / fill seconds
 
@@ -166,6 +172,7 @@ def regd(
     cluster: str = "first",
     fill: str = "segment",
     clock: Optional[Callable[[], float]] = None,
+    centre: str = "first",
 ) -> RegDResult:
     """Register-token deduplication of one sample (Sec. 4.3), see the module docstring.
 
@@ -174,6 +181,8 @@ def regd(
         scores: ``(n,)`` calibrated scores (Eq. 5); only used by the filling fallback.
         registers: indices of the top-K register tokens (any order, unique).
         segment_ids: ``(n,)`` non-decreasing segment index of each visual token.
+        centre: what a cluster's centre c_k is (Eq. 6 and the token that refills): ``"first"`` (its first
+            token), ``"medoid"`` or ``"mean"`` (see the module docstring).
         clock: what the phase times (``RegDResult.times``) read, a clock that waits for the device first;
             ShaRP passes its session's stage clock (``ctx.now``); None: ``time.perf_counter`` after a
             CUDA synchronise on a GPU.
@@ -181,7 +190,8 @@ def regd(
     Returns: :class:`RegDResult`; ``keep`` has exactly ``len(registers)`` tokens.
     """
     for name, value, valid in (("absorb", absorb, ABSORB_MODES), ("dedup", dedup, DEDUP_MODES),
-                               ("cluster", cluster, CLUSTER_MODES), ("fill", fill, FILL_MODES)):
+                               ("cluster", cluster, CLUSTER_MODES), ("fill", fill, FILL_MODES),
+                               ("centre", centre, CENTRE_MODES)):
         _check(name, value, valid)
     segment_ids, registers = _checked_inputs(hidden, scores, registers, segment_ids)
     n = hidden.shape[0]
@@ -198,11 +208,13 @@ def regd(
     t1 = clock()
     kept_reg, deduplicated = _deduplicate(x, registers, segment_ids, tau_merge, dedup, absorber)
     t2 = clock()
-    filled, used_centres, fallback = _postfill(x, scores, registers, kept_reg, is_reg, segment_ids, absorber,
-                                               tau_cluster, beta, cluster, fill)
+    filled, used_centres, fallback, cluster_of = _postfill(x, hidden, scores, registers, kept_reg, is_reg, segment_ids,
+                                                           absorber, tau_cluster, beta, cluster, fill, centre)
     keep = torch.sort(torch.cat([kept_reg, filled])).values
     owner = _final_owners(keep, absorber)
     kept_hidden = _merged_hidden(hidden, keep, owner) if absorb == "mean" else None
+    if centre == "mean" and used_centres.numel():
+        owner, kept_hidden = _centre_means(hidden, keep, owner, kept_hidden, used_centres, cluster_of)
     times.update(filter=t1 - t0, dedup=t2 - t1, fill=clock() - t2)
     return RegDResult(
         keep=keep,
@@ -260,10 +272,12 @@ def _deduplicate(x, registers, segment_ids, tau_merge, dedup, absorber) -> tuple
     return registers[~dup], registers[dup]
 
 
-def _postfill(x, scores, registers, kept_reg, is_reg, segment_ids, absorber, tau_cluster, beta, cluster, fill):
+def _postfill(x, hidden, scores, registers, kept_reg, is_reg, segment_ids, absorber, tau_cluster, beta, cluster, fill,
+              centre="first"):
     """Step (3): refill what deduplication removed from the clusters of H'_nreg, ranked by Eq. 6.
 
-    Returns (filled tokens in fill order, the centres among them, the fallback tokens)."""
+    Returns (filled tokens in fill order, the centres among them, the fallback tokens, (n,) the
+    first member of each H'_nreg token's cluster (-1: not clustered))."""
     device = x.device
     n = x.shape[0]
     ar = torch.arange(n, device=device)
@@ -272,10 +286,11 @@ def _postfill(x, scores, registers, kept_reg, is_reg, segment_ids, absorber, tau
     if need == 0:  # nothing to refill: clustering would be wasted work
         rest = rest[:0]
     owner_c = sequential_pivots(x[rest], tau_cluster, segment_ids[rest], "pivot" if cluster == "first" else "adjacent")
-    is_centre = owner_c == torch.arange(rest.numel(), device=device)
-    sizes = torch.bincount(owner_c, minlength=rest.numel())[is_centre]
+    is_first = owner_c == torch.arange(rest.numel(), device=device)
+    sizes = torch.bincount(owner_c, minlength=rest.numel())[is_first]
+    is_centre, unit = _centres(x, hidden, rest, owner_c, is_first, centre)
     centres, members = rest[is_centre], rest[~is_centre]
-    div = _diversity(x, centres, sizes, kept_reg, segment_ids, beta)
+    div = _diversity(unit, centres, sizes, kept_reg, segment_ids, beta, x)
     tier = _centre_order(div, segment_ids[centres], segment_ids, registers, kept_reg, fill)
     candidates = [centres[tier]]
     from_centres = min(need, centres.numel())
@@ -284,17 +299,67 @@ def _postfill(x, scores, registers, kept_reg, is_reg, segment_ids, absorber, tau
         for group in (members, absorbed):
             candidates.append(group[torch.sort(scores[group].float(), descending=True, stable=True).indices])
     filled = torch.cat(candidates)[:need]
-    return filled, filled[:from_centres], filled[from_centres:]
+    cluster_of = torch.full((n,), -1, dtype=torch.long, device=device)
+    cluster_of[rest] = rest[owner_c]
+    return filled, filled[:from_centres], filled[from_centres:], cluster_of
 
 
-def _diversity(x, centres, sizes, kept_reg, segment_ids, beta) -> torch.Tensor:
+def _centres(x, hidden, rest, owner_c, is_first, centre) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centre of every cluster of H'_nreg: ((m,) bool over ``rest``, True at the token that stands
+    for its cluster; (clusters, d) unit vectors of the centres in that token order, for Eq. 6).
+
+    ``owner_c`` (m,): position in ``rest`` of each token's cluster's first member. "first": the first
+    member; "medoid": argmax_i sum_{j in C} cos(x_i, x_j) = x_i . sum_{j in C} x_j over the members
+    (ties within MEDOID_TIE: the earliest); "mean": the first member's position, the members' plain mean as c_k."""
+    m = rest.numel()
+    if centre == "first" or m == 0:
+        return is_first, x[rest[is_first]]
+    xr = x[rest]
+    if centre == "medoid":
+        summed = torch.zeros_like(xr).index_add_(0, owner_c, xr)  # (m, d): per first member, sum of its cluster
+        affinity = (xr * summed[owner_c]).sum(-1)  # (m,)
+        best = torch.full((m,), -math.inf, device=x.device).scatter_reduce(0, owner_c, affinity, "amax")
+        tied = affinity >= best[owner_c] - MEDOID_TIE  # a two-member cluster is always a tie: the first
+        candidate = torch.where(tied, torch.arange(m, device=x.device), m)
+        medoid = torch.full((m,), m, device=x.device).scatter_reduce(0, owner_c, candidate, "amin")[is_first]
+        is_centre = torch.zeros(m, dtype=torch.bool, device=x.device)
+        is_centre[medoid] = True
+        return is_centre, xr[medoid]
+    mean = torch.zeros(m, hidden.shape[1], device=x.device).index_add_(0, owner_c, hidden[rest].float())
+    return is_first, F.normalize(mean[is_first], dim=-1, eps=1e-12)  # the direction of the plain mean
+
+
+def _centre_means(hidden, keep, owner, kept_hidden, used_centres, cluster_of):
+    """centre="mean": each refilled centre's row becomes the plain mean of its cluster's members that are
+    not kept themselves (the fallback may put a member back); those members now end in the centre.
+    ``cluster_of`` (n,): the first member (= the centre's token) of each clustered token's cluster, -1
+    otherwise. Returns (owner, kept_hidden (len(keep), d))."""
+    n = owner.numel()
+    kept = torch.zeros(n, dtype=torch.bool, device=owner.device)
+    kept[keep] = True
+    used = torch.zeros(n, dtype=torch.bool, device=owner.device)
+    used[used_centres] = True
+    joins = (cluster_of >= 0) & ~kept & used[cluster_of.clamp_min(0)]
+    owner = owner.clone()
+    owner[joins] = cluster_of[joins]
+    rows = (hidden[keep] if kept_hidden is None else kept_hidden).float()  # (len(keep), d)
+    slot = torch.searchsorted(keep, cluster_of[joins])  # row of each member's centre in `keep`
+    centre_rows = torch.searchsorted(keep, used_centres)
+    sums = torch.zeros_like(rows).index_add_(0, slot, hidden[joins].float())
+    count = torch.bincount(slot, minlength=keep.numel()).add_(1).unsqueeze(1).float()
+    rows[centre_rows] = (hidden[used_centres].float() + sums[centre_rows]) / count[centre_rows]
+    return owner, rows.to(hidden.dtype)
+
+
+def _diversity(unit, centres, sizes, kept_reg, segment_ids, beta, x) -> torch.Tensor:
     """Eq. 6: Div_k = 1 - mean_{h in H'_reg of the segment} cos(c_k, h) + beta |C_k| (similarity
-    term 0 for a segment without surviving registers), via the mean of the unit register rows."""
+    term 0 for a segment without surviving registers), via the mean of the unit register rows.
+    ``unit`` (clusters, d): the centres' unit vectors; ``centres``: their tokens (for the segment)."""
     n_seg = int(segment_ids[-1]) + 1
     reg_seg = segment_ids[kept_reg]
     mu = torch.zeros(n_seg, x.shape[1], device=x.device).index_add_(0, reg_seg, x[kept_reg])
     mu = mu / torch.bincount(reg_seg, minlength=n_seg).clamp_min(1).unsqueeze(1)
-    return 1.0 - (x[centres] * mu[segment_ids[centres]]).sum(-1) + beta * sizes.float()
+    return 1.0 - (unit * mu[segment_ids[centres]]).sum(-1) + beta * sizes.float()
 
 
 def _centre_order(div, c_seg, segment_ids, registers, kept_reg, fill) -> torch.Tensor:

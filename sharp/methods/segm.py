@@ -8,8 +8,9 @@ Pure tensor functions, no model or engine needed (see docs/sharp.md for the inte
 * :func:`segment_mask` builds the block-diagonal restriction of Eq. 4 for a ``(b, s)`` sequence:
   a bool tensor ``(b, 1, s, s)``, True = may attend, that the engine ANDs with its causal + padding
   mask. Visual query rows may not see visual keys of another segment; text query rows are not
-  restricted (Sec. 4.1: "text tokens attend as usual"); by default visual rows still see the text
-  tokens before them (system prompt: keeps the attention sink; see ``visual_sees_text``).
+  restricted (Eq. 4 restricts "one visual token"); with ``visual_sees_text`` visual rows also see the
+  text tokens before them (system prompt, attention sink); without it (ShaRP's default, Eq. 4's
+  literal row) they see their segment only.
 """
 from __future__ import annotations
 

@@ -5,13 +5,17 @@
 
 1. SegM (Sec. 4.1, :mod:`sharp.methods.segm`): frame segments from the frame means of the visual
    tokens entering the LLM (Eq. 3, tau_seg); in the layers before the pruning point visual tokens
-   attend only to visual tokens of their own segment (Eq. 4) through the ``attention_mask`` hook.
+   attend only to the visual tokens of their own segment (Eq. 4; ``segm_sees_text=True``: and to the
+   text before the video) through the ``attention_mask`` hook. ``segm_pass="forward"`` (default):
+   in the model's own forward; ``"scoring"``: only in a recomputation of those layers that feeds the
+   ranking (one probe forward of the unmodified inputs), the model's forward keeps its causal mask.
 2. Score: attention of the last token (mean over heads) in layer ``layer``'s map, computed from its
    input, i.e. after the SegM-masked layer(s), so the question and SegM shape the ranking (Sec. 4.3;
    no N x N matrix); ``score_at="previous"`` reads the map produced by layer ``layer-1`` (FastV's
-   convention; with layer 1 that map is computed from the embeddings alone).
+   convention; with layer 1 that map is computed from the embeddings alone). ``posc_space``:
+   pre-softmax logits (Eq. 2's a~, default) or post-softmax probabilities.
 3. PosC (Sec. 4.2, Eq. 5, :mod:`sharp.methods.posc`): ``a - lam * b`` where ``b`` is the same score
-   for an all-black video of the same layout, from one probe forward; cached.
+   (same SegM mask) for an all-black video of the same layout, from one probe forward; cached.
 4. Top-K by the calibrated score over all current visual tokens, K = round(retention x N_vis).
 5. RegD (Sec. 4.3, :mod:`sharp.methods.regd`): per segment pre-filtering, deduplication,
    post-filling, so that exactly K visual tokens go on.
@@ -35,13 +39,14 @@ import torch
 
 from sharp.engine.method import PruningMethod, Selection, budget, layer_kwarg
 from sharp.methods.posc import POSC_KEYS, BiasCache, default_cache_dir, positional_bias
-from sharp.methods.regd import ABSORB_MODES, CLUSTER_MODES, DEDUP_MODES, FILL_MODES, regd as run_regd
+from sharp.methods.regd import ABSORB_MODES, CENTRE_MODES, CLUSTER_MODES, DEDUP_MODES, FILL_MODES, regd as run_regd
 from sharp.methods.segm import token_segments
 
 SCORE_AT = ("previous", "stage")
 POSC_SPACES = ("prob", "logit")
 SOFTMAX_OVER = ("all", "visual")
 REGD_SEGMENTS = ("eq3", "video")
+SEGM_PASSES = ("forward", "scoring")
 
 
 @dataclass
@@ -49,7 +54,7 @@ class ShaRP(PruningMethod):
     """ShaRP with the paper's settings as defaults (Sec. 5.1). See docs/sharp.md."""
 
     name = "sharp"
-    identity_at_full_retention = False  # SegM changes layer 0 even when every token is kept
+    identity_at_full_retention = False  # segm_pass="forward" (default): SegM changes layer 0 even at retention 1
     # components (Table 5's variants)
     posc: bool = True
     segm: bool = True
@@ -64,13 +69,15 @@ class ShaRP(PruningMethod):
     layer: int = layer_kwarg(1, scaling="fixed", lowest=0)  # the first layer that sees the pruned sequence
     # readings of ambiguous text (docs/sharp.md)
     score_at: str = "stage"  # "stage": layer's own map, after SegM (Sec. 4.3) | "previous": layer-1's (FastV)
-    posc_space: str = "prob"  # Eq. 5 on post-softmax scores | "logit": pre-softmax (Eq. 2's a~)
-    softmax_over: str = "all"  # softmax over all keys (FastV) | "visual": visual keys only
+    posc_space: str = "prob"  # post-softmax attention (measured, docs/sharp.md) | "logit": Eq. 2/5's a~ literally
+    softmax_over: str = "all"  # softmax over all keys (FastV) | "visual": visual keys only ("prob" only)
+    segm_pass: str = "forward"  # SegM in the model's forward | "scoring": only in the pass that ranks
     segm_layers: Optional[int] = None  # SegM in layers [0, segm_layers); None = every layer < layer
-    segm_sees_text: bool = True  # visual queries also see the text before the video (Eq. 4: not)
+    segm_sees_text: bool = True  # visual rows also see the text before the video (measured) | False: Eq. 4 literally
     absorb: str = "mean"  # what absorbing does: "mean" of the hidden states | "drop"
     dedup: str = "pivot"  # compare with the current pivot | "adjacent": with the previous token
     cluster: str = "first"  # join the cluster whose first token is similar | "adjacent"
+    centre: str = "first"  # a cluster's centre c_k: its first token | "medoid" | "mean" (docs/sharp.md)
     fill: str = "segment"  # refill each segment's dedup losses | "global": best centres anywhere
     regd_segments: str = "eq3"  # RegD's unit: Eq. 3's segments (also with segm=False) | "video": one segment
     # FLOPs matching: retention is the target method's, ShaRP's own is solved for equal TFLOPs
@@ -86,8 +93,9 @@ class ShaRP(PruningMethod):
     def __post_init__(self):
         super().__post_init__()
         for key, valid in (("score_at", SCORE_AT), ("posc_space", POSC_SPACES), ("softmax_over", SOFTMAX_OVER),
-                           ("absorb", ABSORB_MODES), ("dedup", DEDUP_MODES), ("cluster", CLUSTER_MODES),
-                           ("fill", FILL_MODES), ("posc_key", POSC_KEYS), ("regd_segments", REGD_SEGMENTS)):
+                           ("segm_pass", SEGM_PASSES), ("absorb", ABSORB_MODES), ("dedup", DEDUP_MODES),
+                           ("cluster", CLUSTER_MODES), ("centre", CENTRE_MODES), ("fill", FILL_MODES),
+                           ("posc_key", POSC_KEYS), ("regd_segments", REGD_SEGMENTS)):
             if getattr(self, key) not in valid:
                 options = ", ".join(map(repr, valid))
                 raise ValueError(f"sharp: {key} must be one of {options}, got {getattr(self, key)!r}")
@@ -111,7 +119,14 @@ class ShaRP(PruningMethod):
 
     @property
     def n_segm_layers(self) -> int:
-        return self.layer if self.segm_layers is None else self.segm_layers
+        """SegM's layers are [0, n_segm_layers) ("scoring": at most the layers before ``layer``)."""
+        n = self.layer if self.segm_layers is None else self.segm_layers
+        return min(n, self.layer) if self.segm_pass == "scoring" else n
+
+    @property
+    def segm_feeds_score(self) -> bool:
+        """Whether a SegM-masked layer lies before the layer whose input the score reads."""
+        return self.segm and min(self.n_segm_layers, self.score_layer) > 0
 
     def stages(self, num_layers: int) -> list[int]:
         if not 0 <= self.layer < num_layers:
@@ -167,21 +182,61 @@ class ShaRP(PruningMethod):
         return st.segment_of_index
 
     def attention_mask(self, ctx) -> Optional[torch.Tensor]:
-        if not self.segm or ctx.layer_idx >= self.n_segm_layers or ctx.phase != "prefill":
-            return None  # the PosC probe runs without SegM: a black video is one segment anyway
-        with ctx.timed("attn"):
-            return self._segment_restriction(ctx)
+        """Eq. 4 in layers [0, n_segm_layers): in the prefill with segm_pass="forward"; in a probe this
+        method runs (the scoring pass, the PosC probe) with the segments it set in ``state.probe_segments``."""
+        if not self.segm or ctx.layer_idx >= self.n_segm_layers:
+            return None
+        if ctx.phase == "prefill" and self.segm_pass == "forward":
+            with ctx.timed("attn"):
+                return self._segment_restriction(ctx, self.segments(ctx))
+        if ctx.phase == "probe" and getattr(ctx.state, "probe_segments", None) is not None:
+            return self._segment_restriction(ctx, ctx.state.probe_segments)  # timed by the probe's owner
+        return None
 
-    def _segment_restriction(self, ctx):
+    def _segment_restriction(self, ctx, segment_of_index):
         """SegM's restriction for this layer's sequence (``ctx.segment_restriction``: structured, built
         once per sequence; None when every sample is one segment that sees the text)."""
-        return ctx.segment_restriction(self.segments(ctx), visual_sees_text=self.segm_sees_text)
+        return ctx.segment_restriction(segment_of_index, visual_sees_text=self.segm_sees_text)
+
+    def _restricts(self, segment_of_index) -> bool:
+        """Whether Eq. 4's mask changes anything for these segments (several segments in a sample, or
+        visual rows that may not see the text)."""
+        return not self.segm_sees_text or any(int(s.max()) > 0 for s in segment_of_index)
+
+    def _with_probe_segments(self, ctx, segment_of_index, probe_inputs, fn):
+        """``ctx.probe(probe_inputs, fn)`` with SegM applied in the probe's layers [0, n_segm_layers)."""
+        st = ctx.state
+        st.probe_segments = segment_of_index if self.segm else None
+        try:
+            return ctx.probe(probe_inputs, fn)
+        finally:
+            st.probe_segments = None
 
     # -- scoring and PosC (Sec. 4.2) -----------------------------------------------------------
     def _scores(self, ctx) -> torch.Tensor:
-        """(b, s) float32 score of every position (only visual positions are read)."""
+        """(b, s) float32 score of every position (only visual positions are read). segm_pass="scoring":
+        the layers before the score layer are recomputed under Eq. 4's mask (a probe forward of the
+        unmodified inputs, earlier stages replayed) and the score is read there; the prefill's own
+        hidden states stay causal."""
+        if self.segm_pass == "scoring" and ctx.phase == "prefill" and self.segm_feeds_score:
+            of_index = self.segments(ctx)
+            if self._restricts(of_index):
+                scores = self._with_probe_segments(ctx, of_index, _unchanged, self._read_scores)
+                if scores.shape != (ctx.batch_size, ctx.seq_len):
+                    raise RuntimeError(f"sharp: scoring pass returned {tuple(scores.shape)}, expected "
+                                       f"{(ctx.batch_size, ctx.seq_len)}")
+                return scores.to(ctx.hidden_states.device)
+        return self._read_scores(ctx)
+
+    def _read_scores(self, ctx) -> torch.Tensor:
+        """(b, s) float32: last-token attention (``posc_space``) in the score layer of this context."""
         return ctx.last_token_attention(layer=self.score_layer, softmax_over=self.softmax_over,
                                         space=self.posc_space)
+
+    def _black_segments(self, ctx) -> list[torch.Tensor]:
+        """The PosC probe's segments: Eq. 3 on a black video finds one segment (identical frames)."""
+        return [torch.zeros(ctx.n_visual, dtype=torch.long, device=ctx.hidden_states.device)
+                for _ in range(ctx.batch_size)]
 
     def calibrated_scores(self, ctx) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Eq. 5 over the current visual tokens: ((b, n_max) a_{i,T} - lam * b_{i,T}, bias or None);
@@ -190,7 +245,16 @@ class ShaRP(PruningMethod):
         if not self.posc or self.lam == 0:
             return a, None
         reading = f"L={self.score_layer}|{self.score_at}|{self.posc_space}|{self.softmax_over}"
-        bias = positional_bias(ctx, self._scores, self._bias_cache, reading, per_prompt=self.posc_key == "prompt")
+        black_segments = None
+        if self.segm_feeds_score and not self.segm_sees_text:  # one segment that restricts: the bias sees it
+            black_segments = self._black_segments(ctx)
+            reading += f"|segm<{self.n_segm_layers}|no-text"
+
+        def probe(modify, fn):
+            return self._with_probe_segments(ctx, black_segments, modify, fn)
+
+        bias = positional_bias(ctx, self._read_scores, self._bias_cache, reading,
+                               per_prompt=self.posc_key == "prompt", probe=probe)
         return a - self.lam * bias, bias
 
     # -- selection (Sec. 4.3) --------------------------------------------------------------------
@@ -229,7 +293,7 @@ class ShaRP(PruningMethod):
                 ctx.hidden_states[b, tokens.positions], calibrated[b, : len(tokens)], registers,
                 segment_ids, tau_filter=self.tau_filter, tau_merge=self.tau_merge,
                 tau_cluster=self.tau_cluster, beta=self.beta, absorb=self.absorb, dedup=self.dedup,
-                cluster=self.cluster, fill=self.fill, clock=ctx.now)
+                cluster=self.cluster, fill=self.fill, clock=ctx.now, centre=self.centre)
             for key in ("filter", "dedup", "fill"):
                 ctx.add_time(key, r.times[key])
             keep.append(r.keep)
@@ -238,6 +302,11 @@ class ShaRP(PruningMethod):
                     new_hidden = ctx.hidden_states.clone()
                 new_hidden[b, tokens.positions[r.keep]] = r.kept_hidden
         return keep, new_hidden
+
+
+def _unchanged(inputs: dict) -> dict:
+    """The scoring pass's probe inputs: the prefill's own."""
+    return inputs
 
 
 @functools.lru_cache(maxsize=1024)
