@@ -45,9 +45,18 @@ docs/methods/flashvid.md). Our choices (each next to its equation in the docs pa
   sequence 0..len-1), kept by the in-LLM stage (gaps); Qwen: the original M-RoPE ids.
 - TSTM sums and DPC-kNN run in float32 (the official code folds in the model dtype); cosines that
   decide merges and cuts are taken in the features' dtype, as the official code.
+- Cost: the official code loops over segments and frames; here each step runs on all the video's
+  frames at once (:meth:`FlashVID.compress_segments`): ADTS on (F, N, N), one forest over the segments
+  (cosines only between consecutive frames of a segment), one fold, DPC-kNN of every clustering frame
+  padded into one batch (torch.cdist per frame, as official, and topk on each frame's own scores, so
+  ties break as in the one-frame call), one noise draw (= the per-frame draws). The kept tokens and
+  rows equal the per-segment, per-frame loop's (tests/test_flashvid.py; bit for bit on our CPU).
+  v2's relevance is x_j . mu (the official averages x_j . m_c over the segment's frame means m_c: the
+  same number up to rounding).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -105,23 +114,57 @@ def dyseg(frame_means: torch.Tensor, threshold: float, min_segments: int, comple
     return sizes
 
 
+# -- segments -----------------------------------------------------------------------------------------
+# Every step below runs on all the frames of a video at once (batched over frames, not a Python loop
+# over segments or frames); ``sizes`` (DySeg's segment sizes, frames in order) says where each segment
+# ends, None: the frames are one segment.
+def segment_index(sizes: list[int], device=None) -> torch.Tensor:
+    """(F,) long: the segment of each frame."""
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+
+
+def later_frames(sizes: list[int]) -> list[int]:
+    """The frames that have a previous frame in their segment (all but each segment's first)."""
+    firsts = {0, *itertools.accumulate(sizes[:-1])}
+    return [t for t in range(sum(sizes)) if t not in firsts]
+
+
+def segment_means(frame_means: torch.Tensor, sizes: Optional[list[int]] = None) -> torch.Tensor:
+    """mu of each frame: (F, D) frame means -> (F, D) the mean of its segment's frame means."""
+    if sizes is None:
+        return frame_means.mean(dim=0, keepdim=True).expand_as(frame_means)
+    segment = segment_index(sizes, frame_means.device)
+    sums = frame_means.new_zeros(len(sizes), frame_means.shape[-1]).index_add_(0, segment, frame_means)
+    counts = torch.tensor(sizes, dtype=frame_means.dtype, device=frame_means.device)
+    return (sums / counts[:, None])[segment]
+
+
+def unit_vectors(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| along the last dimension, in x's dtype."""
+    return x / x.norm(p=2, dim=-1, keepdim=True)
+
+
 # -- 2. ADTS ------------------------------------------------------------------------------------------
-def cosine_distances(x: torch.Tensor) -> torch.Tensor:
-    """(F, N, D) float32 -> (F, N, N) 1 - cos(x_i, x_j)."""
-    unit = x / x.norm(p=2, dim=-1, keepdim=True)
+def cosine_distances(x: torch.Tensor, unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(F, N, D) float32 -> (F, N, N) 1 - cos(x_i, x_j) (``unit``: x's unit vectors, if at hand)."""
+    unit = unit_vectors(x) if unit is None else unit
     return 1.0 - torch.bmm(unit, unit.transpose(1, 2))
 
 
-def weighted_distances(x: torch.Tensor, attention: Optional[torch.Tensor], kind: str) -> torch.Tensor:
-    """d_ij (F, N, N) float32 of one segment's frames: (1 - cos) w_j; w_j = 1e6 a_j (v1), 1e6 a_j (x_j . mu)
-    (v2; mu = the mean of the frames' mean features = the segment's mean), 1 (div)."""
+def weighted_distances(x: torch.Tensor, attention: Optional[torch.Tensor], kind: str,
+                       sizes: Optional[list[int]] = None, unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """d_ij (F, N, N) float32 of each frame: (1 - cos) w_j; w_j = 1e6 a_j (v1), 1e6 a_j (x_j . mu) (v2;
+    mu = the frame's segment mean, the mean of its frames' mean features: :func:`segment_means`), 1 (div).
+    The official v2 takes mean_c (x_j . m_c) over the segment's frame means m_c (token_selection.py
+    L104): the same number, here one dot product per token. ``unit``: x's float32 unit vectors."""
     x = x.float()
-    dist = cosine_distances(x)
+    dist = cosine_distances(x, unit)
     if kind == "div":
         return dist
     dist = dist * (attention.float() * ATTENTION_SCALE)[:, None, :]
     if kind == "attn_div_v2":
-        relevance = torch.einsum("fnd,cd->fnc", x, x.mean(dim=1)).mean(dim=-1)  # x_j . mu, (F, N)
+        mu = segment_means(x.mean(dim=1), sizes)
+        relevance = torch.bmm(x, mu[:, :, None]).squeeze(-1)  # x_j . mu, (F, N)
         dist = dist * relevance[:, None, :]
     return dist
 
@@ -130,7 +173,8 @@ def max_min_greedy(dist: torch.Tensor, k: int, exclude_picked: bool) -> torch.Te
     """Greedy max-min picks of each frame, in pick order: (F, N, N) d_ij -> (F, k) long.
 
     first = argmax_j (second-smallest d_ij over i); then argmax_j min_{i picked} d_ij, the picked set to
-    -1 first when ``exclude_picked`` (v1, div). argmax takes the first maximum."""
+    -1 first when ``exclude_picked`` (v1, div). argmax takes the first maximum. All frames step
+    together: k steps of (F, N) operations."""
     frames, n, _ = dist.shape
     picks = torch.zeros(frames, k, dtype=torch.long, device=dist.device)
     if k == 0:
@@ -146,72 +190,177 @@ def max_min_greedy(dist: torch.Tensor, k: int, exclude_picked: bool) -> torch.Te
     return picks
 
 
-def adts_picks(x: torch.Tensor, attention: Optional[torch.Tensor], k: int, kind: str) -> torch.Tensor:
-    """ADTS on one segment: x (F, N, D), attention (F, N) -> (F, k) picked token indices, ascending per
-    frame (v2 may repeat one). ``"attn"``: the k largest a_j."""
+def adts_picks(x: torch.Tensor, attention: Optional[torch.Tensor], k: int, kind: str,
+               sizes: Optional[list[int]] = None, unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ADTS on every frame: x (F, N, D), attention (F, N), segment sizes (v2's mu) -> (F, k) picked
+    token indices, ascending per frame (v2 may repeat one). ``"attn"``: the k largest a_j."""
     if kind == "attn":
         return torch.topk(attention, k, dim=-1).indices.sort(dim=-1).values
-    picks = max_min_greedy(weighted_distances(x, attention, kind), k, exclude_picked=kind != "attn_div_v2")
-    return picks.sort(dim=-1).values
+    dist = weighted_distances(x, attention, kind, sizes, unit)
+    return max_min_greedy(dist, k, exclude_picked=kind != "attn_div_v2").sort(dim=-1).values
 
 
 # -- 3. TSTM ------------------------------------------------------------------------------------------
-def temporal_parents(x: torch.Tensor, picked: torch.Tensor, threshold: float, floor: int
-                     ) -> tuple[torch.Tensor, float]:
-    """The merge forest of one segment: x (n, N, D) in the features' dtype, picked (n, N) bool (ADTS).
+def forest_parents(x: torch.Tensor, picked: torch.Tensor, sizes: list[int], threshold: float,
+                   floors: list[int], unit: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[float]]:
+    """The merge forests of consecutive segments: x (F, N, D) in the features' dtype (``unit``: its unit
+    vectors, if at hand), picked (F, N) bool (ADTS), ``floors`` the (A+S) n of each segment.
 
-    m_t(j) = max_m cos(x_{t,j}, x_{t-1,m}) over unpicked m (-1 for picked j and for frame 0); token (t, j)
-    merges into (t-1, argmax) when m_t(j) > threshold, or, when fewer than ``floor`` = (A+S) n tokens
-    would stay roots, > the (nN - floor)-th largest m_t(j) (at least -1 + 1e-6).
-    Returns (parent (n, N) long: index in frame t-1, -1 for a root; the threshold used)."""
-    n, tokens, _ = x.shape
-    unit = x / x.norm(p=2, dim=-1, keepdim=True)
-    sim = torch.einsum("tnd,tmd->tnm", unit[1:], unit[:-1])  # (n-1, N, N): frame t's j vs frame t-1's m
-    sim = sim.masked_fill(picked[1:, :, None], -1.0).masked_fill(picked[:-1, None, :], -1.0)
-    best, arg = sim.max(dim=-1)
-    best = torch.cat([best.new_full((1, tokens), -1.0), best])
-    arg = torch.cat([arg.new_full((1, tokens), -1), arg])
-    used = threshold
+    m_t(j) = max_m cos(x_{t,j}, x_{t-1,m}) over unpicked m (-1 for picked j and for a segment's first
+    frame, whose cosines are not computed); token (t, j) merges into (t-1, argmax) when m_t(j) >
+    threshold, or, when fewer than the segment's floor tokens would stay roots, > the (nN - floor)-th
+    largest m_t(j) of the segment (at least -1 + 1e-6). Returns (parent (F, N) long: index in frame t-1,
+    -1 for a root; the threshold each segment used)."""
+    frames, tokens, _ = x.shape
+    best = x.new_full((frames, tokens), -1.0)
+    arg = torch.full((frames, tokens), -1, dtype=torch.long, device=x.device)
+    later = later_frames(sizes)
+    if later:
+        unit = unit_vectors(x) if unit is None else unit
+        if len(later) == frames - 1:
+            now, before = slice(1, None), slice(None, -1)
+            current, previous = unit[now], unit[before]
+        else:
+            now = torch.tensor(later, device=x.device)
+            before = now - 1
+            current, previous = unit.index_select(0, now), unit.index_select(0, before)
+        sim = torch.einsum("tnd,tmd->tnm", current, previous)  # frame t's j vs frame t-1's m
+        sim = sim.masked_fill(picked[now][:, :, None], -1.0).masked_fill(picked[before][:, None, :], -1.0)
+        best[now], arg[now] = sim.max(dim=-1)
     merged = best > threshold
-    if int((~merged).sum()) < floor:
-        soft = torch.topk(best.flatten(), n * tokens - floor).values[-1]
-        used = max(float(soft), -1.0 + 1e-6)
-        merged = best > (soft if float(soft) >= used else used)
+    roots = (~merged).sum(dim=1).tolist()
+    used, start = [], 0
+    for n, floor in zip(sizes, floors):
+        used.append(threshold)
+        if sum(roots[start:start + n]) < floor:  # the floor rule, on this segment's m_t(j)
+            seg = slice(start, start + n)
+            soft = torch.topk(best[seg].flatten(), n * tokens - floor).values[-1]
+            used[-1] = max(float(soft), -1.0 + 1e-6)
+            merged[seg] = best[seg] > (soft if float(soft) >= used[-1] else used[-1])
+        start += n
     return torch.where(merged, arg, torch.full_like(arg, -1)), used
 
 
+def temporal_parents(x: torch.Tensor, picked: torch.Tensor, threshold: float, floor: int
+                     ) -> tuple[torch.Tensor, float]:
+    """:func:`forest_parents` of one segment x (n, N, D): (parent (n, N), the threshold used)."""
+    parent, used = forest_parents(x, picked, [x.shape[0]], threshold, [floor])
+    return parent, used[0]
+
+
 def merge_trees(x: torch.Tensor, parent: torch.Tensor, denominator: str = "official") -> torch.Tensor:
-    """Fold each tree into its root, back to front: x (n, N, D), parent (n, N) -> (n, N, D) float32 rows,
-    meaningful at the roots: sum of the root's subtree / (1 + #direct children) (``"official"``) or
-    / subtree size (``"subtree"``)."""
-    sums = x.float().clone()
-    children = torch.ones(parent.shape, dtype=torch.float32, device=x.device)
-    sizes = children.clone()
-    for t in range(parent.shape[0] - 1, 0, -1):
-        child = parent[t] >= 0
-        if not bool(child.any()):
-            continue
-        into = parent[t][child]
-        sums[t - 1].index_add_(0, into, sums[t][child])
-        sizes[t - 1].index_add_(0, into, sizes[t][child])
-        children[t - 1].index_add_(0, into, torch.ones_like(sizes[t][child]))
-    return sums / (children if denominator == "official" else sizes)[..., None]
+    """Fold each tree into its root, back to front: x (F, N, D), parent (F, N) (one segment or several:
+    a segment's first frame has no parent) -> (F, N, D) float32 rows, meaningful at the roots: sum of
+    the root's subtree / (1 + #direct children) (``"official"``) or / subtree size (``"subtree"``).
+    Only frames that have children are folded (one index_add each, the official order); where nothing
+    merged the rows are x as float32 (x itself when it is float32: do not write into them)."""
+    rows = x.float()
+    child = parent >= 0
+    folding = (child[1:].any(dim=1).nonzero().squeeze(1) + 1).tolist()  # frames t with children in t-1
+    if not folding:
+        return rows
+    rows = rows.clone()
+    sizes = torch.ones(parent.shape, dtype=torch.float32, device=x.device)
+    for t in reversed(folding):
+        into = parent[t][child[t]]
+        rows[t - 1].index_add_(0, into, rows[t][child[t]])
+        sizes[t - 1].index_add_(0, into, sizes[t][child[t]])
+    if denominator == "official":
+        frames, tokens = parent.shape
+        into = (torch.arange(frames, device=x.device)[:, None] - 1) * tokens + parent  # flat (t-1, parent)
+        sizes = 1.0 + torch.bincount(into[child], minlength=frames * tokens).to(torch.float32).view(frames, tokens)
+    parents = torch.tensor(folding, device=x.device) - 1  # the frames whose roots grew (others: / 1)
+    rows[parents] = rows[parents] / sizes[parents][..., None]
+    return rows
 
 
 # -- 4. DPC-kNN ---------------------------------------------------------------------------------------
-def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (m, D) -> (centres (c,) ascending, rows (c, D) float32): the ``clusters`` density peaks (k =
-    min(clusters, 7)); every token joins its nearest centre (a centre itself), a cluster is its mean."""
+def set_distances(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """torch.cdist of each set of x (G, M, D) (its first counts[g] rows) on its own -> (G, M, M), the
+    padding 0: the official one call per frame. (Beyond 25 rows torch.cdist takes the matrix-product
+    formula, whose diagonal keeps a rounding residue that the k = 1 density reads; a batched call on
+    the CPU is also slower than the per-set calls.)"""
+    groups, m, _ = x.shape
+    dist = x.new_zeros(groups, m, m)
+    for g, count in enumerate(counts):
+        dist[g, :count, :count] = torch.cdist(x[g, :count], x[g, :count])
+    return dist
+
+
+def _same(keys: list) -> dict:
+    """{key: the positions holding it}, keys in order of first appearance."""
+    out: dict = {}
+    for i, key in enumerate(keys):
+        out.setdefault(key, []).append(i)
+    return out
+
+
+def dpc_knn_sets(x: torch.Tensor, counts: list[int], clusters: list[int], noise: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPC-kNN of G token sets at once. x (G, M, D): set g is its first ``counts[g]`` rows (the rest is
+    padding), to become ``clusters[g]`` (< counts[g]) clusters (k = min(clusters, 7)); noise (G, M) its
+    density tie-break. Distances Euclidean / sqrt(D) (:func:`set_distances`); each set's score is the
+    shared :func:`~baselines.density_peaks.density_peak_scores` (padding: as far as the set's farthest
+    pair, never denser, never a centre), its centres the top ``clusters[g]`` scores (topk on the set's
+    own scores: the order of ties is that of the one-set call); every token joins its nearest centre (a
+    centre itself), a cluster is the mean of its members.
+
+    Returns (centres (G, C) long: the centres' rows in score order, C = max clusters; valid (G, C)
+    bool: slot c < clusters[g]; rows (G, C, D) float32: each cluster's mean)."""
     x = x.float()
-    dist = torch.cdist(x, x) / math.sqrt(x.shape[-1])
-    score = density_peak_scores(dist, min(clusters, KNN), noise)
-    centres = torch.topk(score, clusters).indices  # score order
-    assign = dist[:, centres].argmin(dim=1)
-    assign[centres] = torch.arange(clusters, device=x.device)
-    rows = torch.zeros(clusters, x.shape[-1], dtype=x.dtype, device=x.device).index_add_(0, assign, x)
-    rows = rows / torch.bincount(assign, minlength=clusters).to(x.dtype)[:, None]
-    order = torch.argsort(centres)
-    return centres[order], rows[order]
+    groups, m, dim = x.shape
+    device = x.device
+    member = torch.arange(m, device=device) < torch.tensor(counts, device=device)[:, None]  # (G, M)
+    pair = member[:, :, None] & member[:, None, :]
+    dist = set_distances(x, counts) / math.sqrt(dim)
+    farthest = dist.flatten(1).max(dim=1).values  # (G,): the padding's 0 is never above
+    dist = torch.where(pair, dist, farthest[:, None, None])
+    noise = noise.masked_fill(~member, float("-inf"))
+    score = torch.empty(groups, m, device=device)
+    for k, sets in _same([min(c, KNN) for c in clusters]).items():
+        rows = torch.tensor(sets, device=device) if len(sets) < groups else slice(None)
+        score[rows] = density_peak_scores(dist[rows], k, noise[rows])
+    width = max(clusters)
+    centres = torch.zeros(groups, width, dtype=torch.long, device=device)  # (G, C): score order
+    for (count, c), sets in _same(list(zip(counts, clusters))).items():
+        rows = torch.tensor(sets, device=device) if len(sets) < groups else slice(None)
+        centres[rows, :c] = torch.topk(score[rows, :count], c, dim=1).indices
+    valid = torch.arange(width, device=device) < torch.tensor(clusters, device=device)[:, None]
+    to_centre = dist.gather(2, centres[:, None, :].expand(groups, m, width))  # (G, M, C)
+    assign = to_centre.masked_fill(~valid[:, None, :], float("inf")).argmin(dim=2)  # (G, M): slot
+    sets, slots = valid.nonzero(as_tuple=True)
+    assign[sets, centres[sets, slots]] = slots
+    bins = groups * width  # one bin per (set, slot); the padding goes to one more, dropped
+    cluster = (torch.arange(groups, device=device)[:, None] * width + assign).masked_fill(~member, bins).flatten()
+    sums = x.new_zeros(bins + 1, dim).index_add_(0, cluster, x.flatten(0, 1))[:bins]
+    sizes = torch.bincount(cluster, minlength=bins + 1)[:bins].clamp(min=1).to(x.dtype)
+    return centres, valid, (sums / sizes[:, None]).view(groups, width, dim)
+
+
+def dpc_knn_merge(x: torch.Tensor, clusters: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dpc_knn_sets` of one set x (m, D), noise (m,) -> (centres (c,) ascending, rows (c, D)
+    float32)."""
+    centres, _, rows = dpc_knn_sets(x[None], [x.shape[0]], [clusters], noise[None])
+    order = torch.argsort(centres[0])
+    return centres[0][order], rows[0][order]
+
+
+def cluster_counts(roots: list[int], sizes: list[int], tstm: int, tokens_per_frame: int) -> list[int]:
+    """Clusters of each frame's TSTM roots (``segment_compression`` L139-157): ratio = S n / #roots of
+    the segment, ceil(n_f ratio) per frame (a single-frame segment: the official ratio S / N, at most
+    its n_f roots); 0 where the frame's roots all stay (ratio >= 1, or no fewer clusters than roots)."""
+    out, start = [], 0
+    for n in sizes:
+        frame_roots = roots[start:start + n]
+        if n > 1:
+            ratio = (tstm * n) / max(1, sum(frame_roots))
+            wanted = [math.ceil(r * ratio) for r in frame_roots]
+        else:  # the official ratio S / N over the whole frame; the pool here: its unpicked tokens
+            ratio = tstm / tokens_per_frame
+            wanted = [min(math.ceil(tokens_per_frame * ratio), frame_roots[0])]
+        out += [c if ratio < 1.0 and 0 < c < r else 0 for c, r in zip(wanted, frame_roots)]
+        start += n
+    return out
 
 
 @dataclass
@@ -328,82 +477,94 @@ class FlashVID(PruningMethod):
             return Selection.unchanged()
         attention = ctx.vision("feature").attention if self.token_selection != "div" else None
         hidden = ctx.hidden_states.clone()
-        results = []
+        results, indices = [], []
         for b in range(ctx.batch_size):
             tokens = ctx.visual_tokens(b)
             if len(tokens) != frames * per_frame:
                 raise ValueError(f"flashvid: the pre-LLM stage needs every visual token of the video "
                                  f"({frames} x {per_frame}), sample {b} has {len(tokens)}: compose flashvid first")
-            x = ctx.hidden_states[b, tokens.positions].reshape(frames, per_frame, -1)
+            x = ctx.hidden_states[b].index_select(0, tokens.positions).reshape(frames, per_frame, -1)
             a = None if attention is None else attention[b, tokens.index].to(x.device).reshape(frames, per_frame)
             res = self.compress_video(x, a, budget_f, torch.Generator().manual_seed(self.seed))
             hidden[b, tokens.positions[res.keep]] = res.rows.to(hidden.dtype)
             results.append(res)
+            indices.append(tokens.index)
         t.segments = [r.segments for r in results]
         t.tstm_thresholds = [r.thresholds for r in results]
         t.repicks = [r.repicks for r in results]
-        t.adts = [ctx.visual_tokens(b).index[r.picked].cpu() for b, r in enumerate(results)]
+        t.adts = [index[r.picked].cpu() for index, r in zip(indices, results)]
         t.kept_before_llm = [len(r.keep) for r in results]
         return Selection(keep_visual=[r.keep for r in results], hidden_states=hidden)
 
     def compress_video(self, x: torch.Tensor, attention: Optional[torch.Tensor], budget_f: tuple[int, int, int],
                        generator: torch.Generator) -> VideoResult:
         """``flashvid_compression`` on one video: x (F, N, D) input embeddings, attention (F, N) a_j."""
-        frames, per_frame, _ = x.shape
         sizes = (dyseg(x.mean(dim=1), self.segment_threshold, self.min_segments, self.complementary_segment)
-                 if self.do_segment else [frames])
-        keep, rows, picked, thresholds, repicks, start = [], [], [], [], 0, 0
-        for n in sizes:
-            seg = slice(start, start + n)
-            out = self.compress_segment(x[seg], None if attention is None else attention[seg], budget_f, generator)
-            keep.append(start * per_frame + out[0])
-            rows.append(out[1])
-            picked.append(start * per_frame + out[2])
-            if out[3] is not None:
-                thresholds.append(out[3])
-            repicks += out[4]
-            start += n
-        keep, rows = torch.cat(keep), torch.cat(rows)
-        order = torch.argsort(keep)
-        return VideoResult(keep[order], rows[order], torch.cat(picked).sort().values, sizes, thresholds, repicks)
+                 if self.do_segment else [x.shape[0]])
+        return self.compress_segments(x, attention, sizes, budget_f, generator)
 
     def compress_segment(self, x: torch.Tensor, attention: Optional[torch.Tensor], budget_f: tuple[int, int, int],
                          generator: torch.Generator):
-        """``segment_compression``: x (n, N, D). Returns (kept local indices, rows float32, ADTS indices,
-        TSTM threshold used or None, v2 re-picks)."""
-        n, per_frame, dim = x.shape
+        """``segment_compression`` of one segment x (n, N, D). Returns (kept local indices, rows float32,
+        ADTS indices, TSTM threshold used or None, v2 re-picks)."""
+        res = self.compress_segments(x, attention, [x.shape[0]], budget_f, generator)
+        return res.keep, res.rows, res.picked, (res.thresholds or [None])[0], res.repicks
+
+    def compress_segments(self, x: torch.Tensor, attention: Optional[torch.Tensor], sizes: list[int],
+                          budget_f: tuple[int, int, int], generator: torch.Generator) -> VideoResult:
+        """``segment_compression`` of every segment (``sizes`` frames each) of x (F, N, D), all at once:
+        ADTS of every frame, the TSTM forests and folds of every segment, then DPC-kNN of every frame that
+        clusters (in frame order: the tie-break draws are the official loop's)."""
+        frames, per_frame, _ = x.shape
         _, adts, tstm = budget_f
-        picked = torch.zeros(n, per_frame, dtype=torch.bool, device=x.device)
+        shared = adts > 0 and self.token_selection != "attn" and x.dtype == torch.float32
+        unit = unit_vectors(x) if shared else None  # ADTS's (float32) = TSTM's (features' dtype) unit vectors
+        picked = torch.zeros(frames, per_frame, dtype=torch.bool, device=x.device)
         repicks = 0
         if adts > 0:
-            picks = adts_picks(x, attention, adts, self.token_selection)
+            picks = adts_picks(x, attention, adts, self.token_selection, sizes, unit)
             picked.scatter_(1, picks, True)
-            repicks = n * adts - int(picked.sum())
-        keep = [picked.reshape(-1).nonzero().squeeze(1)]
-        rows = [x.reshape(-1, dim)[keep[0]].float()]
-        threshold = None
+            repicks = frames * adts - int(picked.sum())
+        kept, rows, thresholds, centres = picked, x.float(), [], None
         if tstm > 0:
-            if n > 1:
-                parent, threshold = temporal_parents(x, picked, self.temporal_threshold, (adts + tstm) * n)
-                merged = merge_trees(x, parent, self.merge_denominator)
-                roots = (parent < 0) & ~picked
-                ratio = (tstm * n) / max(1, int(roots.sum()))
-                clusters = [math.ceil(int(c) * ratio) for c in roots.sum(dim=1)]
-            else:  # the official ratio S / N over the whole frame; the pool here: its unpicked tokens
-                merged, roots = x.float(), ~picked
-                ratio = tstm / per_frame
-                clusters = [min(math.ceil(per_frame * ratio), int(roots.sum()))]
-            for f in range(n):
-                cells = roots[f].nonzero().squeeze(1)
-                if ratio < 1.0 and 0 < clusters[f] < len(cells):
-                    noise = torch.rand(len(cells), generator=generator).to(x.device) * DENSITY_NOISE
-                    centres, cluster_rows = dpc_knn_merge(merged[f, cells], clusters[f], noise)
-                    cells = cells[centres]
-                else:
-                    cluster_rows = merged[f, cells]
-                keep.append(f * per_frame + cells)
-                rows.append(cluster_rows)
-        return torch.cat(keep), torch.cat(rows), keep[0], threshold, repicks
+            floors = [(adts + tstm) * n for n in sizes]
+            parent, used = forest_parents(x, picked, sizes, self.temporal_threshold, floors, unit)
+            thresholds = [u for u, n in zip(used, sizes) if n > 1]
+            rows = merge_trees(x, parent, self.merge_denominator)
+            roots = (parent < 0) & ~picked
+            kept = picked | roots
+            clusters = cluster_counts(roots.sum(dim=1).tolist(), sizes, tstm, per_frame)
+            if any(clusters):
+                clustered, centres, means = self.cluster_roots(rows, roots, clusters, generator)
+                kept[clustered] = picked[clustered]
+                kept.view(-1)[centres] = True
+        keep = kept.flatten().nonzero().squeeze(1)
+        out = rows.flatten(0, 1).index_select(0, keep)
+        if centres is not None:
+            out[torch.searchsorted(keep, centres)] = means
+        return VideoResult(keep, out, picked.flatten().nonzero().squeeze(1), sizes, thresholds, repicks)
+
+    @staticmethod
+    def cluster_roots(rows: torch.Tensor, roots: torch.Tensor, clusters: list[int], generator: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DPC-kNN of the roots (F, N) of every frame f with clusters[f] > 0, their rows (F, N, D) padded
+        into one (G, M, D) batch. The tie-break noise is torch.rand(n_f) x 1e-6 per frame in frame
+        order (drawn at once: the same numbers). Returns (the clustered frames (G,), their centres'
+        indices t N + j (c,), the centres' rows (c, D): their cluster means)."""
+        frames = [f for f, c in enumerate(clusters) if c > 0]
+        frame_t = torch.tensor(frames, device=rows.device)
+        pool = roots[frame_t]  # (G, N)
+        counts = pool.sum(dim=1).tolist()
+        sets, tokens = pool.nonzero(as_tuple=True)  # frame order, ascending tokens
+        per_set = pool.sum(dim=1)
+        slots = torch.arange(len(sets), device=rows.device) - (per_set.cumsum(0) - per_set)[sets]
+        flat = torch.zeros(len(frames), max(counts), dtype=torch.long, device=rows.device)  # (G, M): t N + j
+        flat[sets, slots] = frame_t[sets] * roots.shape[1] + tokens  # the padding: row 0 (ignored)
+        members = rows.flatten(0, 1).index_select(0, flat.flatten()).view(*flat.shape, rows.shape[-1])
+        noise = rows.new_zeros(flat.shape)
+        noise[sets, slots] = torch.rand(len(sets), generator=generator).to(rows.device) * DENSITY_NOISE
+        centres, valid, means = dpc_knn_sets(members, counts, [clusters[f] for f in frames], noise)
+        return frame_t, flat.gather(1, centres)[valid], means[valid]
 
     def select_in_llm(self, ctx) -> Selection:
         """``fastv_prune``: the top ceil(llm_retention V) current visual tokens by the last token's

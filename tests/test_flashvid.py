@@ -412,3 +412,153 @@ def test_adts_reads_the_pooled_siglip_attention_and_the_llm_input():
     expected = [f * n + j for f in range(layout.frames)
                 for j in ref_max_min(x[f:f + 1], a[f:f + 1], adts, "attn_div")[0]]
     assert t.adts[0].tolist() == expected
+
+
+# -- the batched video path against a loop over segments and frames ----------------------------------------
+
+
+def loop_compress(x, a, sizes, budget, kind, denominator, generator, threshold=0.8):
+    """The per-segment, per-frame loop of the official ``segment_compression`` (one segment, then one
+    frame at a time) over the single-segment steps each tested above against its reference: ADTS of the
+    segment's frames, the segment's forest and fold, DPC-kNN of one frame's roots with that frame's own
+    noise draw. Returns (kept flat indices ascending, their rows, ADTS flat indices, thresholds)."""
+    per_frame = x.shape[1]
+    _, adts, tstm = budget
+    keep, rows, picked_all, thresholds, start = [], [], [], [], 0
+    for n in sizes:
+        seg_x, seg_a = x[start:start + n], a[start:start + n]
+        picked = torch.zeros(n, per_frame, dtype=torch.bool)
+        picked.scatter_(1, fv.adts_picks(seg_x, seg_a, adts, kind), True)
+        if n > 1:
+            parent, used = fv.temporal_parents(seg_x, picked, threshold, (adts + tstm) * n)
+            thresholds.append(used)
+            merged = fv.merge_trees(seg_x, parent, denominator)
+            roots = (parent < 0) & ~picked
+            ratio = tstm * n / max(1, int(roots.sum()))
+            clusters = [math.ceil(int(c) * ratio) for c in roots.sum(dim=1)]
+        else:
+            merged, roots = seg_x.float(), ~picked
+            ratio = tstm / per_frame
+            clusters = [min(math.ceil(per_frame * ratio), int(roots.sum()))]
+        for f in range(n):
+            base = (start + f) * per_frame
+            for j in picked[f].nonzero().squeeze(1).tolist():
+                keep.append(base + j)
+                rows.append(seg_x[f, j].float())
+                picked_all.append(base + j)
+            cells = roots[f].nonzero().squeeze(1)
+            if ratio < 1.0 and 0 < clusters[f] < len(cells):
+                noise = torch.rand(len(cells), generator=generator) * fv.DENSITY_NOISE
+                centres, cluster_rows = fv.dpc_knn_merge(merged[f, cells], clusters[f], noise)
+                cells = cells[centres]
+            else:
+                cluster_rows = merged[f, cells]
+            keep += (base + cells).tolist()
+            rows += list(cluster_rows)
+        start += n
+    order = np.argsort(keep, kind="stable")
+    return [keep[i] for i in order], torch.stack([rows[i] for i in order]), sorted(picked_all), thresholds
+
+
+def segmented_video(seed, sizes, N=40, D=24):
+    """Segments of drifting frames (merge chains), the first frame of each segment new; a_j random."""
+    g = torch.Generator().manual_seed(seed)
+    frames = []
+    for n in sizes:
+        frame = torch.randn(N, D, generator=g)
+        for _ in range(n):
+            frames.append(frame)
+            frame = frame[torch.randperm(N, generator=g)] + 0.15 * torch.randn(N, D, generator=g)
+    x = torch.stack(frames) + 0.3
+    a = torch.softmax(2 * torch.randn(x.shape[:2], generator=g), dim=-1)
+    return x, a
+
+
+SEGMENTS = [3, 1, 4, 1, 2, 5]
+# (retention, TSTM threshold): r = .1 clusters pools of 2..36 roots (both cdist paths, one-cluster
+# frames), .25 and .5 the defaults, (.5, 0.0) merges so much that the floor raises the threshold
+LOOP_CASES = [(0.1, 0.8), (0.25, 0.8), (0.5, 0.8), (0.5, 0.0)]
+
+
+@pytest.mark.parametrize("kind", ["attn_div_v2", "attn_div", "div", "attn"])
+@pytest.mark.parametrize("denominator", ["official", "subtree"])
+@pytest.mark.parametrize("retention,threshold", LOOP_CASES)
+def test_batched_video_equals_the_segment_and_frame_loop(kind, denominator, retention, threshold):
+    """compress_segments (every step batched over the frames of all segments, DPC-kNN of all clustering
+    frames padded into one batch, one noise draw) keeps the same tokens with the same rows as the loop
+    over segments and frames."""
+    x, a = segmented_video(7, SEGMENTS)
+    budget = fv.frame_budget(x.shape[1], retention, 1.25, 0.7)
+    method = sharp.make_method("flashvid", retention, token_selection=kind, merge_denominator=denominator,
+                               temporal_threshold=threshold)
+    got = method.compress_segments(x, a, SEGMENTS, budget, torch.Generator().manual_seed(0))
+    keep, rows, picked, thresholds = loop_compress(x, a, SEGMENTS, budget, kind, denominator,
+                                                   torch.Generator().manual_seed(0), threshold)
+    assert got.keep.tolist() == keep and got.picked.tolist() == picked
+    assert got.thresholds == thresholds and got.segments == SEGMENTS
+    torch.testing.assert_close(got.rows, rows, rtol=1e-6, atol=1e-6)
+
+
+def test_batched_video_cases_are_covered():
+    """The loop test's cases have merges, a floor-raised threshold, single-frame segments, DPC pools on
+    both torch.cdist paths (<= 25 and > 25 roots) and one-cluster frames."""
+    merges, raised, counts, one_cluster = False, False, [], False
+    x, a = segmented_video(7, SEGMENTS)
+    for retention, threshold in LOOP_CASES:
+        _, adts, tstm = fv.frame_budget(x.shape[1], retention, 1.25, 0.7)
+        picked = torch.zeros(x.shape[:2], dtype=torch.bool)
+        picked.scatter_(1, fv.adts_picks(x, a, adts, "attn_div_v2", SEGMENTS), True)
+        parent, used = fv.forest_parents(x, picked, SEGMENTS, threshold, [(adts + tstm) * n for n in SEGMENTS])
+        roots = (parent < 0) & ~picked
+        clusters = fv.cluster_counts(roots.sum(dim=1).tolist(), SEGMENTS, tstm, x.shape[1])
+        merges |= bool((parent >= 0).any())
+        raised |= any(u > threshold for u in used)
+        counts += [int(r) for r, c in zip(roots.sum(dim=1), clusters) if c]
+        one_cluster |= 1 in clusters
+    assert merges and raised and one_cluster and 1 in SEGMENTS
+    assert min(counts) <= 25 < max(counts)  # torch.cdist's matrix-product formula beyond 25 rows
+
+
+def test_dpc_knn_sets_equals_one_set_at_a_time():
+    """Sets of different sizes (both cdist paths), cluster counts (k = 1, 3, 7) and padding, in one
+    batch: the centres and rows of each equal the one-set call, and its centres the float64 reference."""
+    g = np.random.default_rng(3)
+    counts, clusters = [9, 31, 4, 40, 28], [3, 1, 1, 9, 7]
+    width = max(counts)
+    x = torch.zeros(len(counts), width, 6)
+    noise = torch.zeros(len(counts), width)
+    sets = []
+    for i, (m, c) in enumerate(zip(counts, clusters)):
+        pts = torch.from_numpy(g.normal(size=(m, 6))).float()
+        nz = torch.rand(m, generator=torch.Generator().manual_seed(i)) * 1e-6
+        x[i, :m], noise[i, :m] = pts, nz
+        sets.append((pts, c, nz))
+    centres, valid, rows = fv.dpc_knn_sets(x, counts, clusters, noise)
+    for i, (pts, c, nz) in enumerate(sets):
+        got_centres = centres[i][valid[i]]
+        order = torch.argsort(got_centres)
+        ref_centres, ref_rows = fv.dpc_knn_merge(pts, c, nz)
+        assert torch.equal(got_centres[order], ref_centres)
+        assert torch.equal(rows[i][valid[i]][order], ref_rows)
+        if c > 1:  # one cluster: any centre is the same mean (ties broken by the noise's rounding)
+            assert ref_centres.tolist() == ref_dpc(pts.numpy(), c, nz.double().numpy())[0]
+
+
+def test_forest_of_several_segments_equals_each_segment_alone():
+    """forest_parents over consecutive segments = temporal_parents of each (no edge across a cut, each
+    segment's own floor), and one fold of the whole video = the folds of the segments."""
+    parts = [tstm_video(s, n=n) for s, n in ((0, 4), (1, 1), (2, 3))]
+    x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    picked = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    sizes, floors = [4, 1, 3], [30, 5, 0]
+    parent, used = fv.forest_parents(x, picked, sizes, 0.8, floors)
+    start = 0
+    for n, floor in zip(sizes, floors):
+        seg = slice(start, start + n)
+        p, u = fv.temporal_parents(x[seg], picked[seg], 0.8, floor)
+        assert torch.equal(parent[seg], p) and u == used[sizes.index(n)]
+        for denominator in ("official", "subtree"):
+            torch.testing.assert_close(fv.merge_trees(x, parent, denominator)[seg],
+                                       fv.merge_trees(x[seg], p, denominator), rtol=0, atol=0)
+        start += n
+    assert used[0] > 0.8  # the floor acted in the first segment only
