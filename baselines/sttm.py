@@ -50,16 +50,17 @@ mapping to every family and each reading's official file.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sharp import PruningMethod, Selection, budget, layer_kwarg
 
 INVALID_CHILD_SLOTS = ("official", "masked")
 TEMPORAL_EPS = 1e-8  # filter_cross_frame_node_pairs: x / (||x|| + 1e-8)
+COSINE_EPS = 1e-8  # F.cosine_similarity (the stop test): x / max(||x||, 1e-8)
 
 
 # -- the pyramid -----------------------------------------------------------------------------------
@@ -95,69 +96,118 @@ def parent_index(n_child: int, device=None) -> torch.Tensor:
 class Level:
     """One pyramid level of a video: features (T, h, w, D) in the input dtype, the row and column
     intervals of its nodes in patches ([y0, y1), [x0, x1)), and, for a level with children, the
-    stop statistic s(p) (T, h, w)."""
+    stop statistic s(p) (T, h, w). Computed once from the features: ``wide`` the features in the
+    accumulation dtype (float32; float64 input: float64), ``norm`` (T, h, w, 1) their L2 norms, and
+    (set by :func:`build_levels`) ``unit`` (T, h, w, D) the temporal unit x / (||x|| + 1e-8), which the
+    pooling, the stop test and the temporal cosines share."""
     features: torch.Tensor
     rows: tuple[torch.Tensor, torch.Tensor]
     cols: tuple[torch.Tensor, torch.Tensor]
     stop: Optional[torch.Tensor] = None
+    wide: torch.Tensor = field(init=False, repr=False)
+    norm: torch.Tensor = field(init=False, repr=False)
+    unit: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.wide = self.features.to(accumulation_dtype(self.features.dtype))
+        self.norm = torch.linalg.vector_norm(self.wide, dim=-1, keepdim=True)
+
+    def cosine_units(self) -> torch.Tensor:
+        """(T, h, w, D) x / max(||x||, 1e-8), ``F.cosine_similarity``'s normalisation (the stop test):
+        ``unit`` itself where the two divisors are equal (in float32 every norm >= 0.25: the 1e-8 is
+        below half an ulp), else computed."""
+        divisor = self.norm.clamp_min(COSINE_EPS)
+        if self.unit is not None and torch.equal(divisor, self.norm + TEMPORAL_EPS):
+            return self.unit
+        return self.wide / divisor
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 input: the official float32 up-cast of the hidden states."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def side_segments(n_child: int) -> list[tuple[slice, tuple[slice, ...]]]:
+    """Along one side of a child level of n cells, as slices (views, no copies): each run of parents and
+    its children in slot order (:func:`child_pairs`): even n one run, parents 0.. with children (2i,
+    2i+1); odd n the parent 0 with child 0 alone, then parents 1.. with (2i-1, 2i)."""
+    if n_child % 2 == 0:
+        return [(slice(0, n_child // 2), (slice(0, n_child, 2), slice(1, n_child, 2)))]
+    runs = [(slice(0, 1), (slice(0, 1),))]
+    if n_child > 1:
+        runs.append((slice(1, (n_child + 1) // 2), (slice(1, n_child, 2), slice(2, n_child, 2))))
+    return runs
+
+
+def block_runs(height: int, width: int):
+    """The rectangles of parents whose blocks have the same shape, for a child level h x w: (parent rows,
+    parent columns, the child (rows, columns) slices of each valid slot in the slot order (r0, c0), (r0,
+    c1), (r1, c0), (r1, c1)); a rectangle with fewer than 4 valid slots has the official invalid ones."""
+    for parent_rows, child_rows in side_segments(height):
+        for parent_cols, child_cols in side_segments(width):
+            yield parent_rows, parent_cols, [(r, c) for r in child_rows for c in child_cols]
 
 
 def pool_level(child: Level, weighted: bool) -> Level:
-    """The parent level of ``child``: each parent the mean of its valid children (``weighted``: of its
-    patches, i.e. children weighted by their patch counts), accumulated in float32 (float64 input:
-    float64) and stored in the input dtype, as the official pooling of bfloat16 states."""
-    x = child.features
-    acc = torch.promote_types(x.dtype, torch.float32)
-    (r0, r1), (c0, c1) = child_pairs(x.shape[1], x.device), child_pairs(x.shape[2], x.device)
-    rv, cv = r1 >= 0, c1 >= 0
-    r1f, c1f = torch.where(rv, r1, r0), torch.where(cv, c1, c0)
-    height = (child.rows[1] - child.rows[0]).to(acc)  # (h,) patches per child row
-    width = (child.cols[1] - child.cols[0]).to(acc)
-    total = torch.zeros(x.shape[0], len(r0), len(c0), x.shape[3], dtype=acc, device=x.device)
-    weight = torch.zeros(len(r0), len(c0), dtype=acc, device=x.device)
-    for rows, rmask in ((r0, None), (r1f, rv)):
-        for cols, cmask in ((c0, None), (c1f, cv)):
-            w = (height[rows][:, None] * width[cols][None, :]) if weighted else torch.ones(
-                len(rows), len(cols), dtype=acc, device=x.device)
-            if rmask is not None:
-                w = w * rmask[:, None]
-            if cmask is not None:
-                w = w * cmask[None, :]
-            total += x[:, rows][:, :, cols].to(acc) * w[None, :, :, None]
-            weight += w
-    features = (total / weight[None, :, :, None]).to(x.dtype)
-    rows_out = (child.rows[0][r0], child.rows[1][r1f])
-    cols_out = (child.cols[0][c0], child.cols[1][c1f])
+    """The parent level of ``child``: p = sum_k w_k c_k / sum_k w_k over p's valid children in slot
+    order, w_k = 1 (or, ``weighted``, c_k's patch count), accumulated in float32 (float64 input:
+    float64) and stored in the input dtype, as the official pooling of bfloat16 states. Each rectangle
+    of :func:`block_runs` is summed in place from strided views of the children."""
+    x = child.wide
+    t, h, w, dim = x.shape
+    size_r = (child.rows[1] - child.rows[0]).to(x.dtype)  # (h,) patches per child row
+    size_c = (child.cols[1] - child.cols[0]).to(x.dtype)
+    (r0, r1), (c0, c1) = child_pairs(h, x.device), child_pairs(w, x.device)
+    total = x.new_empty(t, len(r0), len(c0), dim)
+    weight = x.new_empty(len(r0), len(c0))
+    for parent_rows, parent_cols, slots in block_runs(h, w):
+        out = total[:, parent_rows, parent_cols]  # (T, rows, cols, D): written in place
+        weights = []
+        for rows, cols in slots:
+            part = x[:, rows, cols]
+            if weighted:
+                weights.append(size_r[rows][:, None] * size_c[cols][None, :])
+                part = part * weights[-1][None, :, :, None]
+            else:
+                weights.append(1.0)
+            if len(weights) == 1:
+                out.copy_(part)
+            else:
+                out.add_(part)
+        weight[parent_rows, parent_cols] = sum(weights)
+    features = total.div_(weight[None, :, :, None]).to(child.features.dtype)
+    rows_out = (child.rows[0][r0], child.rows[1][torch.where(r1 >= 0, r1, r0)])
+    cols_out = (child.cols[0][c0], child.cols[1][torch.where(c1 >= 0, c1, c0)])
     return Level(features, rows_out, cols_out)
 
 
-def child_slots(n_child_rows: int, n_child_cols: int, device=None):
-    """The 4 child slots of every parent (h', w'): row and column indices (h', w', 4) into the child
-    level (slot order (r0, c0), (r0, c1), (r1, c0), (r1, c1)) and their validity (h', w', 4). Invalid
-    slots point to the child (0, 0), as the official ``child_yx_coords`` left at zero."""
-    (r0, r1), (c0, c1) = child_pairs(n_child_rows, device), child_pairs(n_child_cols, device)
-    rows = torch.stack([r0, r0, r1, r1], dim=-1)[:, None, :].expand(-1, len(c0), -1)
-    cols = torch.stack([c0, c1, c0, c1], dim=-1)[None, :, :].expand(len(r0), -1, -1)
-    valid = (rows >= 0) & (cols >= 0)
-    return rows.where(valid, 0), cols.where(valid, 0), valid
-
-
 def stop_statistic(parent: Level, child: Level, invalid_child_slots: str = "official") -> torch.Tensor:
-    """s(p) = min over the 4 child slots of cos(p, c_k) (T, h', w'), float32 (float64 input: float64);
-    ``"official"`` reads the invalid slots (child (t, 0, 0)), ``"masked"`` leaves them out."""
-    x = child.features
-    acc = torch.promote_types(x.dtype, torch.float32)
-    rows, cols, valid = child_slots(x.shape[1], x.shape[2], x.device)
-    children = x[:, rows, cols].to(acc)  # (T, h', w', 4, D)
-    cos = F.cosine_similarity(parent.features.to(acc).unsqueeze(-2), children, dim=-1)  # (T, h', w', 4)
-    if invalid_child_slots == "masked":
-        cos = cos.masked_fill(~valid, math.inf)
-    return cos.min(dim=-1).values
+    """s(p) = min over the 4 child slots of cos(p, c_k) (T, h', w'), float32 (float64 input: float64),
+    bit for bit ``F.cosine_similarity`` (x / max(||x||, 1e-8), the products summed over D), one slot of
+    one :func:`block_runs` rectangle at a time; ``"official"`` adds the invalid slots' cos(p, c_{t,0,0})
+    where a rectangle has fewer than 4 valid slots, ``"masked"`` leaves them out."""
+    unit_parent, unit_child = parent.cosine_units(), child.cosine_units()  # (T, h', w', D), (T, h, w, D)
+    stop = torch.full(unit_parent.shape[:3], math.inf, dtype=unit_parent.dtype, device=unit_parent.device)
+    corner = unit_child[:, :1, :1] if invalid_child_slots == "official" else None  # (T, 1, 1, D) child (t, 0, 0)
+    scratch = unit_parent.new_empty(unit_parent.numel())  # every rectangle's products, in turn
+    for parent_rows, parent_cols, slots in block_runs(*unit_child.shape[1:3]):
+        unit = unit_parent[:, parent_rows, parent_cols]
+        low = stop[:, parent_rows, parent_cols]
+        products = scratch[:unit.numel()].view(unit.shape)
+        reads = [unit_child[:, rows, cols] for rows, cols in slots]
+        if corner is not None and len(slots) < 4:
+            reads.append(corner)
+        for read in reads:
+            torch.mul(unit, read, out=products)
+            torch.minimum(low, products.sum(dim=-1), out=low)
+    return stop
 
 
-def build_levels(x: torch.Tensor, root_level: int, invalid_child_slots: str, weighted: bool) -> list[Level]:
+def build_levels(x: torch.Tensor, root_level: int, invalid_child_slots: str,
+                 weighted: bool) -> tuple[list[Level], torch.Tensor]:
     """The pyramid of a video x (T, H, W, D), root level first, leaves last (one level when the grid
-    is too small for ``root_level``: every cell a token)."""
+    is too small for ``root_level``: every cell a token), with each parent's s(p), and the temporal
+    units of every node (:func:`temporal_units`)."""
     t, h, w, _ = x.shape
     sizes = pyramid_sizes(h, w)
     depth = len(sizes) - min(root_level, len(sizes) - 1)
@@ -166,32 +216,75 @@ def build_levels(x: torch.Tensor, root_level: int, invalid_child_slots: str, wei
                  (ar(w, device=x.device), ar(w, device=x.device) + 1))
     levels = [leaf]
     for _ in range(depth - 1):
-        parent = pool_level(levels[0], weighted)
-        parent.stop = stop_statistic(parent, levels[0], invalid_child_slots)
-        levels.insert(0, parent)
-    return levels
+        levels.insert(0, pool_level(levels[0], weighted))
+    units = temporal_units(levels)
+    for parent, child in zip(levels, levels[1:]):
+        parent.stop = stop_statistic(parent, child, invalid_child_slots)
+    return levels, units
+
+
+def temporal_units(levels: list[Level]) -> torch.Tensor:
+    """(T, F, D) every node's x / (||x|| + 1e-8) (``filter_cross_frame_node_pairs``; float32, float64
+    input: float64), levels root to leaf along F, each level divided straight into its columns (its
+    ``unit`` a view of them)."""
+    t, dim = levels[0].wide.shape[0], levels[0].wide.shape[-1]
+    sizes = [lv.norm[0].numel() for lv in levels]
+    units = levels[0].wide.new_empty(t, sum(sizes), dim)
+    offset = 0
+    for lv, size in zip(levels, sizes):
+        lv.unit = units[:, offset:offset + size].view(lv.wide.shape)
+        torch.div(lv.wide, lv.norm + TEMPORAL_EPS, out=lv.unit)
+        offset += size
+    return units
 
 
 # -- the candidate nodes of one video --------------------------------------------------------------
 
 
-def component_labels(n: int, edges: torch.Tensor) -> torch.Tensor:
+def component_labels(n: int, edges: np.ndarray) -> np.ndarray:
     """(n,) the smallest node index of each node's connected component over ``edges`` (E, 2): min-label
     propagation with pointer jumping (the official ``get_merge_dst_idx_safe`` idea; labels only decrease,
-    so the fixed point has one label per component, its smallest member)."""
-    label = torch.arange(n, device=edges.device)
-    if edges.numel() == 0:
+    so the fixed point has one label per component, its smallest member). Each round: every node takes
+    the least label of itself and its neighbours (both directions of each edge), then its label's label.
+    In numpy on the CPU: a round is a few operations on small arrays, where numpy's per-call cost is a
+    third of torch's."""
+    label = np.arange(n)
+    if len(edges) == 0:
         return label
-    a, b = edges[:, 0], edges[:, 1]
+    source, target = np.concatenate([edges[:, 0], edges[:, 1]]), np.concatenate([edges[:, 1], edges[:, 0]])
     while True:
-        low = torch.minimum(label[a], label[b])
-        new = label.clone()
-        new.scatter_reduce_(0, a, low, reduce="amin")
-        new.scatter_reduce_(0, b, low, reduce="amin")
+        new = label.copy()
+        np.minimum.at(new, target, label[source])
         new = new[new]
-        if torch.equal(new, label):
+        if np.array_equal(new, label):
             return label
         label = new
+
+
+class TokenCounter:
+    """STTM's kept count at any (tau_s, tau_t) from a :class:`Quadtree`'s statistics, without touching a
+    feature: the tokens at tau_s (reach < tau_s <= stop), the edges among them (a containment pair whose
+    two ends are tokens, max reach < tau_s <= min stop, and whose cosine >= tau_t) and the number of
+    components (:func:`component_labels`). Only the pairs that can ever be an edge (max reach < min stop)
+    are kept; numpy on the CPU, the thresholds compared in the statistics' dtype, as torch compares a
+    Python float."""
+
+    def __init__(self, reach: torch.Tensor, stop: torch.Tensor, pairs: torch.Tensor, pair_cos: torch.Tensor):
+        ends_reach, ends_stop = reach[pairs].amax(dim=1), stop[pairs].amin(dim=1)  # (E,)
+        live = ends_reach < ends_stop
+        self.reach, self.stop = reach.cpu().numpy(), stop.cpu().numpy()
+        self.pairs, self.pair_cos = pairs[live].cpu().numpy(), pair_cos[live].cpu().numpy()
+        self.pair_reach, self.pair_stop = ends_reach[live].cpu().numpy(), ends_stop[live].cpu().numpy()
+        self.scalar = self.reach.dtype.type  # float32 (float64 input: float64)
+
+    def __call__(self, tau_s: float, tau_t: Optional[float]) -> int:
+        tau_s = self.scalar(tau_s)
+        token = (self.reach < tau_s) & (self.stop >= tau_s)
+        if tau_t is None or len(self.pairs) == 0:
+            return int(token.sum())
+        edge = (self.pair_reach < tau_s) & (self.pair_stop >= tau_s) & (self.pair_cos >= self.scalar(tau_t))
+        label = component_labels(len(token), self.pairs[edge])
+        return int((token & (label == np.arange(len(token)))).sum())
 
 
 @dataclass
@@ -213,21 +306,22 @@ class Quadtree:
     - ``stop`` (T F,) s(p) (+inf at the leaves) and ``reach`` (T F,) the max s over p's strict ancestors
       (-inf at the roots): p is a token at tau_s iff reach < tau_s <= stop (its ancestors split, it stops);
     - ``pairs`` (E, 2) every (frame t, frame t+1) node pair whose boxes contain one another (an ancestor-
-      or-self pair of grid positions) and ``pair_cos`` (E,) their temporal cosine.
+      or-self pair of grid positions) and ``pair_cos`` (E,) their temporal cosine;
+    - ``counter`` (:class:`TokenCounter`) the kept count at any (tau_s, tau_t) from these alone.
     """
 
     def __init__(self, x: torch.Tensor, root_level: int = 1, invalid_child_slots: str = "official",
                  weighted: bool = False):
         self.frames, self.height, self.width, dim = x.shape
         self.weighted = weighted
-        levels = build_levels(x, root_level, invalid_child_slots, weighted)
+        levels, units = build_levels(x, root_level, invalid_child_slots, weighted)
         device, t = x.device, self.frames
-        acc = torch.promote_types(x.dtype, torch.float32)
+        acc = accumulation_dtype(x.dtype)
         sizes = [lv.features.shape[1:3] for lv in levels]
         counts = [h * w for h, w in sizes]
-        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        self.offsets = [sum(counts[:i]) for i in range(len(counts))]  # first position of each level
         self.per_frame = sum(counts)
-        self.features = torch.cat([lv.features.reshape(t, -1, dim) for lv in levels], dim=1)  # (T, F, D)
+        self.level_features = [lv.features.reshape(t, -1, dim) for lv in levels]  # (T, h w, D) each
         boxes, parents, stops, reaches = [], [], [], []
         reach = torch.full((t,) + tuple(sizes[0]), -math.inf, dtype=acc, device=device)
         for i, lv in enumerate(levels):
@@ -243,7 +337,7 @@ class Quadtree:
                 parents.append(torch.full((h * w,), -1, device=device))
             else:
                 ph, pw = parent_index(h, device), parent_index(w, device)
-                parents.append((offsets[i - 1] + ph[:, None] * sizes[i - 1][1] + pw[None, :]).reshape(-1))
+                parents.append((self.offsets[i - 1] + ph[:, None] * sizes[i - 1][1] + pw[None, :]).reshape(-1))
             if i + 1 < len(levels):
                 nh, nw = sizes[i + 1]
                 grid = torch.maximum(reach, stop)
@@ -255,7 +349,8 @@ class Quadtree:
         self.parent = torch.cat(parents)  # (F,) -1 at the roots
         self.key = (torch.arange(t, device=device)[:, None] * (self.height * self.width)
                     + (self.boxes[:, 0] * self.width + self.boxes[:, 1])[None, :]).reshape(-1)  # (T F,)
-        self.pairs, self.pair_cos = self.temporal_candidates(acc)
+        self.pairs, self.pair_cos = self.temporal_candidates(units)
+        self.counter = TokenCounter(self.reach, self.stop, self.pairs, self.pair_cos)
 
     def ancestor_pairs(self) -> torch.Tensor:
         """(Q, 2) (u, v) grid positions of one frame with u an ancestor of v or v itself."""
@@ -268,22 +363,37 @@ class Quadtree:
             u, v = self.parent[u[has]], v[has]
             out.append(torch.stack([u, v], dim=1))
 
-    def temporal_candidates(self, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Containment pairs of consecutive frames (both directions) and their cosine, float32."""
-        device = self.features.device
+    def temporal_candidates(self, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Containment pairs of consecutive frames (both directions) and their cosine, float32, from the
+        units (T, F, D) of :func:`temporal_units`: every (frame t, frame t + 1) cosine by one batched
+        matmul, read at the pairs."""
+        device = unit.device
         if self.frames < 2:
-            return torch.zeros(0, 2, dtype=torch.long, device=device), torch.zeros(0, dtype=acc, device=device)
+            return torch.zeros(0, 2, dtype=torch.long, device=device), torch.zeros(0, dtype=unit.dtype, device=device)
         anc = self.ancestor_pairs()
         proper = anc[anc[:, 0] != anc[:, 1]]
         local = torch.cat([anc, proper.flip(1)])  # (Q', 2): (position in frame t, position in frame t+1)
-        x = self.features.to(acc)
-        unit = x / (x.norm(dim=-1, keepdim=True) + TEMPORAL_EPS)
         cos = torch.bmm(unit[:-1], unit[1:].transpose(1, 2))  # (T-1, F, F)
         cos = cos[:, local[:, 0], local[:, 1]].reshape(-1)
         base = torch.arange(self.frames - 1, device=device)[:, None] * self.per_frame
         first = (base + local[None, :, 0]).reshape(-1)
         second = (base + self.per_frame + local[None, :, 1]).reshape(-1)
         return torch.stack([first, second], dim=1), cos
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(n, D) the features (input dtype) of node ids (n,): one gather from the leaf level for all
+        (a non-leaf reads a stand-in row), then the few non-leaf rows overwritten from their levels."""
+        frame, position = ids // self.per_frame, ids % self.per_frame
+        *upper, leaves = self.level_features
+        size = leaves.shape[1]
+        out = leaves.reshape(-1, leaves.shape[-1]).index_select(
+            0, frame * size + (position - self.offsets[-1]).clamp(min=0))
+        for offset, table in zip(self.offsets, upper):
+            size = table.shape[1]
+            here = ((position >= offset) & (position < offset + size)).nonzero().squeeze(1)
+            flat = frame[here] * size + position[here] - offset
+            out.index_copy_(0, here, table.reshape(-1, table.shape[-1]).index_select(0, flat))
+        return out
 
     # -- one threshold pair --------------------------------------------------------------------------
     def nodes(self, tau_s: float) -> torch.Tensor:
@@ -301,32 +411,41 @@ class Quadtree:
         where[nodes] = torch.arange(n, device=nodes.device)
         ends = where[self.pairs]
         edges = ends[(ends >= 0).all(dim=1) & (self.pair_cos >= tau_t)]
-        return component_labels(n, edges)
+        return torch.from_numpy(component_labels(n, edges.cpu().numpy())).to(nodes.device)
 
     def count(self, tau_s: float, tau_t: Optional[float]) -> int:
-        """Number of tokens STTM keeps at (tau_s, tau_t)."""
-        label = self.components(self.nodes(tau_s), tau_t)
-        return int((label == torch.arange(len(label), device=label.device)).sum())
+        """Number of tokens STTM keeps at (tau_s, tau_t) (:class:`TokenCounter`)."""
+        return self.counter(tau_s, tau_t)
 
     def merge(self, tau_s: float, tau_t: Optional[float]) -> Merged:
         """The tokens at (tau_s, tau_t): each component's mean (unweighted over its nodes, or over its
-        patches when ``weighted``) at its first node's slot."""
+        patches when ``weighted``) at its first node's slot, summed in the nodes' order (first node, then
+        the others by ``index_add_``) in float32 (float64 input: float64)."""
         nodes = self.nodes(tau_s)
         label = self.components(nodes, tau_t)
         n = len(nodes)
         first = label == torch.arange(n, device=label.device)
-        x = self.features.reshape(-1, self.features.shape[-1])[nodes]
-        acc = torch.promote_types(x.dtype, torch.float32)
-        positions = nodes % self.per_frame
-        w = self.patches[positions].to(acc) if self.weighted else torch.ones(n, dtype=acc, device=x.device)
-        total = torch.zeros(n, x.shape[1], dtype=acc, device=x.device).index_add_(0, label, x.to(acc) * w[:, None])
-        weight = torch.zeros(n, dtype=acc, device=x.device).index_add_(0, label, w)
-        members = torch.zeros(n, dtype=torch.long, device=x.device).index_add_(0, label, torch.ones_like(label))
+        acc = accumulation_dtype(self.level_features[0].dtype)
+        slot = torch.cumsum(first, dim=0) - 1  # (n,) each first node's place among the kept
+        rest = (~first).nonzero().squeeze(1)
+        to = slot[label[rest]]  # (n - m,) the kept place each other node adds to
         kept = nodes[first]
+        gathered = self.rows(torch.cat([kept, nodes[rest]])).to(acc)  # (n, D): the kept, then the others
+        total, others = gathered[:len(kept)], gathered[len(kept):]
+        members = torch.ones(len(kept), dtype=torch.long, device=label.device).index_add_(
+            0, to, torch.ones_like(to))
+        if self.weighted:
+            w = self.patches[nodes % self.per_frame].to(acc)
+            total *= w[first, None]
+            others = others * w[rest, None]
+            weight = w[first].index_add_(0, to, w[rest])
+        else:
+            weight = members.to(acc)
+        total.index_add_(0, to, others)
         frame = kept // self.per_frame
         box = self.boxes[kept % self.per_frame]
-        rows = (total[first] / weight[first, None]).to(x.dtype)
-        return Merged(self.key[kept], rows, torch.cat([frame[:, None], box], dim=1), n, members[first])
+        rows = total.div_(weight[:, None]).to(self.level_features[0].dtype)
+        return Merged(self.key[kept], rows, torch.cat([frame[:, None], box], dim=1), n, members)
 
 
 # -- retention -> thresholds -----------------------------------------------------------------------
@@ -355,7 +474,8 @@ def calibrate(tree: Quadtree, k: int, fixed_s: Optional[float], fixed_t: Optiona
               anchor_t: float, temporal: bool, steps: int) -> Thresholds:
     """The least merging lam on the path whose count is <= k: bisection over [0, lam_max] (lam_max puts
     every free threshold at -1: every parent stops, every containment pair merges), ``steps`` halvings,
-    stopping early at a count of exactly k; lam_max when even that keeps more than k (the video's floor)."""
+    stopping early at a count of exactly k; lam_max when even that keeps more than k (the video's floor).
+    Each step is one :meth:`Quadtree.count` (masks and a label propagation; no cosine is recomputed)."""
     free = [a for a, f in ((anchor_s, fixed_s), (anchor_t, fixed_t if temporal else 0.0)) if f is None]
     lam_max = max(2.0 / (1.0 - a) for a in free)
 
@@ -404,6 +524,14 @@ def video_grid(tokens) -> VideoGrid:
         raise ValueError(f"sttm: merges a whole video grid, but the sample has {len(cell)} visual tokens for "
                          f"{t} frames of {h} x {w} (an earlier stage removed some: put sttm first)")
     return VideoGrid(torch.argsort(cell), t, h, w)
+
+
+def sample_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """hidden[rows] (n, D) of one sample's hidden states (s, D): a view when ``rows`` is one ascending run
+    (a video's tokens in one block, frame by frame in raster order: the usual layout), else a gather."""
+    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool((rows.diff() == 1).all()):
+        return hidden[int(rows[0]):int(rows[0]) + len(rows)]
+    return hidden[rows]
 
 
 @dataclass
@@ -472,7 +600,7 @@ class STTM(PruningMethod):
                 tokens = ctx.visual_tokens(b)
                 grid = video_grid(tokens)
                 rows = tokens.positions[grid.order]
-                x = ctx.hidden_states[b, rows].reshape(grid.frames, grid.height, grid.width, -1)
+                x = sample_rows(ctx.hidden_states[b], rows).reshape(grid.frames, grid.height, grid.width, -1)
                 tree = Quadtree(x, self.root_level, self.invalid_child_slots, self.weighted_average)
                 thresholds = self.thresholds(tree, int(k))
                 result = tree.merge(thresholds.tau_s, thresholds.tau_t)

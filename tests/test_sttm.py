@@ -414,3 +414,165 @@ def test_retention_sweep_measures_the_share(name):
         assert t.kept[0] <= sharp.budget(n, r) or t.lam[0] == pytest.approx(2 / 0.15)
         shares.append(t.share[0])
     assert shares == sorted(shares, reverse=True) and shares[0] <= 0.5 and shares[0] > shares[-1]
+
+
+# -- the fast path against a straightforward torch computation, bit for bit -------------------------
+# The method pools in place from strided views, shares the temporal units with the stop test, counts in
+# numpy and gathers only the merged rows; the plain version below gathers every official child slot,
+# calls F.cosine_similarity, recomputes every cosine per video and sums each component in a loop. Same
+# arithmetic, so every statistic, pair cosine, count and merged row must be EQUAL (float32 and bfloat16
+# states on the fast path's shared units; float64 on its separate cosine units).
+
+
+def plain_quadtree(x: torch.Tensor, root: int, slots: str, weighted: bool):
+    """(features (T, F, D) input dtype, stop (T, F), reach (T, F), boxes [(y0, x0, y1, x1)] * F): the
+    levels root to leaf, raster order, by explicit loops over the parents."""
+    import torch.nn.functional as F
+
+    acc = torch.promote_types(x.dtype, torch.float32)
+    t, h, w, dim = x.shape
+    sizes = ref_sizes(h, w)
+    sizes = sizes[min(root, len(sizes) - 1):]
+    feats = [x]
+    spans = [([(i, i + 1) for i in range(h)], [(j, j + 1) for j in range(w)])]
+    stops = [torch.full((t, h, w), math.inf, dtype=acc)]
+    for ph, pw in reversed(sizes[:-1]):
+        child, (row_span, col_span) = feats[0], spans[0]
+        groups_r, groups_c = ref_groups(child.shape[1]), ref_groups(child.shape[2])
+        parent = torch.empty(t, ph, pw, dim, dtype=x.dtype)
+        stop = torch.empty(t, ph, pw, dtype=acc)
+        for i, rows in enumerate(groups_r):
+            for j, cols in enumerate(groups_c):
+                total, weight, reads = torch.zeros(t, dim, dtype=acc), 0.0, []
+                for a in (0, 1):
+                    for b in (0, 1):
+                        valid = a < len(rows) and b < len(cols)
+                        r, c = (rows[a], cols[b]) if valid else (0, 0)
+                        size = (row_span[r][1] - row_span[r][0]) * (col_span[c][1] - col_span[c][0])
+                        wk = (float(size) if weighted else 1.0) if valid else 0.0
+                        total += child[:, r, c].to(acc) * wk
+                        weight += wk
+                        if valid or slots == "official":
+                            reads.append(child[:, r, c])
+                parent[:, i, j] = (total / weight).to(x.dtype)
+                cos = F.cosine_similarity(parent[:, i, j].to(acc)[:, None], torch.stack(reads, 1).to(acc), dim=-1)
+                stop[:, i, j] = cos.min(dim=1).values
+        feats.insert(0, parent)
+        stops.insert(0, stop)
+        spans.insert(0, ([(row_span[g[0]][0], row_span[g[-1]][1]) for g in groups_r],
+                         [(col_span[g[0]][0], col_span[g[-1]][1]) for g in groups_c]))
+    boxes = [(y0, x0, y1, x1) for rs, cs in spans for (y0, y1) in rs for (x0, x1) in cs]
+    reach = [torch.full((t, *sizes[0]), -math.inf, dtype=acc)]
+    for level in range(1, len(feats)):
+        above = torch.maximum(reach[-1], stops[level - 1])
+        gr, gc = ref_groups(sizes[level][0]), ref_groups(sizes[level][1])
+        parent_r = [i for i, g in enumerate(gr) for _ in g]
+        parent_c = [j for j, g in enumerate(gc) for _ in g]
+        reach.append(above[:, parent_r][:, :, parent_c])
+    flat = lambda levels: torch.cat([v.reshape(t, -1, *v.shape[3:]) for v in levels], dim=1)
+    return flat(feats), flat(stops), flat(reach), boxes
+
+
+def plain_pair_cos(features: torch.Tensor, boxes) -> dict:
+    """{(id in frame t, id in frame t + 1): cos} for every pair of nested boxes (either way), from one
+    batched matmul of x / (||x|| + 1e-8) over all nodes."""
+    t, f, _ = features.shape
+    x = features.to(torch.promote_types(features.dtype, torch.float32))
+    unit = x / (x.norm(dim=-1, keepdim=True) + 1e-8)
+    cos = torch.bmm(unit[:-1], unit[1:].transpose(1, 2))
+    inside = lambda a, b: b[0] <= a[0] and b[1] <= a[1] and a[2] <= b[2] and a[3] <= b[3]
+    nested = [(u, v) for u in range(f) for v in range(f) if inside(boxes[u], boxes[v]) or inside(boxes[v], boxes[u])]
+    return {(s * f + u, (s + 1) * f + v): float(cos[s, u, v]) for s in range(t - 1) for u, v in nested}
+
+
+def plain_merge(features, stop, reach, boxes, width, tau_s, tau_t, pair_cos, weighted):
+    """(cells, rows (n, D)) at (tau_s, tau_t): tokens sorted by top-left cell, components by union-find over
+    the pairs, each summed member by member in token order."""
+    t, f, dim = features.shape
+    acc = torch.promote_types(features.dtype, torch.float32)
+    height = max(b[2] for b in boxes)
+    ids = [i for i in range(t * f) if reach.reshape(-1)[i] < tau_s <= stop.reshape(-1)[i]]
+    key = lambda i: (i // f) * height * width + boxes[i % f][0] * width + boxes[i % f][1]
+    ids.sort(key=key)
+    root = {i: i for i in ids}
+
+    def find(i):
+        while root[i] != i:
+            i = root[i]
+        return i
+    for (a, b), cos in pair_cos.items():
+        if tau_t is not None and a in root and b in root and cos >= tau_t:
+            ra, rb = find(a), find(b)
+            root[max(ra, rb, key=key)] = min(ra, rb, key=key)
+    cells, rows = [], []
+    for first in [i for i in ids if find(i) == i]:
+        total, weight = torch.zeros(dim, dtype=acc), torch.zeros((), dtype=acc)
+        for i in [i for i in ids if find(i) == first]:
+            y0, x0, y1, x1 = boxes[i % f]
+            wk = torch.tensor(float((y1 - y0) * (x1 - x0)) if weighted else 1.0, dtype=acc)
+            total += features[i // f, i % f].to(acc) * wk
+            weight += wk
+        cells.append(key(first))
+        rows.append((total / weight).to(features.dtype))
+    return cells, torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("h,w,root,slots,weighted", [(14, 14, 1, "official", False), (13, 9, 1, "official", True),
+                                                      (7, 7, 0, "masked", False), (6, 11, 1, "masked", True),
+                                                      (9, 4, 0, "official", False)])
+def test_fast_path_equals_plain_computation(h, w, root, slots, weighted, dtype):
+    x = torch.tensor(blocky_video(4, h, w, 24, seed=h * 13 + w) + 3.0).to(dtype)
+    tree = Quadtree(x, root, slots, weighted)
+    features, stop, reach, boxes = plain_quadtree(x, root, slots, weighted)
+    f = len(boxes)
+    assert tree.per_frame == f and tree.boxes.tolist() == [list(b) for b in boxes]
+    assert torch.equal(torch.cat(tree.level_features, dim=1), features)
+    assert torch.equal(tree.stop, stop.reshape(-1)) and torch.equal(tree.reach, reach.reshape(-1))
+    pair_cos = plain_pair_cos(features, boxes)
+    assert dict(zip(map(tuple, tree.pairs.tolist()), tree.pair_cos.tolist())) == pair_cos
+    internal = stop[torch.isfinite(stop)]
+    cosines = torch.tensor(list(pair_cos.values()))
+    for qs, qt in [(0.3, 0.3), (0.6, 0.8), (0.9, None), (0.5, 0.05)]:
+        tau_s = float(internal.quantile(qs)) if len(internal) else 2.0
+        tau_t = None if qt is None else float(cosines.quantile(qt))  # on a cosine: ties decide by >=
+        cells, rows = plain_merge(features, stop, reach, boxes, w, tau_s, tau_t, pair_cos, weighted)
+        merged = tree.merge(tau_s, tau_t)
+        assert merged.cells.tolist() == cells and torch.equal(merged.features, rows)
+        assert tree.count(tau_s, tau_t) == len(cells)
+
+
+def test_calibration_equals_plain_bisection():
+    """calibrate's steps are the plain bisection's, counted by merging (not by the counter)."""
+    x = torch.tensor(blocky_video(6, 14, 14, 16, seed=9)).float()
+    tree = Quadtree(x, 1)
+    for k in (400, 200, 60, 20):
+        lo, hi = 0.0, 2 / (1 - 0.85)  # lam_max: tau_s = -1 (and tau_t < -1)
+        count = lambda lam: len(tree.merge(1 - lam * (1 - 0.85), 1 - lam * (1 - 0.60)).cells)
+        expected = None
+        if count(0.0) <= k:
+            expected = (0.0, count(0.0))
+        elif count(hi) > k:
+            expected = (hi, count(hi))
+        else:
+            best = (hi, count(hi))
+            for _ in range(20):
+                mid = (lo + best[0]) / 2
+                c = count(mid)
+                if c == k:
+                    best = (mid, c)
+                    break
+                best, lo = ((mid, c), lo) if c < k else (best, mid)
+            expected = best
+        found = calibrate(tree, k, None, None, 0.85, 0.60, True, 20)
+        assert (found.lam, found.count) == expected
+
+
+def test_sample_rows_is_a_view_of_one_run():
+    from baselines.sttm import sample_rows
+
+    hidden = torch.randn(20, 3)
+    run = sample_rows(hidden, torch.arange(4, 12))
+    assert run.data_ptr() == hidden[4].data_ptr() and torch.equal(run, hidden[4:12])
+    scattered = torch.tensor([4, 6, 5, 9])
+    assert torch.equal(sample_rows(hidden, scattered), hidden[scattered])
