@@ -338,9 +338,9 @@ class LayerRows:
         return self.hidden_states[b, self._seq.visual_positions(b)]
 
 
-class SessionContext:
-    """What one method sees of its ``sharp.prune`` session outside a stage: in ``install`` (watch layers,
-    add hooks) and in ``after_prefill`` (read recorded layer inputs, edit the KV cache)."""
+class _OwnerView:
+    """What every session-level context of one method shares: the backbone's facts, the method's trace
+    namespace and scratch space, and the session's clock."""
 
     def __init__(self, session: "PruningSession", owner: int):
         self._session = session
@@ -350,9 +350,6 @@ class SessionContext:
     backbone_name = property(lambda self: self._session.backbone.name)
     backbone_family = property(lambda self: self._session.backbone.family)
     num_layers = property(lambda self: self._session.plan.num_layers)
-    layout = property(lambda self: self._session.prefill.layout)  # of the current (or last) prefill
-    phase = property(lambda self: self._session.phase)  # "prefill" | "probe" | "decode" | None
-    prefill_inputs = property(lambda self: self._session.prefill.prefill_inputs)
 
     @property
     def trace(self) -> SimpleNamespace:
@@ -361,16 +358,25 @@ class SessionContext:
 
     @property
     def state(self) -> SimpleNamespace:
-        """The method's scratch space for this prefill."""
+        """The method's scratch space of the last prefill (it lasts through the decode steps after it)."""
         return self._session.prefill.method_state(self.owner)
+
+    def timed(self, key: str):
+        """``with ctx.timed(key): ...``: the block's time (session clock, GPU synced) into
+        ``stage_times[key]``."""
+        return self._session.trace.timed(key, self.backbone.device)
+
+
+class SessionContext(_OwnerView):
+    """What one method sees of its ``sharp.prune`` session outside a stage: in ``install`` (watch layers,
+    add hooks) and in ``after_prefill`` (read recorded layer inputs, edit the KV cache)."""
+
+    layout = property(lambda self: self._session.prefill.layout)  # of the current (or last) prefill
+    phase = property(lambda self: self._session.phase)  # "prefill" | "probe" | "decode" | None
+    prefill_inputs = property(lambda self: self._session.prefill.prefill_inputs)
 
     def add_time(self, key: str, seconds: float) -> None:
         self._session.trace.add_time(key, seconds)
-
-    def timed(self, key: str):
-        """``with ctx.timed("memory"): ...``: the block's time (session clock, GPU synced) into
-        ``stage_times[key]``."""
-        return self._session.trace.timed(key, self.backbone.device)
 
     # -- in install --------------------------------------------------------------------------------
     def watch_layers(self, fn: Callable[[LayerRows], None], where: str = "input") -> None:
@@ -432,7 +438,7 @@ def _segment_restriction(seq: SeqState, segment_of_index: Sequence[torch.Tensor]
     return SegmentRestriction(seg, visual_sees_text=visual_sees_text)
 
 
-class DecodeContext:
+class DecodeContext(_OwnerView):
     """What ``decode_select`` sees: one decode step, before decoder layer ``layer_idx`` (a layer in the
     method's ``decode_stages``). The step's query is the token being decoded; the visual entries are
     those of this layer's KV cache (the prefill's kept visual tokens, in cache order)."""
@@ -440,29 +446,10 @@ class DecodeContext:
     phase = "decode"
 
     def __init__(self, session: "PruningSession", layer: int, owner: int):
-        self._session = session
+        super().__init__(session, owner)
         self.layer_idx = layer
-        self.owner = owner
 
-    backbone = property(lambda self: self._session.backbone)  # the engine's (and tests'); methods use the facts
-    backbone_name = property(lambda self: self._session.backbone.name)
-    backbone_family = property(lambda self: self._session.backbone.family)
-    num_layers = property(lambda self: self._session.plan.num_layers)
     step = property(lambda self: self._session.kv.step_index)  # 0: the first decode step after the prefill
-
-    @property
-    def trace(self) -> SimpleNamespace:
-        """The method's namespace on the trace."""
-        return self._session.prefill.method_trace(self.owner)
-
-    @property
-    def state(self) -> SimpleNamespace:
-        """The method's scratch space of the last prefill: it lasts through the decode steps after it."""
-        return self._session.prefill.method_state(self.owner)
-
-    def timed(self, key: str):
-        """``with ctx.timed(key): ...``: the block's time (session clock, GPU synced) into ``stage_times``."""
-        return self._session.trace.timed(key, self.backbone.device)
 
     def _rows(self) -> torch.Tensor:
         return self._session.kv.cache_visual_index[self.layer_idx]  # (b, kv_prefill) ORIGINAL id or -1
