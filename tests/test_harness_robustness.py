@@ -192,7 +192,7 @@ def test_bad_values_fail_before_any_work_with_one_line(overrides, needle, tmp_pa
 
 @pytest.mark.parametrize("argv,needle", [
     (["foo=1"], "error: foo=1: 'foo' is not a key of the config"),
-    (["method=nosuch"], "error: method=nosuch: no configs/method/nosuch.yaml; accepted values: compose, divprune, fastv"),
+    (["method=nosuch"], "error: method=nosuch: no configs/method/nosuch.yaml; accepted values: compose, divprune, dycoke, fastv"),
     (["tasks=nosuch"], "error: tasks=nosuch: no configs/tasks/nosuch.yaml; accepted values: "),
     (["limit=["], "error: limit=[: cannot parse this override"),
 ])
