@@ -386,7 +386,6 @@ class FlashVID(PruningMethod):
     official_positions = "compact"  # the official LLM sees the compressed sequence (auto: on 1-D RoPE)
     identity_at_full_retention: ClassVar[bool] = False  # r = 1 keeps every token before the LLM, 30 % from layer 20
     input_dependent_schedule: ClassVar[bool] = True  # the segments, TSTM roots and cluster ceilings
-    retention: float = 0.25  # r (retention_ratio)
     expansion: float = 1.25  # e: pre-LLM budget B = ceil(N r e) per frame
     alpha: float = 0.7  # ADTS share of B: A = ceil(alpha B)
     token_selection: str = "attn_div_v2"  # "attn_div_v2" (LLaVA script) | "attn_div" (Qwen) | "attn" | "div"

@@ -139,8 +139,10 @@ class PruningSession:
                 raise ValueError(f"{self.plan.keys[owner]}: a decode selection cannot replace hidden states")
             kept = None
             if selection.keep_visual is not None:
-                kept = [ctx.visual_index(b)[torch.as_tensor(k, device=ctx.visual_index(b).device).long()].sort().values
-                        for b, k in enumerate(selection.keep_visual)]
+                kept = []
+                for b, k in enumerate(selection.keep_visual):
+                    index = ctx.visual_index(b)  # (n_b,) ORIGINAL ids of the layer's cached visual entries
+                    kept.append(index[torch.as_tensor(k, device=index.device).long()].sort().values)
             self.trace.record_decode_selection(self.kv.step_index, idx, self.plan.keys[owner], kept)
             chosen.append(kept)
         return chosen
