@@ -208,3 +208,40 @@ def test_fastvid_offline_without_the_head_stops_in_the_preflight(tmp_path):
                           env=_env(HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, HF_HOME=tmp_path / "hf"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "google/siglip-so400m-patch14-384" in proc.stderr and "attention-pooling head" in proc.stderr
+
+
+def test_offline_with_the_replica_only_the_weights_are_missing(tmp_path):
+    """With the benchmarks' data in HF_HOME (scripts/make_replicas.py's layout), the offline preflight
+    of a hub backbone lists the weights alone: the datasets and video folders are where lmms-eval reads them."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import make_replicas
+
+    make_replicas.make_replicas(tmp_path / "hf", docs=1, benchmarks=["mvbench", "mlvu"])
+    proc = subprocess.run([*RUN, "backbone=llava_onevision_7b", "tasks=mvbench", f"results_dir={tmp_path}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env=_env(HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1, HF_HOME=tmp_path / "hf"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    missing = [line for line in proc.stderr.splitlines() if line.startswith("  - ")]
+    assert missing == [line for line in missing if "llava-hf/llava-onevision-qwen2-7b-ov-hf" in line] and len(missing) == 1
+    assert "OpenGVLab/MVBench:" not in proc.stderr  # no dataset line: the replica's snapshot and videos are found
+
+
+def test_a_task_module_that_is_not_installed_is_one_message(monkeypatch, tmp_path):
+    """lmms-eval's task code imports modules at its top (videomme: cv2): a missing one is named with its
+    package before anything loads, online or offline, instead of a traceback from the task loader."""
+    import dataclasses
+
+    from sharp.harness import benchmarks, resources
+
+    patched = dataclasses.replace(benchmarks.BENCHMARKS["videomme"], imports=(("no_such_module_sharp", "no-such-pkg"),))
+    monkeypatch.setitem(benchmarks.BENCHMARKS, "videomme", patched)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for flag in resources.OFFLINE_FLAGS:
+        monkeypatch.delenv(flag, raising=False)
+    with pytest.raises(HarnessError, match=r"task videomme imports no_such_module_sharp, which is not installed "
+                                           r"\(pip install no-such-pkg\)"):
+        resources.preflight("tiny_llava_onevision", ["videomme"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingResourceError, match=r"(?s)lmms-eval/Video-MME.*Also: lmms-eval's task videomme imports"):
+        resources.preflight("tiny_llava_onevision", ["videomme"])
+    assert resources.preflight("tiny_llava_onevision", ["sharp_synthetic"]) == []

@@ -216,7 +216,10 @@ def _real_video(t=4, h=360, w=640, seed=0):
 
 
 def test_qwen2_5_vl_layout_matches_hf_processor():
-    from transformers import Qwen2VLImageProcessor
+    try:  # the PIL processor (5.x: the default class is torchvision's where torchvision is installed)
+        from transformers import Qwen2VLImageProcessorPil as Qwen2VLImageProcessor
+    except ImportError:  # 4.57: the default is the PIL one
+        from transformers import Qwen2VLImageProcessor
 
     cfg = json.loads((PROCESSORS / "Qwen2.5-VL-7B-Instruct" / "preprocessor_config.json").read_text())
     proc = Qwen2VLImageProcessor(**{k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class")})
@@ -237,7 +240,10 @@ def test_qwen2_5_vl_layout_matches_hf_processor():
 
 
 def test_qwen3_vl_layout_and_positions_match_hf():
-    from transformers import Qwen2VLImageProcessor
+    try:  # the PIL processor (5.x: the default class is torchvision's where torchvision is installed)
+        from transformers import Qwen2VLImageProcessorPil as Qwen2VLImageProcessor
+    except ImportError:  # 4.57: the default is the PIL one
+        from transformers import Qwen2VLImageProcessor
 
     cfg = json.loads((PROCESSORS / "Qwen3-VL-8B-Instruct" / "video_preprocessor_config.json").read_text())
     # Qwen3VLVideoProcessor needs torchvision; its patch layout is Qwen2-VL's with the Qwen3 sizes

@@ -122,6 +122,12 @@ def test_write_video_validates(tmp_path):
 # ----------------------------------------------------------------------------- SigLIP (LLaVA-OV)
 
 
+def _slow_processor(transformers, name: str):
+    """The PIL (slow) image processor ``name``: 5.x's default class is the torchvision one where
+    torchvision is installed (``<name>Pil`` is the PIL one); 4.57's default is the PIL one."""
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
 def _random_frames(t, h, w, seed=0):
     return np.random.RandomState(seed).randint(0, 256, size=(t, h, w, 3), dtype=np.uint8)
 
@@ -134,7 +140,7 @@ def test_siglip_matches_transformers(size, shape):
     assert ours.shape == (shape[0], 3, size, size) and ours.dtype == torch.float32
 
     # 1) slow SiglipImageProcessor (mean = std = 0.5, bicubic) at size x size
-    proc = transformers.SiglipImageProcessor(size={"height": size, "width": size})
+    proc = _slow_processor(transformers, "SiglipImageProcessor")(size={"height": size, "width": size})
     ref = proc(images=list(frames), return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
@@ -170,7 +176,7 @@ def test_qwen2vl_preprocess_matches_transformers(t, h, w, kwargs):
     transformers = pytest.importorskip("transformers")
     frames = _random_frames(t, h, w, seed=t + h)
     ours, grid = qwen2vl_preprocess(frames, **kwargs)
-    proc = transformers.Qwen2VLImageProcessor(
+    proc = _slow_processor(transformers, "Qwen2VLImageProcessor")(
         min_pixels=kwargs.get("min_pixels", 3136),
         max_pixels=kwargs.get("max_pixels", 602112),
         patch_size=kwargs.get("patch_size", 14),

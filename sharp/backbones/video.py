@@ -38,10 +38,18 @@ Qwen2-VL (``lmms_eval/models/simple/qwen2_vl.py`` + ``qwen_vl_utils/vision_proce
     the OpenAI CLIP mean/std and cuts ``2 x 14 x 14`` patches in merge-2 order. That is
     :func:`qwen2vl_sample_frames` + :func:`qwen2vl_preprocess`.
 
+    The two formulas of step 1 and 2 (``smart_nframes``, ``smart_resize``) are qwen-vl-utils' own
+    functions wherever it imports (:func:`qwen_vl_utils_module`); only the 32 kept frames are
+    decoded (the same frames: lmms-eval keeps a subset of what qwen-vl-utils decodes). qwen-vl-utils
+    imports torchvision, which a CPU-only torch wheel has no match for on PyPI; there the copies
+    below compute them (``tests/test_qwen_vl_utils.py`` checks both equal, and the frames and sizes
+    of ``qwen_vl_utils.fetch_video`` equal to :func:`qwen2vl_sample_frames`'s).
+
 All frame arrays are ``np.uint8`` RGB of shape ``(T, H, W, 3)``.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -57,6 +65,7 @@ FramesLike = Union[np.ndarray, torch.Tensor, Sequence]
 
 __all__ = [
     "VideoError",
+    "qwen_vl_utils_module",
     "write_video",
     "uniform_frame_indices",
     "load_frames_uniform",
@@ -82,7 +91,7 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# qwen-vl-utils 0.0.14 constants (vision_process.py).
+# qwen-vl-utils 0.0.14 constants (vision_process.py; equal to the module's, tests/test_qwen_vl_utils.py).
 QWEN_FPS = 2.0
 QWEN_FRAME_FACTOR = 2
 QWEN_FPS_MIN_FRAMES = 4
@@ -101,6 +110,24 @@ class VideoError(ValueError):
 
     The message always names the file (or ``<array>`` for in-memory frames) and the problem.
     """
+
+
+@functools.lru_cache(maxsize=1)
+def qwen_vl_utils_module():
+    """``qwen_vl_utils.vision_process`` (qwen-vl-utils 0.0.14, what lmms-eval's Qwen wrappers call via
+    ``process_vision_info``), or ``None`` where it does not import.
+
+    It imports torchvision at module level. The PyPI torch builds have a matching torchvision
+    (``scripts/setup.sh``'s default line installs torch 2.15.0 with torchvision 0.29.2); a CPU-only
+    torch wheel (``2.13.0+cpu``) has none on PyPI (the PyPI torchvision fails there with ``operator
+    torchvision::nms does not exist``), so qwen-vl-utils cannot import and this module's copies of
+    its formulas are used instead.
+    """
+    try:
+        from qwen_vl_utils import vision_process
+    except Exception:  # noqa: BLE001 - ImportError (absent, no torchvision), RuntimeError (mismatched torchvision)
+        return None
+    return vision_process
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,9 +360,10 @@ def qwen2vl_smart_resize(
     """Target ``(height, width)``: multiples of ``factor`` with ``min_pixels <= h*w <= max_pixels``.
 
     ``flavor="transformers"`` is ``transformers.models.qwen2_vl.image_processing_qwen2_vl.
-    smart_resize``; ``flavor="qwen_vl_utils"`` is ``qwen_vl_utils.vision_process.smart_resize``.
-    They differ only in where the ``>= factor`` floor is applied: on the rounded size
-    (qwen-vl-utils) or on the shrunk size (transformers).
+    smart_resize``; ``flavor="qwen_vl_utils"`` is ``qwen_vl_utils.vision_process.smart_resize``
+    (called where it imports, :func:`qwen_vl_utils_module`; else the copy below). They differ only
+    in where the ``>= factor`` floor is applied: on the rounded size (qwen-vl-utils) or on the
+    shrunk size (transformers).
     """
     if flavor not in ("transformers", "qwen_vl_utils"):
         raise ValueError(f"flavor must be 'transformers' or 'qwen_vl_utils', got {flavor!r}")
@@ -346,6 +374,10 @@ def qwen2vl_smart_resize(
             f"absolute aspect ratio must be smaller than {QWEN_MAX_RATIO}, got {max(height, width) / min(height, width)}"
         )
     qvu = flavor == "qwen_vl_utils"
+    module = qwen_vl_utils_module() if qvu else None
+    if module is not None:
+        h_bar, w_bar = module.smart_resize(height, width, factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        return int(h_bar), int(w_bar)
     h_bar = round(height / factor) * factor  # Python round: half to even, as both sources
     w_bar = round(width / factor) * factor
     if qvu:
@@ -371,7 +403,8 @@ def qwen2vl_nframes(
     max_frames: int = QWEN_FPS_MAX_FRAMES,
     name: str = "<video>",
 ) -> int:
-    """qwen-vl-utils ``smart_nframes`` (``fps`` mode): how many frames it decodes.
+    """qwen-vl-utils ``smart_nframes`` (``fps`` mode): how many frames it decodes (its function where
+    it imports, :func:`qwen_vl_utils_module`; else the copy below).
 
     ``total / video_fps * fps`` clamped to ``[ceil2(min_frames), floor2(min(max_frames, total))]``
     and to ``total``, then floored to a multiple of ``FRAME_FACTOR = 2``.
@@ -379,6 +412,13 @@ def qwen2vl_nframes(
     Raises:
         VideoError: fewer than 2 frames would be kept (e.g. a 1-frame video).
     """
+    module = qwen_vl_utils_module()
+    if module is not None:
+        ele = {"fps": fps, "min_frames": min_frames, "max_frames": max_frames}
+        try:
+            return int(module.smart_nframes(ele, total_frames=total_frames, video_fps=video_fps))
+        except ValueError as err:
+            raise VideoError(f"video {name} has {total_frames} frames: qwen-vl-utils: {err}") from err
     f = QWEN_FRAME_FACTOR
     lo = math.ceil(min_frames / f) * f
     hi = math.floor(min(max_frames, total_frames) / f) * f
@@ -405,8 +445,8 @@ def qwen2vl_frame_indices(
     """Indices into the original video of the frames Qwen2-VL sees under lmms-eval.
 
     qwen-vl-utils reads ``torch.linspace(0, total - 1, nframes).round()`` (float32 linspace,
-    half-to-even rounding); lmms-eval keeps ``np.unique(np.linspace(0, nframes - 1,
-    max_num_frames, dtype=int))`` of those.
+    half-to-even rounding; inline in its ``_read_video_decord``, no function to call); lmms-eval
+    keeps ``np.unique(np.linspace(0, nframes - 1, max_num_frames, dtype=int))`` of those.
 
     Returns:
         ``(K,)`` int64 increasing, ``K = min(max_num_frames, nframes)`` (always even when

@@ -3,7 +3,8 @@
 Scores in ``summary.json`` use the paper's column names (``mvbench``, ``longvideobench``, ``mlvu``,
 ``videomme``, ``videomme_short|medium|long``) on the paper's 0-100 scale; the raw lmms-eval metrics
 are kept next to them. The data entries (hub id, revision, folder under ``$HF_HOME``) are the ones of
-the installed task yaml files (``tests/test_harness_resources.py`` checks them against lmms-eval).
+the installed task yaml files; ``scripts/make_replicas.py`` writes a miniature offline copy of each in
+that layout and ``tests/test_replicas.py`` runs lmms-eval's task code on it.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class Benchmark:
     video_dir: str            # folder under $HF_HOME where lmms-eval unpacks / links the videos
     revision: str = "main"
     subtasks_prefix: Optional[str] = None  # group without aggregate: average these subtasks
+    # modules the task's utils.py imports at its top, with the package that provides each
+    imports: tuple[tuple[str, str], ...] = ()
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -29,9 +32,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("mvbench", "mvbench", "mvbench_accuracy,none", 1.0, "OpenGVLab/MVBench", "mvbench_video",
                   revision="video", subtasks_prefix="mvbench_"),
         Benchmark("longvideobench_val_v", "longvideobench", "lvb_acc,none", 100.0, "longvideobench/LongVideoBench",
-                  "datasets/longvideobench"),
+                  "datasets/longvideobench", imports=(("decord", "decord"),)),
         Benchmark("mlvu_dev", "mlvu", "mlvu_percetion_score,none", 1.0, "sy1998/MLVU_dev", "mlvu"),
-        Benchmark("videomme", "videomme", "videomme_perception_score,none", 1.0, "lmms-eval/Video-MME", "videomme"),
+        Benchmark("videomme", "videomme", "videomme_perception_score,none", 1.0, "lmms-eval/Video-MME", "videomme",
+                  imports=(("cv2", "opencv-python-headless"),)),
     )
 }
 

@@ -129,6 +129,20 @@ def check_tasks(tasks: Iterable[str]) -> list[Missing]:
     return missing
 
 
+def missing_task_imports(tasks: Iterable[str]) -> Optional[str]:
+    """A line naming the package when a benchmark's task code imports a module that is not installed
+    (lmms-eval 0.7.3's videomme utils import cv2, longvideobench's decord, at their top: a missing one
+    would otherwise stop the run with a traceback from inside the task loader); None when all are there."""
+    import importlib.util
+
+    missing = [(task, module, package) for task in tasks if task in BENCHMARKS
+               for module, package in BENCHMARKS[task].imports if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    return "; ".join(f"lmms-eval's task {t} imports {m}, which is not installed (pip install {p})"
+                     for t, m, p in missing) + " - see requirements-lmms.txt"
+
+
 def format_missing(missing: list[Missing], *, backbone: str = "", tasks: Iterable[str] = ()) -> str:
     tasks = list(tasks)
     home = hf_home()
@@ -167,11 +181,16 @@ def format_missing(missing: list[Missing], *, backbone: str = "", tasks: Iterabl
 
 def preflight(backbone: str, tasks: Iterable[str], hub_id: Optional[str] = None,
               method: Optional[str] = None) -> list[Missing]:
-    """Raise MissingResourceError when offline and something is missing; return what is missing."""
+    """Raise MissingResourceError when offline and something is missing; return what is missing. A task
+    whose code needs an uninstalled module is a HarnessError, online or not (named in both errors)."""
     tasks = list(tasks)
+    imports = missing_task_imports(tasks)
     missing = check_weights(backbone, hub_id) + check_method_weights(backbone, method, hub_id) + check_tasks(tasks)
     if missing and offline_mode():
-        raise MissingResourceError(format_missing(missing, backbone=backbone, tasks=tasks))
+        raise MissingResourceError(format_missing(missing, backbone=backbone, tasks=tasks)
+                                   + (f"\nAlso: {imports}" if imports else ""))
+    if imports:
+        raise HarnessError(imports)
     return missing
 
 

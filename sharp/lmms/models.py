@@ -11,10 +11,11 @@ Per request the wrapper records visual tokens before/after pruning, prefill mill
 TFLOPs (paper convention) and peak memory in ``self.request_stats``; the same numbers go to
 lmms-eval's throughput log (``results["throughput"]["avg_<key>"]``), so the CLI reports them too.
 
-A request whose video cannot be used (missing, empty, corrupt, undecodable, unsupported: any error
-while reading and sampling its frames) is answered with an empty string, logged with its reason and
-recorded as ``{"task", "doc_id", "failed": reason, "video"}`` in ``request_stats``; it never falls
-back to a text-only answer (lmms-eval's built-ins do). ``strict=true`` raises on the first such
+A video stored as a frame folder (MVBench's TVQA clips) is read as the video of its frames at 3 fps
+(:mod:`sharp.lmms.frame_folders`). A request whose video cannot be used (missing, empty, corrupt,
+undecodable, unsupported: any error while reading and sampling its frames) is answered with an empty
+string, logged with its reason and recorded as ``{"task", "doc_id", "failed": reason, "video"}`` in
+``request_stats``; it never falls back to a text-only answer (lmms-eval's built-ins do). ``strict=true`` raises on the first such
 request instead, and a run whose first requests all fail stops (that is the setup, not one video).
 
 ``batch_size`` > 1: requests with the same frame-array shape (hence the same visual layout) and
@@ -46,6 +47,7 @@ from lmms_eval.api.model import lmms
 
 from sharp.harness.resources import HarnessError, MissingResourceError, explain  # noqa: F401
 from sharp.lmms.args import ModelArgsError, nest_child_kwargs
+from sharp.lmms.frame_folders import FrameFolderVideos
 
 # Arguments that go to sharp.load_backbone when given (``pretrained``, lmms-eval's name, = ``checkpoint``).
 _BACKBONE_ARGS = ("pretrained", "checkpoint", "dtype", "attn_implementation", "num_frames", "random_weights",
@@ -371,6 +373,8 @@ class SharpVideoLMM(lmms):
         collection instead of its two (``Accelerator.free_memory`` collects, then ``clean`` collects again):
         each walks the whole heap, about 0.4 s a cell where one process runs many cells (a notebook, the
         tests); a cell run by ``run.py`` ends its process anyway."""
+        if self.__dict__.get("_frame_folders") is not None:
+            self._frame_folders.close()
         for name in list(vars(self)):
             if isinstance(getattr(self, name), torch.nn.Module):
                 delattr(self, name)
@@ -449,8 +453,11 @@ class SharpVideoLMM(lmms):
         return visuals
 
     def _decode(self, video) -> np.ndarray:
-        """The frames the backbone's reference reader gives; any error doing so is a VideoFailure."""
+        """The frames the backbone's reference reader gives; any error doing so is a VideoFailure. A frame
+        folder (MVBench's TVQA clips) is read as the video of its frames at 3 fps (:mod:`sharp.lmms.frame_folders`)."""
         try:
+            if isinstance(video, (str, os.PathLike)) and os.path.isdir(video):
+                video = self._frame_folder_videos().video(video)
             return self.bb.sample_frames(video)
         except MemoryError:
             raise
@@ -461,6 +468,12 @@ class SharpVideoLMM(lmms):
             if name not in reason:
                 reason += f" ({name})"
             raise VideoFailure(reason) from None
+
+    def _frame_folder_videos(self) -> FrameFolderVideos:
+        """The temporary videos of frame folders (made on first use, removed by :meth:`clean`)."""
+        if self.__dict__.get("_frame_folders") is None:
+            self._frame_folders = FrameFolderVideos()
+        return self._frame_folders
 
     def _fail(self, task: str, doc_id: Any, video: Any, reason: str) -> None:
         """Record a failed request (answered ''), or stop: strict, or the first requests all failed."""

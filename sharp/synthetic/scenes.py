@@ -28,6 +28,11 @@ Determinism: document ``i`` of split ``s`` with seed ``k`` comes from
 first benchmark's); the answer letter is balanced per question type over docs ``12b..12b+11``.
 Cache: ``<cache>/scenes/v<FORMAT_VERSION>/<split>_seed<seed>_n<n>/`` (same layout and mp4 writer
 as the first benchmark, :func:`sharp.synthetic.benchmark.materialize_split`).
+
+lmms-eval tasks: ``sharp_scenes`` (the 200-doc test split; ``tasks=scenes_test``, the default task of
+both scenes toys: ``python run.py backbone=toy_scenes_llava_onevision``) and ``sharp_scenes_default``
+(its first 24 docs; ``tasks=scenes``), in ``sharp/synthetic/lmms_task`` with the first benchmark's
+prompt, answer parser and generation settings; per question type metrics ``accuracy_<qtype>``.
 """
 from __future__ import annotations
 

@@ -64,6 +64,9 @@ _QWEN_CONFIG = {
         "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-06,
         "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
         "tie_word_embeddings": False,
+        # no bos/eos in the model config (the word-level tokenizer's eos stops generation): Qwen2-VL's
+        # text-config defaults (151643 / 151645) lie outside the 512-word vocabulary, which 5.x warns about
+        "bos_token_id": None, "eos_token_id": None,
     },
 }
 

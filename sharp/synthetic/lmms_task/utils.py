@@ -1,4 +1,8 @@
-"""lmms-eval hooks of the ``sharp_synthetic`` tasks.
+"""lmms-eval hooks of the tasks of both synthetic benchmarks: ``sharp_synthetic`` /
+``sharp_synthetic_default`` (:mod:`sharp.synthetic.benchmark`) and ``sharp_scenes`` /
+``sharp_scenes_default`` (:mod:`sharp.synthetic.scenes`). Both ask the same prompt
+(:func:`~sharp.synthetic.benchmark.format_prompt`) and are scored by the same parser; a stub row's
+``benchmark`` field (absent: the first benchmark) says which generator builds its docs.
 
 lmms-eval loads this file by path (``!function utils.x``), so ``sharp`` is imported
 absolutely, with the repository root added to ``sys.path`` when the package is not
@@ -13,25 +17,31 @@ import sys
 from pathlib import Path
 
 try:
-    from sharp.synthetic import benchmark as _bench
+    from sharp.synthetic import benchmark as _bench, scenes as _scenes
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from sharp.synthetic import benchmark as _bench
+    from sharp.synthetic import benchmark as _bench, scenes as _scenes
 
 LETTERS = _bench.LETTERS
-N_ENV = "SHARP_SYNTHETIC_N"  # overrides `n` of the non-"default" stub rows
+N_ENV = "SHARP_SYNTHETIC_N"  # overrides `n` of the non-"default" stub rows (both benchmarks)
+# stub row's `benchmark` -> the generator of its docs
+GENERATORS = {"synthetic": _bench, _scenes.NAME: _scenes}
 
 
 def sharp_synthetic_process_docs(dataset):
-    """Replace the stub rows (``split``, ``n``, ``seed``) by the generated docs."""
+    """Replace the stub rows (``benchmark`` (default "synthetic"), ``split``, ``n``, ``seed``) by the
+    generated docs."""
     import datasets
 
     docs = []
     for row in dataset:
+        name = row.get("benchmark") or "synthetic"
+        if name not in GENERATORS:
+            raise ValueError(f"stub row benchmark={name!r}; accepted values: {', '.join(GENERATORS)}")
         split, n, seed = row["split"], int(row["n"]), int(row.get("seed") or 0)
         if split != "default" and os.environ.get(N_ENV):
             n = int(os.environ[N_ENV])
-        docs.extend(_bench.ensure_split(split, n=n, seed=seed))
+        docs.extend(GENERATORS[name].ensure_split(split, n=n, seed=seed))
     return datasets.Dataset.from_list(docs)
 
 
