@@ -347,7 +347,7 @@ class HoliTom(PruningMethod):
             if len(tokens) != ctx.n_visual:
                 raise ValueError(f"holitom: the pre-LLM stage needs every visual token of the video ({ctx.n_visual}), "
                                  f"got {len(tokens)}: compose holitom first")
-            x = ctx.hidden_states[b, tokens.positions].view(frames, per_frame, -1)
+            x = ctx.rows(b, tokens.positions.view(frames, per_frame))  # (F, n, d), read-only
             attn = attention[b, tokens.index].view(frames, per_frame)
             kept_index, rows, info = self.plan_sample(x, attn, ctx.n_visual, official_order=self.compacts_at(0))
             hidden[b, tokens.positions[kept_index]] = rows.to(hidden.dtype)

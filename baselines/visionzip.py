@@ -78,8 +78,8 @@ class GroupResult:
 
 
 def dominant_tokens(attention: torch.Tensor, d: int) -> torch.Tensor:
-    """(n,) attention received -> (d,) indices of the d largest, ascending."""
-    return torch.topk(attention.float(), d).indices.sort().values
+    """(..., n) attention received -> (..., d) indices of the d largest, ascending (per group)."""
+    return torch.topk(attention.float(), d, dim=-1).indices.sort(dim=-1).values
 
 
 def contextual_targets(m: int, c: int, device=None) -> torch.Tensor:
@@ -93,48 +93,68 @@ def contextual_targets(m: int, c: int, device=None) -> torch.Tensor:
 
 def assign_to_targets(keys: torch.Tensor, targets: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """For each token of ``others``, the position in ``targets`` of its most similar target by the
-    cosine of the keys (keys: (m, h) of the remaining tokens; targets, others: positions into them).
-    Ties go to the first target (``argmax``)."""
+    cosine of the keys (keys: (..., m, h) of the remaining tokens; targets, others: positions into
+    them). Ties go to the first target (``argmax``)."""
     unit = F.normalize(keys.float(), dim=-1)
-    similarity = unit[others] @ unit[targets].T  # (m - c, c)
-    return similarity.argmax(dim=1)
+    # one (m - c, c) product per group: a batched product may round near-ties differently
+    choice = [(u[others] @ u[targets].T).argmax(dim=1) for u in unit.reshape(-1, *unit.shape[-2:])]
+    return torch.stack(choice).view(*unit.shape[:-2], len(others))
 
 
 def merge_contextual(hidden: torch.Tensor, targets: torch.Tensor, others: torch.Tensor,
                      choice: torch.Tensor) -> torch.Tensor:
-    """Contextual tokens (c, D) float32: x_t + mean of the tokens assigned to t (+ 0 when none);
-    hidden: (m, D) the remaining tokens' embeddings."""
-    x = hidden.float()
-    c = len(targets)
-    sums = x.new_zeros(c, x.shape[1]).index_add_(0, choice, x[others])
-    counts = torch.bincount(choice, minlength=c).clamp(min=1).to(x.dtype)[:, None]
-    return x[targets] + sums / counts
+    """Contextual tokens (G, c, D) float32: x_t + mean of the tokens assigned to t (+ 0 when none),
+    per group; hidden: (G, n, D) the groups' embeddings; targets (G, c), others (G, m - c): row
+    indices into them; choice (G, m - c): the position in ``targets`` of each token of ``others``."""
+    g, c, width = targets.shape[0], targets.shape[1], hidden.shape[-1]
+    rows = torch.arange(g, device=hidden.device)[:, None]
+    # one index_add_ over every group: group g's targets are rows g c .. g c + c - 1
+    slot = (choice + c * rows).reshape(-1)
+    sums = hidden.new_zeros(g * c, width, dtype=torch.float32).index_add_(
+        0, slot, hidden[rows, others].float().reshape(-1, width))
+    counts = torch.bincount(slot, minlength=g * c).clamp(min=1).to(torch.float32)[:, None]
+    return hidden[rows, targets].float() + (sums / counts).view(g, c, width)
 
 
 def visionzip_group(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, k: int,
                     dominant_ratio: float = DOMINANT_RATIO) -> GroupResult:
     """VisionZip on one group: attention (n,), keys (n, h), hidden (n, D), budget k <= n."""
-    n = attention.shape[0]
+    res = visionzip_groups(attention[None], keys[None], hidden[None], k, dominant_ratio)
+    return GroupResult(res.dominant[0], res.targets[0], res.absorbed[0], res.rows[0])
+
+
+def visionzip_groups(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, k: int,
+                     dominant_ratio: float = DOMINANT_RATIO) -> GroupResult:
+    """VisionZip on G groups of n tokens with the same budget k <= n, at once: attention (G, n),
+    keys (G, n, h), hidden (G, n, D); each group as :func:`visionzip_group` alone. Returns the
+    :class:`GroupResult` fields with a leading group dimension (G, ...)."""
+    g, n = attention.shape
     if not 0 <= k <= n:
         raise ValueError(f"visionzip: a group's budget must be in 0..{n}, got {k}")
     device = attention.device
     d, c = dominant_split(k, dominant_ratio)
-    dominant = dominant_tokens(attention, d)
-    is_rest = torch.ones(n, dtype=torch.bool, device=device)
-    is_rest[dominant] = False
-    rest = is_rest.nonzero().squeeze(1)  # (m,) in sequence order
-    local_targets = contextual_targets(len(rest), c, device)
-    targets = rest[local_targets]
+    dominant = dominant_tokens(attention, d)  # (G, d)
+    is_rest = torch.ones(g, n, dtype=torch.bool, device=device)
+    is_rest.scatter_(1, dominant, False)
+    rest = is_rest.nonzero()[:, 1].reshape(g, n - d)  # (G, m) in sequence order
+    local_targets = contextual_targets(n - d, c, device)
+    targets = rest[:, local_targets]
     if c == 0:  # dominant_ratio 1: the rest is dropped, nothing merges
-        empty = torch.zeros(0, 2, dtype=torch.long, device=device)
-        return GroupResult(dominant, targets, empty, hidden[targets].float())
-    is_other = torch.ones(len(rest), dtype=torch.bool, device=device)
+        empty = torch.zeros(g, 0, 2, dtype=torch.long, device=device)
+        return GroupResult(dominant, targets, empty, gather_rows(hidden, targets).float())
+    is_other = torch.ones(n - d, dtype=torch.bool, device=device)
     is_other[local_targets] = False
     local_others = is_other.nonzero().squeeze(1)
-    choice = assign_to_targets(keys[rest], local_targets, local_others)
-    rows = merge_contextual(hidden[rest], local_targets, local_others, choice)
-    absorbed = torch.stack([rest[local_others], targets[choice]], dim=1)
+    choice = assign_to_targets(gather_rows(keys, rest), local_targets, local_others)  # (G, m - c)
+    others = rest[:, local_others]  # (G, m - c)
+    rows = merge_contextual(hidden, targets, others, choice)
+    absorbed = torch.stack([others, targets.gather(1, choice)], dim=2)
     return GroupResult(dominant=dominant, targets=targets, absorbed=absorbed, rows=rows)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (G, n, C), index (G, m) -> (G, m, C): each group's rows ``x[g, index[g]]``."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
 
 
 # -- the method ---------------------------------------------------------------------------------
@@ -202,7 +222,8 @@ class VisionZip(PruningMethod):
         """Indices (into the sample's current visual tokens) of each group, in sequence order."""
         if scope == "video":
             return [torch.arange(len(tokens), device=tokens.index.device)]
-        return [(tokens.frame == f).nonzero().squeeze(1) for f in torch.unique(tokens.frame).tolist()]
+        counts = torch.unique(tokens.frame, return_counts=True)[1]  # tokens per frame, frames ascending
+        return list(torch.argsort(tokens.frame, stable=True).split(counts.tolist()))  # each in sequence order
 
     def select(self, ctx) -> Selection:
         budgets = ctx.budget(self.retention)
@@ -218,22 +239,32 @@ class VisionZip(PruningMethod):
     def zip_sample(self, ctx, maps, b: int, k: int, scope: str, hidden: torch.Tensor) -> GroupResult:
         """VisionZip on sample b's current visual tokens with budget k, group by group; the merged
         rows go into ``hidden[b]`` at their targets' positions. Returns the dominant, target and
-        absorbed indices into the sample's current visual tokens (``rows`` empty)."""
+        absorbed indices into the sample's current visual tokens (``rows`` empty), group after group.
+        Groups of the same size and budget (LLaVA-OV's frames) run together (:func:`visionzip_groups`)."""
         tokens = ctx.visual_tokens(b)
         index = tokens.index  # (n_b,) ORIGINAL indices of the current tokens
         att = maps.attention[b, index.to(maps.attention.device)].to(index.device)  # (n_b,)
         keys = maps.keys[b, index.to(maps.keys.device)].to(index.device)  # (n_b, head_dim)
-        rows_in = ctx.hidden_states[b, tokens.positions]  # (n_b, D)
         groups = self.groups(tokens, scope)
-        dominant, targets, absorbed = [], [], []
-        for g, k_g in zip(groups, split_budget(k, [len(g) for g in groups])):
-            res = visionzip_group(att[g], keys[g], rows_in[g], k_g, self.dominant_ratio)
-            dominant.append(g[res.dominant])
-            targets.append(g[res.targets])
-            absorbed.append(g[res.absorbed])
-            if len(res.absorbed):  # only targets that absorbed tokens change
-                hidden[b, tokens.positions[g[res.targets]]] = res.rows.to(hidden.dtype)
-        return GroupResult(torch.cat(dominant), torch.cat(targets), torch.cat(absorbed), rows_in[:0])
+        budgets = split_budget(k, [len(g) for g in groups])
+        batches: dict = {}  # (n, k_g) -> the groups (in order) that share them
+        for i, (g, k_g) in enumerate(zip(groups, budgets)):
+            batches.setdefault((len(g), k_g), []).append(i)
+        per_group: list = [None] * len(groups)  # (dominant, targets, absorbed) of each group
+        for (n, k_g), members in batches.items():
+            g = torch.stack([groups[i] for i in members])  # (G, n) indices into the current tokens
+            rows = ctx.rows(b, tokens.positions[g])  # (G, n, D), read-only
+            res = visionzip_groups(att[g], keys[g], rows, k_g, self.dominant_ratio)
+            dominant, targets = g.gather(1, res.dominant), g.gather(1, res.targets)
+            absorbed = g.gather(1, res.absorbed.flatten(1)).view(res.absorbed.shape)
+            if res.absorbed.shape[1]:  # only targets that absorbed tokens change
+                hidden[b, tokens.positions[targets]] = res.rows.to(hidden.dtype)
+            if len(batches) == 1:  # every group at once, already in order
+                return GroupResult(dominant.flatten(), targets.flatten(), absorbed.flatten(0, 1), ctx.hidden_states[b, :0])
+            for j, i in enumerate(members):
+                per_group[i] = (dominant[j], targets[j], absorbed[j])
+        flat = {key: torch.cat([p[f] for p in per_group]) for f, key in enumerate(("dominant", "targets", "absorbed"))}
+        return GroupResult(flat["dominant"], flat["targets"], flat["absorbed"], ctx.hidden_states[b, :0])
 
     @staticmethod
     def record(ctx, budgets, layer, scope, results: list[GroupResult]) -> None:

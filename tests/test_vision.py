@@ -209,6 +209,58 @@ def test_chunked_attention_equals_one_chunk(bb):
     torch.testing.assert_close(chunked.attention, whole.attention, atol=1e-7, rtol=1e-6)
 
 
+def _session_captured(bb, inputs) -> dict:
+    """The feature layer's captured call in a real pruning session (VisionZip reads the maps)."""
+    got = {}
+    original = bb.vision_maps
+
+    def spy(layer, captured, batch_size):
+        got["captured"] = captured
+        return original(layer, captured, batch_size)
+
+    bb.vision_maps = spy
+    try:
+        method = sharp.resolve_method("visionzip", bb, 0.5).method
+        with sharp.prune(bb, method), torch.no_grad():
+            bb.model(**inputs, use_cache=True)
+    finally:
+        del bb.vision_maps
+    return got["captured"]
+
+
+def test_session_keeps_the_layers_own_queries_and_keys(bb):
+    """Where the family taps the layer's projections (LLaVA-OV), the session's captured q / k are the
+    recomputed ones exactly, and the maps from them equal the maps recomputed from the layer input."""
+    inputs = video_inputs(bb)
+    captured = _session_captured(bb, inputs)
+    layer = bb.feature_layer
+    block = bb.vision_layers[layer]
+    if bb.vision_qk_capture(block) is None:  # Qwen2-VL: recomputed from the fused qkv
+        assert "qk" not in captured
+        return
+    q, k = bb._vision_qk(block, captured["args"][0] if captured["args"] else captured["kwargs"]["hidden_states"])
+    assert torch.equal(captured["qk"][0], q) and torch.equal(captured["qk"][1], k)
+    tapped = bb.vision_maps(layer, captured, batch_size=2)
+    recomputed = bb.vision_maps(layer, {key: v for key, v in captured.items() if key != "qk"}, batch_size=2)
+    for field in VisionMaps.FIELDS:
+        assert torch.equal(getattr(tapped, field), getattr(recomputed, field)), field
+    assert_maps_close(tapped, reference_ov(eager_twin(bb), layer, inputs))
+
+
+def test_vision_maps_are_lazy(bb):
+    """A field is computed when first read, once: reading the attention computes neither the hidden
+    states nor the keys."""
+    layer = bb.feature_layer
+    maps = bb.vision_maps(layer, capture(bb, layer, video_inputs(bb)), batch_size=2)
+    assert maps.computed() == ()
+    attention = maps.attention
+    assert maps.computed() == ("attention",) and maps.attention is attention
+    maps.keys
+    assert maps.computed() == ("keys", "attention")
+    given = VisionMaps(maps.hidden, maps.keys, maps.attention)
+    assert given.computed() == VisionMaps.FIELDS and given.attention is attention
+
+
 def test_feature_layer_feeds_the_llm(bb):
     """The feature layer's output, through the model's own projector/merger, is the LLM's video features."""
     inputs = video_inputs(bb)

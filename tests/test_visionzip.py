@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import sharp
-from baselines.visionzip import dominant_split, visionzip_group
+from baselines.visionzip import dominant_split, visionzip_group, visionzip_groups
 from sharp import split_budget
 from sharp import flops
 from sharp.methods import budget
@@ -178,6 +178,40 @@ def test_group_by_hand():
     assert sorted(res.dominant.tolist() + res.targets.tolist()) == list(range(7)) and len(res.absorbed) == 0
     with pytest.raises(ValueError, match="budget must be in 0..7"):
         visionzip_group(attention, keys, hidden, 8)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_groups_at_once_equal_one_by_one(seed):
+    """visionzip_groups (LLaVA-OV's frames together) = visionzip_group on each group alone, exactly:
+    random groups, and groups with tied attention and identical keys (ties broken the same way)."""
+    gen = torch.Generator().manual_seed(seed)
+    g, n = 5, 9 + 7 * seed
+    attention, keys, hidden = torch.rand(g, n, generator=gen), torch.randn(g, n, 6, generator=gen), \
+        torch.randn(g, n, 8, generator=gen)
+    if seed % 2:
+        attention[1:3] = 0.5  # ties
+        keys[2:4] = 1.0  # identical keys: every similarity ties
+    for k, ratio in ((n // 3, 54 / 64), (n // 2, 0.5), (n, 0.5), (0, 0.5), (n - 1, 0.0), (n // 2, 1.0)):
+        batch = visionzip_groups(attention, keys, hidden, k, ratio)
+        for i in range(g):
+            one = visionzip_group(attention[i], keys[i], hidden[i], k, ratio)
+            for field in ("dominant", "targets", "absorbed", "rows"):
+                assert torch.equal(getattr(batch, field)[i], getattr(one, field)), (k, ratio, i, field)
+
+
+def test_context_rows_view_or_gather():
+    """StageContext.rows: hidden_states[b, positions] for any positions; one ascending run is a view
+    (no copy, the same storage), anything else the gathered rows."""
+    from types import SimpleNamespace
+    from sharp.engine.context import StageContext
+
+    hidden = torch.randn(2, 30, 4)
+    ctx = SimpleNamespace(hidden_states=hidden)
+    run = torch.arange(5, 17).view(3, 4)
+    got = StageContext.rows(ctx, 1, run)
+    assert torch.equal(got, hidden[1, run]) and got.data_ptr() == hidden[1, 5].data_ptr()
+    for positions in (torch.tensor([[5, 6], [8, 9]]), torch.tensor([3, 2, 4]), torch.tensor([7]), torch.tensor([], dtype=torch.long)):
+        assert torch.equal(StageContext.rows(ctx, 0, positions), hidden[0, positions])
 
 
 # -- the method against the eager vision attention -----------------------------------------------

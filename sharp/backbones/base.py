@@ -17,14 +17,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from sharp.backbones import compat
 from sharp.backbones.tokenizer import assign_special_ids, byte_tokenizer
-from sharp.backbones.vision import (ATTENTION_BUDGET, FramePooling, RopeFn, VisionMaps, captured_input,
+from sharp.backbones.vision import (ATTENTION_BUDGET, CPU_ATTENTION_BUDGET, FramePooling, RopeFn, VisionMaps, captured_input,
                                     captured_output, received_attention)
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -176,7 +176,8 @@ class Backbone(abc.ABC):
     # a separator token appended after each video's visual tokens (LLaVA-OV's image_newline), which the
     # engine treats as text; StageContext.newline_position finds it in a pruned sequence
     video_newline: ClassVar[bool] = False
-    # Most float32 attention-logit elements vision_maps holds at once (see sharp.backbones.vision).
+    # Most float32 attention-logit elements vision_maps holds at once (see sharp.backbones.vision; on a
+    # CPU at most CPU_ATTENTION_BUDGET, a cache-sized group).
     attention_budget: ClassVar[int] = ATTENTION_BUDGET
 
     def __post_init__(self):
@@ -430,6 +431,12 @@ class Backbone(abc.ABC):
         """Pre-rotary queries and keys of a vision layer for its input rows: (N, heads, head_dim) each
         (N = all patches of the batch), in the model's dtype; and nothing else of the layer is run."""
 
+    def vision_qk_capture(self, block: torch.nn.Module) -> Optional[tuple[list, Callable]]:
+        """(modules, combine): the vision layer's query and key projections, whose outputs in the layer's
+        own call ``combine(*outputs)`` turns into the (q, k) of :meth:`_vision_qk` (the same values), so
+        the engine keeps them instead of recomputing them; None (default): recomputed."""
+        return None
+
     @abc.abstractmethod
     def _vision_chunks(self, captured: dict, n_rows: int) -> list[int]:
         """Rows per attention chunk (a frame / temporal patch) of the captured call (sum ``n_rows``)."""
@@ -448,24 +455,45 @@ class Backbone(abc.ABC):
         with the session). Default: none. Qwen2.5-VL records the tower's ``grid_thw`` for its window
         permutation; Qwen3-VL moves DeepStack's injection onto the kept tokens."""
 
-    @torch.no_grad()
     def vision_maps(self, layer: int, captured: dict, batch_size: int) -> VisionMaps:
         """Hidden states, head-mean keys and received attention of vision layer ``layer`` per LLM
         visual token, from ``captured = {"args", "kwargs", "output"}`` of that layer's call.
 
-        Recomputes only that layer's queries and keys; the attention is float32, computed a few
-        frames at a time (``attention_budget`` logits at most). See :class:`VisionMaps`.
+        Each field is computed when first read (:class:`VisionMaps` is lazy): ``hidden`` maps the
+        captured output; ``keys`` and ``attention`` recompute only that layer's queries and keys (once,
+        shared), or take them from ``captured["qk"]`` when the engine kept them from the layer's own
+        projections (:meth:`vision_qk_capture`); the attention is float32, computed a few frames at a
+        time (``attention_budget`` logits at most). See :class:`VisionMaps`.
         """
         layout = self._captured_token_layout(captured)
         block = self.vision_layers[self.resolve_vision_layer(layer)]
-        x, out = captured_input(captured), captured_output(captured)
-        q, k = self._vision_qk(block, x)  # (N, heads, head_dim)
-        attention = received_attention(q, k, self._vision_scale(block), self._vision_chunks(captured, q.shape[0]),
-                                       rope=self._vision_rope(block, captured), budget=self.attention_budget)
-        return VisionMaps(
-            hidden=self.visual_features_to_tokens(out.reshape(-1, out.shape[-1]), batch_size, **layout),
-            keys=self.visual_features_to_tokens(k.mean(dim=1), batch_size, **layout),
-            attention=self.visual_features_to_tokens(attention, batch_size, **layout))
+        qk: dict = {}
+
+        @torch.no_grad()
+        def queries_keys() -> tuple[torch.Tensor, torch.Tensor]:  # (N, heads, head_dim) each, computed once
+            if not qk:
+                kept = captured.get("qk")
+                qk["q"], qk["k"] = kept if kept is not None else self._vision_qk(block, captured_input(captured))
+            return qk["q"], qk["k"]
+
+        @torch.no_grad()
+        def hidden() -> torch.Tensor:
+            out = captured_output(captured)
+            return self.visual_features_to_tokens(out.reshape(-1, out.shape[-1]), batch_size, **layout)
+
+        @torch.no_grad()
+        def keys() -> torch.Tensor:
+            return self.visual_features_to_tokens(queries_keys()[1].mean(dim=1), batch_size, **layout)
+
+        @torch.no_grad()
+        def attention() -> torch.Tensor:
+            q, k = queries_keys()
+            budget = self.attention_budget if q.device.type != "cpu" else min(self.attention_budget, CPU_ATTENTION_BUDGET)
+            received = received_attention(q, k, self._vision_scale(block), self._vision_chunks(captured, q.shape[0]),
+                                          rope=self._vision_rope(block, captured), budget=budget)
+            return self.visual_features_to_tokens(received, batch_size, **layout)
+
+        return VisionMaps(lazy={"hidden": hidden, "keys": keys, "attention": attention})
 
     def frame_pooling(self, layer: int, captured: dict, batch_size: int) -> FramePooling:
         """Per-frame global feature and probe attention of vision layer ``layer`` (FastVID's inputs;

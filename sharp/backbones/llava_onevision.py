@@ -158,6 +158,17 @@ class LlavaOneVisionBackbone(Backbone):
         shape = (h.shape[0], attn.num_heads, attn.head_dim)
         return attn.q_proj(h).view(shape), attn.k_proj(h).view(shape)
 
+    def vision_qk_capture(self, block: torch.nn.Module):
+        """SigLIP's ``q_proj`` and ``k_proj`` of the layer (run on ``layer_norm1`` of its input, as
+        :meth:`_vision_qk`): their outputs (b*T, P, d) viewed as (b*T*P, heads, head_dim)."""
+        attn = block.self_attn
+
+        def combine(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            shape = (-1, attn.num_heads, attn.head_dim)
+            return q.reshape(shape), k.reshape(shape)
+
+        return [attn.q_proj, attn.k_proj], combine
+
     def _vision_chunks(self, captured: dict, n_rows: int) -> list[int]:
         patches = self._patch_side() ** 2
         if n_rows % patches:

@@ -3,9 +3,12 @@ LLM visual token.
 
 A method asks for a vision layer; the engine hooks that one layer module during prefill and keeps
 ``captured = {"args": args, "kwargs": kwargs, "output": output}`` of its call; the backbone's
-:meth:`~sharp.backbones.Backbone.vision_maps` then turns it into :class:`VisionMaps`. Only that
-layer's queries and keys are recomputed (its own norm and projections, in the model's dtype); the
-attention is computed here in float32, a few frames at a time (:func:`chunk_groups`).
+:meth:`~sharp.backbones.Backbone.vision_maps` then turns it into :class:`VisionMaps`, whose fields are
+computed when a method first reads them (inside its timed stage). Only that layer's queries and keys
+are needed: kept from the layer's own projections where the family names them
+(``Backbone.vision_qk_capture``: LLaVA-OV's SigLIP), else recomputed (its own norm and projections, in
+the model's dtype); the attention is computed here in float32, a few frames at a time
+(:func:`chunk_groups`).
 """
 from __future__ import annotations
 
@@ -17,12 +20,16 @@ import torch
 # Most float32 attention logits one chunk group may hold (heads x queries x keys x frames): 2**25
 # elements = 128 MiB, i.e. 3 frames of LLaVA-OV-7B's SigLIP (16 heads x 729 x 729).
 ATTENTION_BUDGET = 2 ** 25
+# On a CPU a group's logits should stay in the core's cache instead: 2**19 elements = 2 MiB float32
+# (the L2 of one core of the 2-core bench machine); the mid-size LLaVA-OV's 32 frames of 2 heads x
+# 196 x 196 then run in groups of 6 frames, about twice as fast as in one group of 9.8 MB. Chunking
+# never changes a value (each chunk's attention is its own).
+CPU_ATTENTION_BUDGET = 2 ** 19
 
 # rope(q, k, start, end) -> (q, k): rotary embedding of rows start:end, (rows, heads, head_dim) each
 RopeFn = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass
 class VisionMaps:
     """One vision layer's maps, in the LLM's original visual-token order (frame-major, row-major inside
     a frame), per sample. ``n_visual`` is :attr:`VisualLayout.n_visual`.
@@ -33,11 +40,39 @@ class VisionMaps:
     attention: (b, n_visual) float32: ``softmax(q k^T * scale)`` inside each frame (Qwen2-VL: inside
         each ``cu_seqlens`` chunk, i.e. one temporal patch), mean over heads and over all queries (the
         attention each patch receives; before the mapping it sums to 1 over a frame's patches), mapped.
+
+    ``VisionMaps(hidden, keys, attention)`` holds given tensors. The engine's maps are lazy
+    (``lazy={field: fn}``): a field is computed by ``fn()`` when a method first reads it (inside its
+    timed stage) and kept, so a method pays only for the fields it reads (HoliTom: the attention).
     """
 
-    hidden: torch.Tensor
-    keys: torch.Tensor
-    attention: torch.Tensor
+    FIELDS = ("hidden", "keys", "attention")
+
+    def __init__(self, hidden: Optional[torch.Tensor] = None, keys: Optional[torch.Tensor] = None,
+                 attention: Optional[torch.Tensor] = None, *, lazy: Optional[dict] = None):
+        self._values = {"hidden": hidden, "keys": keys, "attention": attention}
+        self._lazy = dict(lazy or {})
+        unknown = set(self._lazy) - set(self.FIELDS)
+        if unknown:
+            raise ValueError(f"VisionMaps: unknown lazy field(s) {sorted(unknown)}; fields: {self.FIELDS}")
+
+    def _field(self, name: str) -> torch.Tensor:
+        value = self._values[name]
+        if value is None and name in self._lazy:
+            value = self._values[name] = self._lazy.pop(name)()
+        return value
+
+    hidden = property(lambda self: self._field("hidden"))
+    keys = property(lambda self: self._field("keys"))
+    attention = property(lambda self: self._field("attention"))
+
+    def computed(self) -> tuple[str, ...]:
+        """The fields computed (or given) so far."""
+        return tuple(f for f in self.FIELDS if self._values[f] is not None)
+
+    def __repr__(self) -> str:
+        shapes = {f: (tuple(self._values[f].shape) if self._values[f] is not None else "lazy") for f in self.FIELDS}
+        return f"VisionMaps({', '.join(f'{k}={v}' for k, v in shapes.items())})"
 
 
 def captured_input(captured: dict) -> torch.Tensor:
@@ -102,9 +137,13 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, lengths: 
         qs, ks = q[start:end].float(), k[start:end].float()  # (rows, heads, head_dim)
         if rope is not None:
             qs, ks = rope(qs, ks, start, end)
-        qs = qs.reshape(count, length, heads, head_dim).transpose(1, 2)  # (g, heads, L, head_dim)
-        ks = ks.reshape(count, length, heads, head_dim).transpose(1, 2)
-        probs = torch.softmax(torch.matmul(qs, ks.transpose(-1, -2)) * scale, dim=-1)  # (g, heads, L, L)
+        # contiguous (g, heads, L, head_dim) operands: one dense batched GEMM (a strided one is about
+        # twice as slow on a CPU); the logits are scaled in place (the same values as ``* scale``)
+        qs = qs.reshape(count, length, heads, head_dim).transpose(1, 2).contiguous()  # (g, heads, L, head_dim)
+        ks = ks.reshape(count, length, heads, head_dim).transpose(1, 2).contiguous()
+        logits = torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale)  # (g, heads, L, L)
+        probs = torch.softmax(logits, dim=-1)
+        del logits
         out[start:end] = probs.mean(dim=(1, 2)).reshape(-1)
         del probs
     return out

@@ -125,6 +125,17 @@ class StageContext:
         """(n_b, d) hidden states of sample b's current visual tokens."""
         return self.hidden_states[b, self.visual_positions(b)]
 
+    def rows(self, b: int, positions: torch.Tensor) -> torch.Tensor:
+        """``hidden_states[b, positions]`` (positions of any shape -> (*shape, d)), READ-ONLY: a view of
+        the hidden states, not a copy, when the positions are one ascending run (a video's tokens
+        before any pruning), else the gathered rows. Do not write into it."""
+        flat = positions.reshape(-1)
+        n = flat.numel()
+        if n and int(flat[-1]) - int(flat[0]) == n - 1 and (n == 1 or bool((flat.diff() == 1).all())):
+            start = int(flat[0])
+            return self.hidden_states[b, start:start + n].view(*positions.shape, -1)
+        return self.hidden_states[b, positions]
+
     def visual_tokens(self, b: int) -> VisualTokens:
         """Sample b's current visual tokens with their original index, frame and grid position."""
         pos = self.visual_positions(b)

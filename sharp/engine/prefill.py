@@ -177,13 +177,33 @@ class PrefillRunner:
 
     # -- vision tower ------------------------------------------------------------------------
     def vision_capture_hooks(self, i: int) -> tuple[Callable, Callable]:
-        """(pre, post) forward hooks of vision layer ``i`` that keep its call for ``vision_maps``."""
+        """(pre, post) forward hooks of vision layer ``i`` that keep its call for ``vision_maps``; where the
+        family names the layer's query / key projections (:meth:`Backbone.vision_qk_capture`), their
+        outputs too (``captured["qk"]``), so the maps need not recompute them."""
+        taps: list = []
 
         def pre(mod, args, kwargs):
+            while taps:  # a call that raised before its post hook
+                taps.pop().remove()
             if self.active and self.phase in ("prefill", "probe"):
-                self.state.vision_captured[i] = {"args": args, "kwargs": kwargs}
+                captured = self.state.vision_captured[i] = {"args": args, "kwargs": kwargs}
+                tap = self.backbone.vision_qk_capture(mod)
+                if tap is not None:
+                    modules, combine = tap
+                    outputs: list = [None] * len(modules)
+
+                    def keep(j):
+                        def hook(m, a, out):
+                            outputs[j] = out
+                            if all(o is not None for o in outputs):
+                                captured["qk"] = combine(*outputs)
+                        return hook
+
+                    taps.extend(m.register_forward_hook(keep(j)) for j, m in enumerate(modules))
 
         def post(mod, args, kwargs, output):
+            while taps:
+                taps.pop().remove()
             if self.active and i in self.state.vision_captured:
                 self.state.vision_captured[i]["output"] = output
 

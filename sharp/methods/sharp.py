@@ -172,7 +172,7 @@ class ShaRP(PruningMethod):
             segments, ids = [], []
             for b in range(src.batch_size):
                 tokens = src.visual_tokens(b)
-                segs, seg_ids = token_segments(src.hidden_states[b, tokens.positions], tokens.frame, self.tau_seg)
+                segs, seg_ids = token_segments(src.rows(b, tokens.positions), tokens.frame, self.tau_seg)
                 of_index = torch.full((ctx.n_visual,), -1, dtype=torch.long, device=seg_ids.device)
                 of_index[tokens.index] = seg_ids
                 segments.append(segs)
