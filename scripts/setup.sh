@@ -41,11 +41,13 @@ if ! $PY -m pip install -q "$TORCH_PIN"; then
          "PIP_CONSTRAINT=/dev/null bash scripts/setup.sh, or pick the older line with TORCH=2.13" >&2
     exit 2
 fi
-if $PY -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+# (-W ignore: numpy is not installed yet, and torch warns about it on import)
+if $PY -W ignore -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
     $PY -m pip install -q "$TORCH_PIN" "$TORCHVISION_PIN"
 fi
 # one resolver run for the project and lmms-eval's real imports, under the tested versions
-$PY -m pip install -q -e ".[test]" -r requirements-lmms.txt -c "$CONSTRAINTS"
+# (PYTHONWARNINGS: setuptools' generic note on editable installs is not a problem of this set-up)
+PYTHONWARNINGS=ignore $PY -m pip install -q -e ".[test]" -r requirements-lmms.txt -c "$CONSTRAINTS"
 $PY -m pip install -q --no-deps "lmms-eval==0.7.3"
 $PY - <<'PY'
 import importlib.util, sys
