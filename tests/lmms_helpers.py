@@ -30,3 +30,35 @@ def memoised_task_index(copy_index: Callable = copy.deepcopy, after_build: Optio
         yield
     finally:
         TaskManager.initialize_tasks = original
+
+
+def fake_video_model(answer_fn: Callable):
+    """An lmms-eval model that answers each generate request with ``answer_fn(doc)``, after checking that
+    the doc has one video file; it keeps ``(context, gen_kwargs, doc)`` of every request in ``.requests``."""
+    import os
+
+    from lmms_eval.api.model import lmms
+
+    class Fake(lmms):
+        def __init__(self):
+            super().__init__()
+            self.requests = []
+
+        def generate_until(self, requests):
+            out = []
+            for req in requests:
+                ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+                doc = self.task_dict[task][split][doc_id]
+                visual = doc_to_visual(doc)
+                assert len(visual) == 1 and os.path.isfile(visual[0])
+                self.requests.append((ctx, gen_kwargs, doc))
+                out.append(answer_fn(doc))
+            return out
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def generate_until_multi_round(self, requests):
+            raise NotImplementedError
+
+    return Fake()

@@ -11,7 +11,6 @@ backbone's default task: the benchmark it is trained and scored on.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,8 @@ from sharp.harness.config import CONFIG_DIR, compose
 from sharp.synthetic import TASK_DIR
 from sharp.synthetic import scenes
 from sharp.toy import TOY_BACKBONES, TOY_BENCHMARKS
+
+from lmms_helpers import fake_video_model
 
 BENCHMARK_TASK = {"benchmark": "sharp_synthetic", "scenes": "sharp_scenes"}  # sharp.synthetic module -> test-split task
 N_DOCS = 6
@@ -62,34 +63,6 @@ def test_task_configs_name_the_scenes_splits():
 # -- through lmms-eval with a fake model -------------------------------------------------------------------
 
 
-def _fake_model(answer_fn):
-    from lmms_eval.api.model import lmms
-
-    class Fake(lmms):
-        def __init__(self):
-            super().__init__()
-            self.requests = []
-
-        def generate_until(self, requests):
-            out = []
-            for req in requests:
-                ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-                doc = self.task_dict[task][split][doc_id]
-                visual = doc_to_visual(doc)
-                assert len(visual) == 1 and os.path.isfile(visual[0])
-                self.requests.append((ctx, gen_kwargs, doc))
-                out.append(answer_fn(doc))
-            return out
-
-        def loglikelihood(self, requests):
-            raise NotImplementedError
-
-        def generate_until_multi_round(self, requests):
-            raise NotImplementedError
-
-    return Fake()
-
-
 @pytest.fixture(scope="module")
 def task_manager():
     pytest.importorskip("lmms_eval.evaluator")
@@ -119,7 +92,7 @@ def test_tasks_registered(task_manager):
 
 
 def test_oracle_scores_100_and_the_prompt_is_the_docs(task_manager, offline_env):
-    model = _fake_model(lambda doc: f"{doc['answer']}. {doc['answer_text']}")
+    model = fake_video_model(lambda doc: f"{doc['answer']}. {doc['answer_text']}")
     r = _scores(model, "sharp_scenes", task_manager)  # SHARP_SYNTHETIC_N docs of the test split
     assert r["accuracy,none"] == 100.0
     for q in scenes.QTYPES:
@@ -133,7 +106,7 @@ def test_oracle_scores_100_and_the_prompt_is_the_docs(task_manager, offline_env)
 
 
 def test_constant_answer_is_chance(task_manager, offline_env):
-    r = _scores(_fake_model(lambda doc: "The answer is (C)"), "sharp_scenes_default", task_manager)  # 24 docs
+    r = _scores(fake_video_model(lambda doc: "The answer is (C)"), "sharp_scenes_default", task_manager)  # 24 docs
     assert r["accuracy,none"] == 25.0  # letters balanced per 12 docs and question type
     assert all(r[f"accuracy_{q},none"] == 25.0 for q in scenes.QTYPES)
 

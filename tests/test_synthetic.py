@@ -15,6 +15,8 @@ import pytest
 from sharp.synthetic import QTYPES, TASK_DIR, ensure_split, generate_docs, sampled_frame_indices
 from sharp.synthetic import benchmark as bench
 
+from lmms_helpers import fake_video_model
+
 
 def _sha(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -235,38 +237,6 @@ def test_doc_to_text_uses_pre_post_prompt():
     assert txt.startswith("PRE " + doc["question"]) and txt.endswith("\nPOST")
 
 
-class _FakeModel:
-    """Built lazily so that collecting this module does not need lmms_eval."""
-
-    @staticmethod
-    def make(answer_fn):
-        from lmms_eval.api.model import lmms
-
-        class Fake(lmms):
-            def __init__(self):
-                super().__init__()
-                self.requests = []
-
-            def generate_until(self, requests):
-                out = []
-                for req in requests:
-                    ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-                    doc = self.task_dict[task][split][doc_id]
-                    visual = doc_to_visual(doc)
-                    assert len(visual) == 1 and os.path.isfile(visual[0])
-                    self.requests.append((ctx, gen_kwargs, doc))
-                    out.append(answer_fn(doc))
-                return out
-
-            def loglikelihood(self, requests):
-                raise NotImplementedError
-
-            def generate_until_multi_round(self, requests):
-                raise NotImplementedError
-
-        return Fake()
-
-
 @pytest.fixture(scope="module")
 def task_manager():
     pytest.importorskip("lmms_eval.evaluator")
@@ -296,7 +266,7 @@ def test_task_registered(task_manager):
 
 
 def test_lmms_eval_oracle_scores_100(task_manager, offline_env):
-    model = _FakeModel.make(lambda doc: f"{doc['answer']}. {doc['answer_text']}")
+    model = fake_video_model(lambda doc: f"{doc['answer']}. {doc['answer_text']}")
     r = _run(model, "sharp_synthetic", task_manager, limit=10)
     assert r["accuracy,none"] == 100.0
     for q in QTYPES:
@@ -309,8 +279,8 @@ def test_lmms_eval_oracle_scores_100(task_manager, offline_env):
 
 
 def test_lmms_eval_constant_answer_is_chance(task_manager, offline_env):
-    r = _run(_FakeModel.make(lambda doc: "A"), "sharp_synthetic", task_manager)  # 20 docs
+    r = _run(fake_video_model(lambda doc: "A"), "sharp_synthetic", task_manager)  # 20 docs
     assert r["accuracy,none"] == 25.0
-    r = _run(_FakeModel.make(lambda doc: "The answer is (B)"), "sharp_synthetic_default", task_manager)
+    r = _run(fake_video_model(lambda doc: "The answer is (B)"), "sharp_synthetic_default", task_manager)
     assert r["accuracy,none"] == 25.0
     assert all(r[f"accuracy_{q},none"] == 25.0 for q in QTYPES)
