@@ -62,3 +62,32 @@ def fake_video_model(answer_fn: Callable):
             raise NotImplementedError
 
     return Fake()
+
+
+def synthetic_task_manager():
+    """lmms-eval's TaskManager with the synthetic benchmarks' task folder (sharp_synthetic, sharp_scenes)."""
+    import pytest
+
+    pytest.importorskip("lmms_eval.evaluator")
+    from lmms_eval.tasks import TaskManager
+
+    from sharp.synthetic import TASK_DIR
+
+    return TaskManager(include_path=TASK_DIR)
+
+
+def use_offline_synthetic(monkeypatch, tmp_path, n_docs: int):
+    """Offline (HF flags set), the synthetic videos cached under ``tmp_path / "cache"``, each split cut to
+    ``n_docs`` docs (``SHARP_SYNTHETIC_N``). Returns ``tmp_path``."""
+    monkeypatch.setenv("SHARP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SHARP_SYNTHETIC_N", str(n_docs))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
+def task_results(model, task: str, task_manager, limit=None) -> dict:
+    """lmms-eval's ``simple_evaluate`` of ``model`` on one task: that task's results."""
+    from lmms_eval.evaluator import simple_evaluate
+
+    return simple_evaluate(model=model, tasks=[task], task_manager=task_manager, limit=limit)["results"][task]

@@ -22,7 +22,7 @@ from sharp.synthetic import TASK_DIR
 from sharp.synthetic import scenes
 from sharp.toy import TOY_BACKBONES, TOY_BENCHMARKS
 
-from lmms_helpers import fake_video_model
+from lmms_helpers import fake_video_model, synthetic_task_manager, task_results, use_offline_synthetic
 
 BENCHMARK_TASK = {"benchmark": "sharp_synthetic", "scenes": "sharp_scenes"}  # sharp.synthetic module -> test-split task
 N_DOCS = 6
@@ -65,25 +65,12 @@ def test_task_configs_name_the_scenes_splits():
 
 @pytest.fixture(scope="module")
 def task_manager():
-    pytest.importorskip("lmms_eval.evaluator")
-    from lmms_eval.tasks import TaskManager
-
-    return TaskManager(include_path=TASK_DIR)
+    return synthetic_task_manager()
 
 
 @pytest.fixture
 def offline_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("SHARP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("SHARP_SYNTHETIC_N", str(N_DOCS))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
-
-
-def _scores(model, task, task_manager):
-    from lmms_eval.evaluator import simple_evaluate
-
-    return simple_evaluate(model=model, tasks=[task], task_manager=task_manager)["results"][task]
+    return use_offline_synthetic(monkeypatch, tmp_path, N_DOCS)
 
 
 def test_tasks_registered(task_manager):
@@ -93,7 +80,7 @@ def test_tasks_registered(task_manager):
 
 def test_oracle_scores_100_and_the_prompt_is_the_docs(task_manager, offline_env):
     model = fake_video_model(lambda doc: f"{doc['answer']}. {doc['answer_text']}")
-    r = _scores(model, "sharp_scenes", task_manager)  # SHARP_SYNTHETIC_N docs of the test split
+    r = task_results(model, "sharp_scenes", task_manager)  # SHARP_SYNTHETIC_N docs of the test split
     assert r["accuracy,none"] == 100.0
     for q in scenes.QTYPES:
         assert r[f"accuracy_{q},none"] == 100.0
@@ -106,7 +93,7 @@ def test_oracle_scores_100_and_the_prompt_is_the_docs(task_manager, offline_env)
 
 
 def test_constant_answer_is_chance(task_manager, offline_env):
-    r = _scores(fake_video_model(lambda doc: "The answer is (C)"), "sharp_scenes_default", task_manager)  # 24 docs
+    r = task_results(fake_video_model(lambda doc: "The answer is (C)"), "sharp_scenes_default", task_manager)  # 24 docs
     assert r["accuracy,none"] == 25.0  # letters balanced per 12 docs and question type
     assert all(r[f"accuracy_{q},none"] == 25.0 for q in scenes.QTYPES)
 

@@ -15,7 +15,7 @@ import pytest
 from sharp.synthetic import QTYPES, TASK_DIR, ensure_split, generate_docs, sampled_frame_indices
 from sharp.synthetic import benchmark as bench
 
-from lmms_helpers import fake_video_model
+from lmms_helpers import fake_video_model, synthetic_task_manager, task_results, use_offline_synthetic
 
 
 def _sha(path: str) -> str:
@@ -239,26 +239,12 @@ def test_doc_to_text_uses_pre_post_prompt():
 
 @pytest.fixture(scope="module")
 def task_manager():
-    pytest.importorskip("lmms_eval.evaluator")
-    from lmms_eval.tasks import TaskManager
-
-    return TaskManager(include_path=TASK_DIR)
+    return synthetic_task_manager()
 
 
 @pytest.fixture
 def offline_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("SHARP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("SHARP_SYNTHETIC_N", "20")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
-
-
-def _run(model, task, task_manager, limit=None):
-    from lmms_eval.evaluator import simple_evaluate
-
-    res = simple_evaluate(model=model, tasks=[task], task_manager=task_manager, limit=limit)
-    return res["results"][task]
+    return use_offline_synthetic(monkeypatch, tmp_path, 20)
 
 
 def test_task_registered(task_manager):
@@ -267,7 +253,7 @@ def test_task_registered(task_manager):
 
 def test_lmms_eval_oracle_scores_100(task_manager, offline_env):
     model = fake_video_model(lambda doc: f"{doc['answer']}. {doc['answer_text']}")
-    r = _run(model, "sharp_synthetic", task_manager, limit=10)
+    r = task_results(model, "sharp_synthetic", task_manager, limit=10)
     assert r["accuracy,none"] == 100.0
     for q in QTYPES:
         assert r[f"accuracy_{q},none"] == 100.0
@@ -279,8 +265,8 @@ def test_lmms_eval_oracle_scores_100(task_manager, offline_env):
 
 
 def test_lmms_eval_constant_answer_is_chance(task_manager, offline_env):
-    r = _run(fake_video_model(lambda doc: "A"), "sharp_synthetic", task_manager)  # 20 docs
+    r = task_results(fake_video_model(lambda doc: "A"), "sharp_synthetic", task_manager)  # 20 docs
     assert r["accuracy,none"] == 25.0
-    r = _run(fake_video_model(lambda doc: "The answer is (B)"), "sharp_synthetic_default", task_manager)
+    r = task_results(fake_video_model(lambda doc: "The answer is (B)"), "sharp_synthetic_default", task_manager)
     assert r["accuracy,none"] == 25.0
     assert all(r[f"accuracy_{q},none"] == 25.0 for q in QTYPES)
