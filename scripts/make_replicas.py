@@ -59,7 +59,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from sharp.harness.benchmarks import BENCHMARKS  # noqa: E402  (hub ids, revisions, video folders, task names)
+
 BENCHMARK_ORDER = ("mvbench", "videomme", "mlvu", "longvideobench")
+BENCHMARK = {b.column: b for b in BENCHMARKS.values()}  # replica name (the paper's column) -> its Benchmark
+DEFAULT_DOCS = 2  # docs per MVBench subtask / MLVU task type / VideoMME duration / LongVideoBench group
 
 # tasks/mvbench/utils.py DATA_LIST: subtask -> folder under $HF_HOME/mvbench_video
 MVBENCH_SOURCES = {
@@ -88,7 +92,6 @@ MVBENCH_SOURCES = {
 MVBENCH_BOUNDED = ("action_sequence", "action_prediction", "object_interaction", "action_localization",
                    "episodic_reasoning")
 MVBENCH_FRAME_FOLDERS = ("episodic_reasoning",)  # TVQA: frames extracted at 3 fps
-FRAME_FOLDER_FPS = 3
 
 # tasks/mlvu/utils.py mlvu_aggregate_results_dev TASK_TYPES
 MLVU_TASK_TYPES = ("plotQA", "needle", "ego", "count", "order", "anomaly_reco", "topic_reasoning")
@@ -200,11 +203,21 @@ def _letters(n: int) -> str:
     return string.ascii_uppercase[:n]
 
 
+def _numbered_docs(kinds, docs: int, first_seed: int):
+    """``(k, kind, i, n, seed)`` for ``docs`` docs of each kind: kind index k, doc i within the kind,
+    n = k * docs + i over all, and a video seed counting up from ``first_seed + 1``."""
+    for k, kind in enumerate(kinds):
+        for i in range(docs):
+            n = k * docs + i
+            yield k, kind, i, n, first_seed + 1 + n
+
+
 def make_mvbench(hf_home: Path, docs: int) -> dict:
     """OpenGVLab/MVBench, revision ``video``: ``json/<subtask>.json`` (split ``train``) and the source
     folders in the snapshot; ``$HF_HOME/mvbench_video`` -> the snapshot (the task's create_link)."""
-    repo_id = "OpenGVLab/MVBench"
-    snap = snapshot_dir(hf_home, repo_id, revision="video")
+    bench = BENCHMARK["mvbench"]
+    repo_id = bench.dataset
+    snap = snapshot_dir(hf_home, repo_id, revision=bench.revision)
     configs = {}
     seed = 0
     for sub, folder in MVBENCH_SOURCES.items():
@@ -228,7 +241,7 @@ def make_mvbench(hf_home: Path, docs: int) -> dict:
     (snap / "README.md").write_text(dataset_card(repo_id, configs))
     for sub in MVBENCH_SOURCES:
         cache_dataset(hf_home, repo_id, snap, sub)
-    link = hf_home / "mvbench_video"
+    link = hf_home / bench.video_dir
     if link.is_symlink() or link.exists():
         link.unlink() if link.is_symlink() else shutil.rmtree(link)
     link.symlink_to(snap, target_is_directory=True)
@@ -238,26 +251,24 @@ def make_mvbench(hf_home: Path, docs: int) -> dict:
 def make_videomme(hf_home: Path, docs: int) -> dict:
     """lmms-eval/Video-MME: ``videomme/test-00000-of-00001.parquet`` (split ``test``); videos
     ``$HF_HOME/videomme/data/<videoID>.mp4``, subtitles ``$HF_HOME/videomme/subtitle/<videoID>.srt``."""
-    repo_id = "lmms-eval/Video-MME"
+    repo_id = BENCHMARK["videomme"].dataset
     snap = snapshot_dir(hf_home, repo_id)
-    rows, seed = [], 1000
-    for d, duration in enumerate(VIDEOMME_DURATIONS):
-        for i in range(docs):
-            seed += 1
-            n = d * docs + i
-            domain, sub_category, task_type = VIDEOMME_CELLS[n % len(VIDEOMME_CELLS)]
-            video_id = f"replica{n:04d}"
-            answer = "ABCD"[seed % 4]
-            rows.append({"video_id": f"{n + 1:03d}", "duration": duration, "domain": domain,
-                         "sub_category": sub_category, "url": f"https://example.invalid/{video_id}",
-                         "videoID": video_id, "question_id": f"{n + 1:03d}-1", "task_type": task_type,
-                         "question": f"What color is the moving square in video {n}?",
-                         "options": [f"{c}. color {c.lower()}" for c in "ABCD"], "answer": answer})
-            write_mp4(hf_home / "videomme" / "data" / f"{video_id}.mp4", seed)
-            srt = (f"1\n00:00:00,000 --> 00:00:01,000\n<font color=\"white\" size=\".72c\">replica subtitle {n}"
-                   "</font>\n\n")
-            (hf_home / "videomme" / "subtitle").mkdir(parents=True, exist_ok=True)
-            (hf_home / "videomme" / "subtitle" / f"{video_id}.srt").write_text(srt)
+    videos = hf_home / BENCHMARK["videomme"].video_dir
+    rows = []
+    for _, duration, _, n, seed in _numbered_docs(VIDEOMME_DURATIONS, docs, 1000):
+        domain, sub_category, task_type = VIDEOMME_CELLS[n % len(VIDEOMME_CELLS)]
+        video_id = f"replica{n:04d}"
+        answer = "ABCD"[seed % 4]
+        rows.append({"video_id": f"{n + 1:03d}", "duration": duration, "domain": domain,
+                     "sub_category": sub_category, "url": f"https://example.invalid/{video_id}",
+                     "videoID": video_id, "question_id": f"{n + 1:03d}-1", "task_type": task_type,
+                     "question": f"What color is the moving square in video {n}?",
+                     "options": [f"{c}. color {c.lower()}" for c in "ABCD"], "answer": answer})
+        write_mp4(videos / "data" / f"{video_id}.mp4", seed)
+        srt = (f"1\n00:00:00,000 --> 00:00:01,000\n<font color=\"white\" size=\".72c\">replica subtitle {n}"
+               "</font>\n\n")
+        (videos / "subtitle").mkdir(parents=True, exist_ok=True)
+        (videos / "subtitle" / f"{video_id}.srt").write_text(srt)
     write_parquet(snap / "videomme" / "test-00000-of-00001.parquet", rows)
     (snap / "README.md").write_text(dataset_card(repo_id))
     cache_dataset(hf_home, repo_id, snap)
@@ -268,20 +279,19 @@ def make_mlvu(hf_home: Path, docs: int) -> dict:
     """sy1998/MLVU_dev: ``mlvu/test-00000-of-00001.parquet`` (split ``test``); videos
     ``$HF_HOME/mlvu/<video_name>``. Questions carry their options, answers are letters (the task's
     ``mlvu_doc_to_text`` uses the question alone and compares the parsed letter with ``answer``)."""
-    repo_id = "sy1998/MLVU_dev"
+    repo_id = BENCHMARK["mlvu"].dataset
     snap = snapshot_dir(hf_home, repo_id)
-    rows, seed = [], 2000
-    for t, task_type in enumerate(MLVU_TASK_TYPES):
-        for i in range(docs):
-            seed += 1
-            candidates = [f"answer {c.lower()}" for c in "ABCD"]
-            options = "\n".join(f"({c}) {cand}" for c, cand in zip("ABCD", candidates))
-            name = f"{t + 1}_{task_type}_{i:03d}.mp4"
-            rows.append({"video_name": name, "duration": FRAMES / FPS,
-                         "question": f"Which answer fits the {task_type} question {i}?\n{options}",
-                         "candidates": candidates, "answer": "ABCD"[seed % 4], "task_type": task_type,
-                         "question_id": f"{task_type}_{i}"})
-            write_mp4(hf_home / "mlvu" / name, seed)
+    videos = hf_home / BENCHMARK["mlvu"].video_dir
+    rows = []
+    for t, task_type, i, _, seed in _numbered_docs(MLVU_TASK_TYPES, docs, 2000):
+        candidates = [f"answer {c.lower()}" for c in "ABCD"]
+        options = "\n".join(f"({c}) {cand}" for c, cand in zip("ABCD", candidates))
+        name = f"{t + 1}_{task_type}_{i:03d}.mp4"
+        rows.append({"video_name": name, "duration": FRAMES / FPS,
+                     "question": f"Which answer fits the {task_type} question {i}?\n{options}",
+                     "candidates": candidates, "answer": "ABCD"[seed % 4], "task_type": task_type,
+                     "question_id": f"{task_type}_{i}"})
+        write_mp4(videos / name, seed)
     write_parquet(snap / "mlvu" / "test-00000-of-00001.parquet", rows)
     (snap / "README.md").write_text(dataset_card(repo_id))
     cache_dataset(hf_home, repo_id, snap)
@@ -292,30 +302,27 @@ def make_longvideobench(hf_home: Path, docs: int) -> dict:
     """longvideobench/LongVideoBench: ``validation-00000-of-00001.parquet`` (split ``validation``) and
     ``test-00000-of-00001.parquet``; videos ``$HF_HOME/datasets/longvideobench/videos/<video_path>``,
     subtitles ``.../subtitles/<subtitle_path>``. Options are ``option0..option4`` ("N/A" when absent)."""
-    repo_id = "longvideobench/LongVideoBench"
+    repo_id = BENCHMARK["longvideobench"].dataset
     snap = snapshot_dir(hf_home, repo_id)
-    root = hf_home / "datasets" / "longvideobench"
-    rows, seed = [], 3000
-    for g, group in enumerate(LVB_DURATION_GROUPS):
-        for i in range(docs):
-            seed += 1
-            n = g * docs + i
-            video_id = f"replica{n:04d}"
-            n_options = 4 + n % 2
-            candidates = [f"event {c.lower()}" for c in _letters(n_options)]
-            row = {"video_id": video_id, "question": f"What happens after the square appears ({n})?",
-                   "question_wo_referring_query": f"What happens ({n})?", "candidates": candidates,
-                   "correct_choice": seed % n_options, "position": [1], "topic_category": "replica",
-                   "question_category": LVB_CATEGORIES[n % len(LVB_CATEGORIES)], "level": "L1-Perception",
-                   "id": f"{video_id}_0", "video_path": f"{video_id}.mp4", "subtitle_path": f"{video_id}_en.json",
-                   "duration_group": group, "starting_timestamp_for_subtitles": 0.0,
-                   "duration": FRAMES / FPS, "view_count": 0}
-            row.update({f"option{k}": candidates[k] if k < n_options else "N/A" for k in range(5)})
-            rows.append(row)
-            write_mp4(root / "videos" / row["video_path"], seed)
-            (root / "subtitles").mkdir(parents=True, exist_ok=True)
-            (root / "subtitles" / row["subtitle_path"]).write_text(
-                json.dumps([{"start": "00:00:00.000", "end": "00:00:01.000", "line": f"replica line {n}"}]))
+    root = hf_home / BENCHMARK["longvideobench"].video_dir
+    rows = []
+    for _, group, _, n, seed in _numbered_docs(LVB_DURATION_GROUPS, docs, 3000):
+        video_id = f"replica{n:04d}"
+        n_options = 4 + n % 2
+        candidates = [f"event {c.lower()}" for c in _letters(n_options)]
+        row = {"video_id": video_id, "question": f"What happens after the square appears ({n})?",
+               "question_wo_referring_query": f"What happens ({n})?", "candidates": candidates,
+               "correct_choice": seed % n_options, "position": [1], "topic_category": "replica",
+               "question_category": LVB_CATEGORIES[n % len(LVB_CATEGORIES)], "level": "L1-Perception",
+               "id": f"{video_id}_0", "video_path": f"{video_id}.mp4", "subtitle_path": f"{video_id}_en.json",
+               "duration_group": group, "starting_timestamp_for_subtitles": 0.0,
+               "duration": FRAMES / FPS, "view_count": 0}
+        row.update({f"option{k}": candidates[k] if k < n_options else "N/A" for k in range(5)})
+        rows.append(row)
+        write_mp4(root / "videos" / row["video_path"], seed)
+        (root / "subtitles").mkdir(parents=True, exist_ok=True)
+        (root / "subtitles" / row["subtitle_path"]).write_text(
+            json.dumps([{"start": "00:00:00.000", "end": "00:00:01.000", "line": f"replica line {n}"}]))
     write_parquet(snap / "validation-00000-of-00001.parquet", rows)
     test = [{**r, "correct_choice": -1} for r in rows[:1]]
     write_parquet(snap / "test-00000-of-00001.parquet", test)
@@ -327,11 +334,9 @@ def make_longvideobench(hf_home: Path, docs: int) -> dict:
 MAKERS: dict[str, Callable[[Path, int], dict]] = {
     "mvbench": make_mvbench, "videomme": make_videomme, "mlvu": make_mlvu, "longvideobench": make_longvideobench,
 }
-# benchmark -> the lmms-eval task run.py's tasks= names
-TASKS = {"mvbench": "mvbench", "videomme": "videomme", "mlvu": "mlvu_dev", "longvideobench": "longvideobench_val_v"}
 
 
-def make_replicas(hf_home, docs: int = 2, benchmarks=BENCHMARK_ORDER) -> dict[str, dict]:
+def make_replicas(hf_home, docs: int = DEFAULT_DOCS, benchmarks=BENCHMARK_ORDER) -> dict[str, dict]:
     """Write the replicas of ``benchmarks`` under ``hf_home``; returns per benchmark its task and doc counts."""
     if docs < 1:
         raise ValueError(f"docs={docs}; accepted values: an integer >= 1")
@@ -355,7 +360,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-home", required=True, help="the HF_HOME to write (created if missing)")
-    parser.add_argument("--docs", type=int, default=2, help="docs per subtask / task type / duration (default 2)")
+    parser.add_argument("--docs", type=int, default=DEFAULT_DOCS,
+                        help=f"docs per subtask / task type / duration (default {DEFAULT_DOCS})")
     parser.add_argument("--benchmarks", default=",".join(BENCHMARK_ORDER),
                         help=f"comma-separated subset of {','.join(BENCHMARK_ORDER)} (default: all)")
     args = parser.parse_args(argv)
@@ -365,7 +371,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error(str(err))
     home = Path(args.hf_home).expanduser().resolve()
     for bench, info in made.items():
-        print(f"{bench:<15} task {TASKS[bench]:<22} {info['docs']:>3} docs ({info['tasks']} task(s))")
+        print(f"{bench:<15} task {BENCHMARK[bench].task:<22} {info['docs']:>3} docs ({info['tasks']} task(s))")
     print(f"replica written under HF_HOME={home} (a test fixture, never a result); run e.g.\n"
           f"  HF_HOME={home} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python run.py backbone=tiny_llava_onevision "
           "tasks=paper limit=2")
