@@ -4,7 +4,8 @@ lmms-eval 0.7.3's ``mvbench_doc_to_visual`` returns the clip's path whatever it 
 that is a directory, which no video reader opens (the built-in wrappers then answer text-only). The
 wrapper reads such a folder as a video of its frames in name order at :data:`FRAME_FOLDER_FPS`: MVBench
 extracted the TVQA frames at 3 fps (its folder ``tvqa/frames_fps3_hq``; its loader reads them with
-``fps=3``), and the video revision's ``tvqa/video_fps3_hq_segment`` is those frames re-encoded at 3 fps.
+``fps=3``), and each clip of the video revision's ``tvqa/video_fps3_hq_segment`` is a folder of those
+frames (lmms-eval's ``mvbench_episodic_reasoning.yaml``: "it stores the frame images in folder").
 The frames are encoded once, with the project's writer (:func:`sharp.backbones.video.write_video`,
 H.264 crf 18, yuv420p as the benchmark's mp4 files), into a temporary file that the backbone's own
 reader then samples exactly as any other video of the benchmark (frame indices, fps rules, resizing).
