@@ -68,13 +68,15 @@ class GroupResult:
 
     dominant: (d,) the top-d by attention, ascending; targets: (c,) the contextual targets, ascending;
     absorbed: (m - c, 2) rows (token, its target) for every merged token; rows: (c, D) the contextual
-    tokens' new embeddings (float32), in the order of ``targets``.
+    tokens' new embeddings (float32), in the order of ``targets``; ``zip_sample``: (t, D) the new rows
+    of the ``merged`` (t,) targets, those of the groups where tokens were absorbed.
     """
 
     dominant: torch.Tensor
     targets: torch.Tensor
     absorbed: torch.Tensor
     rows: torch.Tensor
+    merged: Optional[torch.Tensor] = None
 
 
 def dominant_tokens(attention: torch.Tensor, d: int) -> torch.Tensor:
@@ -102,18 +104,30 @@ def assign_to_targets(keys: torch.Tensor, targets: torch.Tensor, others: torch.T
 
 
 def merge_contextual(hidden: torch.Tensor, targets: torch.Tensor, others: torch.Tensor,
-                     choice: torch.Tensor) -> torch.Tensor:
+                     choice: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Contextual tokens (G, c, D) float32: x_t + mean of the tokens assigned to t (+ 0 when none),
-    per group; hidden: (G, n, D) the groups' embeddings; targets (G, c), others (G, m - c): row
-    indices into them; choice (G, m - c): the position in ``targets`` of each token of ``others``."""
+    per group; hidden: (G, n, D) the groups' embeddings, or with ``index`` (G, n) the rows (N, D)
+    that ``index`` points into; targets (G, c), others (G, m - c): positions 0..n-1 in the groups;
+    choice (G, m - c): the position in ``targets`` of each token of ``others``."""
     g, c, width = targets.shape[0], targets.shape[1], hidden.shape[-1]
-    rows = torch.arange(g, device=hidden.device)[:, None]
-    # one index_add_ over every group: group g's targets are rows g c .. g c + c - 1
-    slot = (choice + c * rows).reshape(-1)
-    sums = hidden.new_zeros(g * c, width, dtype=torch.float32).index_add_(
-        0, slot, hidden[rows, others].float().reshape(-1, width))
-    counts = torch.bincount(slot, minlength=g * c).clamp(min=1).to(torch.float32)[:, None]
-    return hidden[rows, targets].float() + (sums / counts).view(g, c, width)
+    group = torch.arange(g, device=hidden.device)[:, None]
+    slot = choice + c * group  # (G, m - c): group g's targets are sums rows g c .. g c + c - 1
+    counts = torch.bincount(slot.reshape(-1), minlength=g * c).clamp(min=1).to(torch.float32)[:, None]
+    if index is None:
+        # one index_add_ over every group's gathered others
+        sums = hidden.new_zeros(g * c, width, dtype=torch.float32).index_add_(
+            0, slot.reshape(-1), hidden[group, others].float().reshape(-1, width))
+        target_rows = hidden[group, targets]
+    else:
+        # one index_add_ over the rows themselves (no gathered copy): every row of a group's others
+        # goes to its target's slot, every other row to a discarded last slot. Each slot's rows are
+        # added in row order, which is the order of ``others`` (groups and others ascend): the sums
+        # are those of the gathered form.
+        row_slot = torch.full((hidden.shape[0],), g * c, dtype=torch.long, device=hidden.device)
+        row_slot[index.gather(1, others)] = slot
+        sums = hidden.new_zeros(g * c + 1, width, dtype=torch.float32).index_add_(0, row_slot, hidden.float())[:-1]
+        target_rows = hidden[index.gather(1, targets)]
+    return target_rows.float() + (sums / counts).view(g, c, width)
 
 
 def visionzip_group(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, k: int,
@@ -124,9 +138,10 @@ def visionzip_group(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.T
 
 
 def visionzip_groups(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, k: int,
-                     dominant_ratio: float = DOMINANT_RATIO) -> GroupResult:
+                     dominant_ratio: float = DOMINANT_RATIO, index: Optional[torch.Tensor] = None) -> GroupResult:
     """VisionZip on G groups of n tokens with the same budget k <= n, at once: attention (G, n),
-    keys (G, n, h), hidden (G, n, D); each group as :func:`visionzip_group` alone. Returns the
+    keys (G, n, h), hidden (G, n, D) (or, with ``index`` (G, n), the rows (N, D) it points into:
+    no gathered copy); each group as :func:`visionzip_group` alone. Returns the
     :class:`GroupResult` fields with a leading group dimension (G, ...)."""
     g, n = attention.shape
     if not 0 <= k <= n:
@@ -141,13 +156,14 @@ def visionzip_groups(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.
     targets = rest[:, local_targets]
     if c == 0:  # dominant_ratio 1: the rest is dropped, nothing merges
         empty = torch.zeros(g, 0, 2, dtype=torch.long, device=device)
-        return GroupResult(dominant, targets, empty, gather_rows(hidden, targets).float())
+        rows = gather_rows(hidden, targets) if index is None else hidden[index.gather(1, targets)]
+        return GroupResult(dominant, targets, empty, rows.float())
     is_other = torch.ones(n - d, dtype=torch.bool, device=device)
     is_other[local_targets] = False
     local_others = is_other.nonzero().squeeze(1)
     choice = assign_to_targets(gather_rows(keys, rest), local_targets, local_others)  # (G, m - c)
     others = rest[:, local_others]  # (G, m - c)
-    rows = merge_contextual(hidden, targets, others, choice)
+    rows = merge_contextual(hidden, targets, others, choice, index)
     absorbed = torch.stack([others, targets.gather(1, choice)], dim=2)
     return GroupResult(dominant=dominant, targets=targets, absorbed=absorbed, rows=rows)
 
@@ -231,40 +247,43 @@ class VisionZip(PruningMethod):
             return Selection.unchanged()
         layer, scope = self.vision_layers()[0], self.scope  # resolved for the backbone (backbone_settings)
         maps = ctx.vision(layer)
-        hidden = ctx.hidden_states.clone()  # (b, s, D): the contextual rows are written into it
-        results = [self.zip_sample(ctx, maps, b, k, scope, hidden) for b, k in enumerate(budgets)]
+        results = [self.zip_sample(ctx, maps, b, k, scope) for b, k in enumerate(budgets)]
         self.record(ctx, budgets, layer, scope, results)
-        return Selection([torch.cat([r.dominant, r.targets]) for r in results], hidden_states=hidden)
+        # the contextual tokens' merged rows replace their embeddings (the others are unchanged)
+        new_rows = [(ctx.visual_tokens(b).positions[r.merged], r.rows) for b, r in enumerate(results)]
+        return Selection([torch.cat([r.dominant, r.targets]) for r in results], new_rows=new_rows)
 
-    def zip_sample(self, ctx, maps, b: int, k: int, scope: str, hidden: torch.Tensor) -> GroupResult:
-        """VisionZip on sample b's current visual tokens with budget k, group by group; the merged
-        rows go into ``hidden[b]`` at their targets' positions. Returns the dominant, target and
-        absorbed indices into the sample's current visual tokens (``rows`` empty), group after group.
-        Groups of the same size and budget (LLaVA-OV's frames) run together (:func:`visionzip_groups`)."""
+    def zip_sample(self, ctx, maps, b: int, k: int, scope: str) -> GroupResult:
+        """VisionZip on sample b's current visual tokens with budget k, group by group. Returns the
+        dominant, target and absorbed indices into the sample's current visual tokens, group after
+        group, and the new rows of the targets that absorbed tokens (``merged``). Groups of the same size and budget (LLaVA-OV's frames) run together
+        (:func:`visionzip_groups`)."""
         tokens = ctx.visual_tokens(b)
         index = tokens.index  # (n_b,) ORIGINAL indices of the current tokens
         att = maps.attention[b, index.to(maps.attention.device)].to(index.device)  # (n_b,)
         keys = maps.keys[b, index.to(maps.keys.device)].to(index.device)  # (n_b, head_dim)
+        visual_rows = ctx.rows(b, tokens.positions)  # (n_b, D), read-only
         groups = self.groups(tokens, scope)
         budgets = split_budget(k, [len(g) for g in groups])
         batches: dict = {}  # (n, k_g) -> the groups (in order) that share them
         for i, (g, k_g) in enumerate(zip(groups, budgets)):
             batches.setdefault((len(g), k_g), []).append(i)
         per_group: list = [None] * len(groups)  # (dominant, targets, absorbed) of each group
+        merged, merged_rows = [], []  # targets that absorbed tokens, and their new rows
         for (n, k_g), members in batches.items():
             g = torch.stack([groups[i] for i in members])  # (G, n) indices into the current tokens
-            rows = ctx.rows(b, tokens.positions[g])  # (G, n, D), read-only
-            res = visionzip_groups(att[g], keys[g], rows, k_g, self.dominant_ratio)
+            res = visionzip_groups(att[g], keys[g], visual_rows, k_g, self.dominant_ratio, index=g)
             dominant, targets = g.gather(1, res.dominant), g.gather(1, res.targets)
             absorbed = g.gather(1, res.absorbed.flatten(1)).view(res.absorbed.shape)
             if res.absorbed.shape[1]:  # only targets that absorbed tokens change
-                hidden[b, tokens.positions[targets]] = res.rows.to(hidden.dtype)
-            if len(batches) == 1:  # every group at once, already in order
-                return GroupResult(dominant.flatten(), targets.flatten(), absorbed.flatten(0, 1), ctx.hidden_states[b, :0])
+                merged.append(targets.flatten())
+                merged_rows.append(res.rows.flatten(0, 1))
             for j, i in enumerate(members):
                 per_group[i] = (dominant[j], targets[j], absorbed[j])
         flat = {key: torch.cat([p[f] for p in per_group]) for f, key in enumerate(("dominant", "targets", "absorbed"))}
-        return GroupResult(flat["dominant"], flat["targets"], flat["absorbed"], ctx.hidden_states[b, :0])
+        rows = torch.cat(merged_rows) if merged_rows else visual_rows[:0].float()
+        return GroupResult(flat["dominant"], flat["targets"], flat["absorbed"], rows,
+                           merged=torch.cat(merged) if merged else index[:0])
 
     @staticmethod
     def record(ctx, budgets, layer, scope, results: list[GroupResult]) -> None:

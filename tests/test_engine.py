@@ -562,3 +562,68 @@ def test_vision_layers_are_hooked_only_when_asked():
     with sharp.prune(bb, Unasked(retention=0.25)), torch.no_grad():
         with pytest.raises(RuntimeError, match="not requested"):
             bb.model(**bb.synthetic_inputs(frames=4))
+
+
+# -- Selection.new_rows: kept rows written without a copy of the whole input -------------------------
+@dataclass
+class _RowWriter(PruningMethod):
+    """Keeps every other visual token and the last (all of them with ``drop=False``) and gives 3 visual
+    tokens new rows (one of them dropped, when dropping): as ``new_rows``, or as a whole ``hidden_states``."""
+
+    name = "_test_row_writer"
+    as_rows: bool = True
+    drop: bool = True
+
+    def stages(self, num_layers):
+        return [1]
+
+    def select(self, ctx):
+        keep, new_rows = [], []
+        hidden = ctx.hidden_states.clone()
+        for b in range(ctx.batch_size):
+            tokens = ctx.visual_tokens(b)
+            n = len(tokens)
+            keep.append(torch.cat([torch.arange(0, n - 1, 2 if self.drop else 1), torch.tensor([n - 1])]))
+            chosen = torch.tensor([0, 1, n - 1])  # token 1 is dropped when dropping
+            rows = 10.0 + torch.arange(3.0)[:, None].expand(3, ctx.hidden_states.shape[-1])
+            positions = tokens.positions[chosen]
+            new_rows.append((positions, rows))
+            hidden[b, positions] = rows.to(hidden.dtype)
+        if self.as_rows:
+            return Selection(keep, new_rows=new_rows)
+        return Selection(keep, hidden_states=hidden)
+
+
+register_method(_RowWriter)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("drop", [True, False])
+def test_new_rows_equal_a_replaced_input(name, drop):
+    """``Selection(keep, new_rows=...)`` gives layer 1 exactly the input that the same rows written into a
+    copy of the whole input (``hidden_states``) give; rows of dropped tokens are not used; nothing dropped:
+    the rows are still written. Left-padded batch of two prompts of different lengths."""
+    bb = backbone(name)
+    inputs = bb.synthetic_inputs(frames=4, seed=3, batch_size=2, pad=True)
+    seen, out = {}, {}
+
+    def grab(module, args, kwargs):  # registered after the engine's hook: layer 1's input after the stage
+        seen.setdefault("h", (args[0] if args else kwargs["hidden_states"]).clone())
+
+    for as_rows in (True, False):
+        with sharp.prune(bb, "_test_row_writer", as_rows=as_rows, drop=drop), torch.no_grad():
+            h = bb.layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                out[as_rows] = bb.model(**inputs).logits
+            finally:
+                h.remove()
+        seen[as_rows] = seen.pop("h")
+    assert torch.equal(seen[True], seen[False]) and torch.equal(out[True], out[False])
+    # the written rows really are in layer 1's input: 10.0 (token 0) and 12.0 (the last token) per sample
+    assert bool((seen[True] == 10.0).all(dim=-1).any(dim=1).all()) and bool((seen[True] == 12.0).all(dim=-1).any(dim=1).all())
+    assert bool((seen[True] == 11.0).all(dim=-1).any(dim=1).all()) is (not drop)
+
+
+def test_new_rows_and_hidden_states_are_exclusive():
+    with pytest.raises(ValueError, match="hidden_states or new_rows"):
+        Selection([torch.arange(2)], hidden_states=torch.zeros(1, 2, 3), new_rows=[(torch.arange(1), torch.zeros(1, 3))])

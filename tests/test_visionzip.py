@@ -199,6 +199,25 @@ def test_groups_at_once_equal_one_by_one(seed):
                 assert torch.equal(getattr(batch, field)[i], getattr(one, field)), (k, ratio, i, field)
 
 
+
+@pytest.mark.parametrize("seed", range(6))
+def test_groups_over_flat_rows_equal_gathered_groups(seed):
+    """visionzip_groups on the rows themselves (``index``: each group's rows, ascending inside the group,
+    groups in any order, rows outside every group) = on the gathered (G, n, D) groups, exactly: the
+    contextual sums add the same rows in the same order."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    g, n, width = 4, 8 + 5 * seed, 16
+    rows = torch.randn(g * n + 11, width, generator=gen)  # 11 rows in no group
+    index = torch.randperm(len(rows), generator=gen)[: g * n].view(g, n).sort(dim=1).values  # (G, n) ascending
+    attention, keys = torch.rand(g, n, generator=gen), torch.randn(g, n, 6, generator=gen)
+    if seed % 2:
+        keys[1] = 1.0  # every similarity of group 1 ties
+    for k, ratio in ((n // 3, 54 / 64), (n // 2, 0.5), (n, 0.5), (n // 2, 1.0), (n - 1, 0.0)):
+        flat = visionzip_groups(attention, keys, rows, k, ratio, index=index)
+        gathered = visionzip_groups(attention, keys, rows[index], k, ratio)
+        for field in ("dominant", "targets", "absorbed", "rows"):
+            assert torch.equal(getattr(flat, field), getattr(gathered, field)), (k, ratio, field)
+
 def test_context_rows_view_or_gather():
     """StageContext.rows: hidden_states[b, positions] for any positions; one ascending run is a view
     (no copy, the same storage), anything else the gathered rows."""

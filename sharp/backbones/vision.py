@@ -132,7 +132,12 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, lengths: 
     if sum(int(x) for x in lengths) != n:
         raise ValueError(f"chunk lengths sum to {sum(int(x) for x in lengths)}, not the {n} rows")
     out = torch.empty(n, dtype=torch.float32, device=q.device)
-    for start, count, length in chunk_groups(lengths, heads, budget):
+    groups = list(chunk_groups(lengths, heads, budget))
+    # one logits buffer for every group, softmax'd in place: a fresh (g, heads, L, L) tensor per group
+    # costs as much again as the arithmetic on a CPU (new pages; the values are the same)
+    most = max(count * length * length for _, count, length in groups) if groups else 0
+    buffer = torch.empty(most * heads, dtype=torch.float32, device=q.device)
+    for start, count, length in groups:
         end = start + count * length
         qs, ks = q[start:end].float(), k[start:end].float()  # (rows, heads, head_dim)
         if rope is not None:
@@ -141,11 +146,10 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, lengths: 
         # twice as slow on a CPU); the logits are scaled in place (the same values as ``* scale``)
         qs = qs.reshape(count, length, heads, head_dim).transpose(1, 2).contiguous()  # (g, heads, L, head_dim)
         ks = ks.reshape(count, length, heads, head_dim).transpose(1, 2).contiguous()
-        logits = torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale)  # (g, heads, L, L)
-        probs = torch.softmax(logits, dim=-1)
-        del logits
-        out[start:end] = probs.mean(dim=(1, 2)).reshape(-1)
-        del probs
+        logits = buffer[: count * heads * length * length].view(count, heads, length, length)
+        torch.matmul(qs, ks.transpose(-1, -2), out=logits).mul_(scale)  # (g, heads, L, L)
+        probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # torch.softmax's kernel, in place
+        torch.mean(probs, dim=(1, 2), out=out[start:end].view(count, length))
     return out
 
 

@@ -144,10 +144,20 @@ class Selection:
         sequence order). ``None`` = no token is removed (see :meth:`unchanged`).
     hidden_states: optional replacement for the stage's input hidden states (b, s, d), e.g. kept
         tokens that absorbed dropped ones. Only rows of kept tokens matter.
+    new_rows: optional per sample ``(positions (k,), rows (k, d))``: new hidden states for these
+        sequence positions of the stage's input (kept tokens that absorbed dropped ones), the rest
+        unchanged. The engine writes them into the kept rows it gathers (no copy of the whole input:
+        prefer it to ``hidden_states`` when few rows change); rows of dropped tokens are not used.
+        At most one of ``hidden_states`` and ``new_rows``.
     """
 
     keep_visual: Optional[list[torch.Tensor]]
     hidden_states: Optional[torch.Tensor] = None
+    new_rows: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+
+    def __post_init__(self):
+        if self.hidden_states is not None and self.new_rows is not None:
+            raise ValueError("Selection: give hidden_states or new_rows, not both")
 
     @classmethod
     def unchanged(cls) -> "Selection":

@@ -36,6 +36,26 @@ from sharp.engine.sequence import SeqState, gather_seq
 from sharp.engine.trace import Trace
 
 
+
+def write_rows(hidden: torch.Tensor, new_rows: list, index: Optional[torch.Tensor] = None,
+               pad: Optional[torch.Tensor] = None) -> None:
+    """Write :attr:`Selection.new_rows` (per sample ``(positions (k,), rows (k, d))`` in the stage's
+    input sequence) into ``hidden`` (b, s', d) in place. With ``index`` / ``pad`` (b, s') of a shrink
+    (``SeqState.keep_index``), ``hidden`` holds the gathered rows ``index`` and a position is written at
+    its new row; positions that were not kept are skipped."""
+    if len(new_rows) != hidden.shape[0]:
+        raise RuntimeError(f"Selection.new_rows has {len(new_rows)} samples, expected {hidden.shape[0]}")
+    for b, (positions, rows) in enumerate(new_rows):
+        positions = torch.as_tensor(positions, device=hidden.device).long()
+        rows = rows.to(device=hidden.device, dtype=hidden.dtype)
+        if index is not None:
+            real = (~pad[b]).nonzero().squeeze(1)  # (s'_b,) the sample's rows after the left padding
+            # index[b, real] ascends (kept rows in sequence order): a kept position's new row by search
+            slot = torch.searchsorted(index[b, real], positions).clamp(max=len(real) - 1)
+            kept = index[b, real[slot]] == positions
+            positions, rows = real[slot[kept]], rows[kept]
+        hidden[b, positions] = rows
+
 class _ProbeDone(Exception):
     """Raised inside a probe forward once the probed stage has been reached."""
 
@@ -303,8 +323,11 @@ class PrefillRunner:
         if keep is not None and len(keep) != b:
             raise RuntimeError(f"{method.name}.select returned {len(keep)} samples, expected {b}")
         if keep is not None and [len(k) for k in keep] != ctx.visual_counts:
-            hidden = self._shrink(idx, method, hidden, keep, record_kv=True)
+            hidden = self._shrink(idx, method, hidden, keep, record_kv=True, new_rows=selection.new_rows)
             self._applied[(idx, owner)] = self._record_selection(idx, owner)
+        elif selection.new_rows is not None:  # nothing removed: a copy of the input with the new rows
+            hidden = hidden.clone()
+            write_rows(hidden, selection.new_rows)
         self.trace.add_time("select", self.trace.clock() - t0)
         return hidden
 
@@ -332,6 +355,8 @@ class PrefillRunner:
             selection: Selection = self.plan.methods[owner].after_attention(ctx)
             if selection.hidden_states is not None and selection.hidden_states is not residual:
                 residual.copy_(selection.hidden_states)
+            if selection.new_rows is not None:
+                write_rows(residual, selection.new_rows)
             keep = selection.keep_visual
             if keep is None or [len(k) for k in keep] == ctx.visual_counts or idx + 1 >= self.plan.num_layers:
                 continue
@@ -368,12 +393,15 @@ class PrefillRunner:
         return self._shrink(idx, self.plan.methods[owner], hidden, keep, record_kv=record_kv)
 
     def _shrink(self, idx: int, method: PruningMethod, hidden: torch.Tensor, keep: list[torch.Tensor],
-                record_kv: bool) -> torch.Tensor:
-        """Gather the kept rows, their RoPE angles and masks; the new sequence becomes current."""
+                record_kv: bool, new_rows: Optional[list] = None) -> torch.Tensor:
+        """Gather the kept rows, their RoPE angles and masks; the new sequence becomes current.
+        ``new_rows`` (:attr:`Selection.new_rows`): written into the gathered kept rows."""
         state = self.state
         seq = state.seq
         index, pad = seq.keep_index(keep)  # (b, s')
         new_hidden = gather_seq(hidden, index, 1)  # (b, s', d)
+        if new_rows is not None:
+            write_rows(new_hidden, new_rows, index, pad)
         new = seq.gathered(index, pad)
         if method.compacts_at(idx):
             new = self._compact(idx, seq, new, new_hidden, record_kv)

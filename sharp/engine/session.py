@@ -135,7 +135,7 @@ class PruningSession:
             ctx = DecodeContext(self, idx, owner)
             with self.trace.timed("decode_select", self.backbone.device):
                 selection = self.plan.methods[owner].decode_select(ctx)
-            if selection.hidden_states is not None:
+            if selection.hidden_states is not None or selection.new_rows is not None:
                 raise ValueError(f"{self.plan.keys[owner]}: a decode selection cannot replace hidden states")
             kept = None
             if selection.keep_visual is not None:
