@@ -269,9 +269,9 @@ class ShaRP(PruningMethod):
         if not self.regd:
             ctx.trace.after_regd = [t.clone() for t in ctx.trace.after_topk]
             return Selection(keep_visual=topk)
-        keep, new_hidden = self._deduplicate(ctx, calibrated, topk, of_index)
+        keep, new_rows = self._deduplicate(ctx, calibrated, topk, of_index)
         ctx.trace.after_regd = [ctx.current_visual_index(b)[kk].sort().values.cpu() for b, kk in enumerate(keep)]
-        return Selection(keep_visual=keep, hidden_states=new_hidden)
+        return Selection(keep_visual=keep, new_rows=new_rows)
 
     def _record(self, ctx, retention, k, calibrated, bias, topk) -> None:
         t = ctx.trace
@@ -282,15 +282,16 @@ class ShaRP(PruningMethod):
         t.after_topk = [ctx.current_visual_index(b)[x].sort().values.cpu() for b, x in enumerate(topk)]
 
     def _deduplicate(self, ctx, calibrated, topk, of_index):
-        """RegD per sample on the stage's input hidden states; kept tokens may absorb dropped ones."""
-        keep, new_hidden = [], None
+        """RegD per sample on the stage's input hidden states; kept tokens may absorb dropped ones.
+        Returns (keep per sample, :attr:`Selection.new_rows` of the tokens that absorbed, or None)."""
+        keep, new_rows = [], []
         for b, registers in enumerate(topk):
             tokens = ctx.visual_tokens(b)
             segment_ids = of_index[b][tokens.index]
             if self.regd_segments == "video" and not self.segm:
                 segment_ids = torch.zeros_like(segment_ids)  # SegM off: the whole video is one unit
             r = run_regd(
-                ctx.hidden_states[b, tokens.positions], calibrated[b, : len(tokens)], registers,
+                ctx.rows(b, tokens.positions), calibrated[b, : len(tokens)], registers,
                 segment_ids, tau_filter=self.tau_filter, tau_merge=self.tau_merge,
                 tau_cluster=self.tau_cluster, beta=self.beta, absorb=self.absorb, dedup=self.dedup,
                 cluster=self.cluster, fill=self.fill, clock=ctx.now, centre=self.centre)
@@ -298,11 +299,10 @@ class ShaRP(PruningMethod):
                 ctx.add_time(key, r.times[key])
             keep.append(r.keep)
             if r.kept_hidden is not None:  # absorb="mean": kept tokens carry what they absorbed
-                if new_hidden is None:
-                    new_hidden = ctx.hidden_states.clone()
-                new_hidden[b, tokens.positions[r.keep]] = r.kept_hidden
-        return keep, new_hidden
-
+                new_rows.append((tokens.positions[r.keep], r.kept_hidden))
+            else:
+                new_rows.append((tokens.positions[:0], ctx.hidden_states[b, :0]))
+        return keep, new_rows if any(len(p) for p, _ in new_rows) else None
 
 def _unchanged(inputs: dict) -> dict:
     """The scoring pass's probe inputs: the prefill's own."""
