@@ -126,7 +126,9 @@ def rope_function(attn: torch.nn.Module) -> Callable:
     its decoder layer receives (4.57 Qwen2-VL: per-section angles merged by
     ``apply_multimodal_rotary_pos_emb``; 5.x: already merged)."""
     module = sys.modules[type(attn).__module__]
+    # the model's function rotates a query and a key tensor: x is the query, and its first head stands
+    # in for the key (the rotation is per head: the same values as rotating x twice, an eighth of the work)
     if hasattr(module, "apply_multimodal_rotary_pos_emb"):
         section = attn.rope_scaling["mrope_section"]
-        return lambda x, cos, sin: module.apply_multimodal_rotary_pos_emb(x, x, cos, sin, section)[0]
-    return lambda x, cos, sin: module.apply_rotary_pos_emb(x, x, cos, sin)[0]
+        return lambda x, cos, sin: module.apply_multimodal_rotary_pos_emb(x, x[:, :1], cos, sin, section)[0]
+    return lambda x, cos, sin: module.apply_rotary_pos_emb(x, x[:, :1], cos, sin)[0]
