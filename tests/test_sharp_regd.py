@@ -384,3 +384,226 @@ def test_regd_budget_at_paper_scale():
         k = budget(n, retention)
         r = regd(h, scores, torch.topk(scores, k).indices, seg)
         assert r.keep.numel() == k
+
+
+# ------------------------------------------------------------------------- vectorised helpers = per-segment loops
+# RegD's similarities must be bit-identical to those of a loop over segments that multiplies each segment's own
+# rows (a product's float rounding depends on its shape), so these references read every similarity off that
+# segment's own matrix product and walk the tokens one by one; thresholds are often set to one of those very
+# values (exact ties) and rows are duplicated (equal similarities), so a rounding difference would show.
+def _random_rows(g, m, d, protos=3, noise=0.4):
+    rows = _clustered(g, m, d, protos, noise)
+    if m > 2:  # exact duplicates: equal similarities, first-maximum ties
+        rows[torch.randint(0, m, (m // 3,), generator=g)] = rows[torch.randint(0, m, (m // 3,), generator=g)]
+    return F.normalize(rows, dim=-1)
+
+
+def _random_sizes(g, m, empty=True):
+    """Segment sizes summing to m (some empty when ``empty``)."""
+    cuts = torch.sort(torch.randint(0, m + 1, (int(torch.randint(0, 6, (1,), generator=g)),), generator=g)).values
+    sizes = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([m])])).tolist()
+    return sizes if empty else [s for s in sizes if s] or [m]
+
+
+def _tie_tau(g, values):
+    """A threshold: often one of the similarities themselves (an exact tie), else a float32 value."""
+    if values and float(torch.rand(1, generator=g)) < 0.5:
+        return values[int(torch.randint(0, len(values), (1,), generator=g))]
+    return float(torch.tensor(float(torch.rand(1, generator=g)) * 1.4 - 0.4, dtype=torch.float32))
+
+
+def _loop_owners_from_blocks(x, tau, sizes, mode, chunk):
+    """Sequential pass, token by token, reading cos(pivot, later) off each segment's own product:
+    ``block[r0:r1] @ block[r0:].T`` in row chunks of ``chunk`` (row = the earlier token); "adjacent" reads
+    ``(x[1:] * x[:-1]).sum(-1)`` as RegD always did. Also returns every block similarity read (for ties)."""
+    owners, seen, start = [], [], 0
+    adjacent = (x[1:] * x[:-1]).sum(-1).tolist()
+    for size in sizes:
+        block = x[start:start + size]
+        sim = {}
+        for r0 in range(0, size, chunk):
+            part = (block[r0:r0 + chunk] @ block[r0:].T).tolist()
+            for a, row in enumerate(part):
+                for b, v in enumerate(row):
+                    sim[r0 + a, r0 + b] = v
+        seen += [sim[a, b] for a in range(size) for b in range(a + 1, size)]
+        pivot = 0
+        for a in range(size):
+            if a and (sim[pivot, a] if mode == "pivot" else adjacent[start + a - 1]) > tau:
+                owners.append(start + pivot)
+            else:
+                pivot = a
+                owners.append(start + a)
+        start += size
+    return owners, seen
+
+
+@pytest.mark.parametrize("chunk,tile", [(2048, 1 << 16), (3, 1 << 16), (2048, 20), (4, 30)])
+def test_owners_equal_the_per_segment_loop(monkeypatch, chunk, tile):
+    """``_owners`` / ``sequential_pivots`` (block-diagonal tiles, strided "later" view, pointer doubling) equal
+    the token-by-token pass over each segment's own product, ties included, empty segments included."""
+    monkeypatch.setattr(regd_mod, "_ROW_CHUNK", chunk)
+    monkeypatch.setattr(regd_mod, "_TILE_ENTRIES", tile)
+    g = torch.Generator().manual_seed(11)
+    for trial in range(100):
+        m = int(torch.randint(1, 40, (1,), generator=g))
+        x = _random_rows(g, m, int(torch.randint(2, 9, (1,), generator=g)))
+        sizes = _random_sizes(g, m)
+        counts = torch.tensor(sizes)
+        for mode in ("pivot", "adjacent"):
+            expected, seen = _loop_owners_from_blocks(x, 0.0, sizes, mode, chunk)
+            tau = _tie_tau(g, seen)
+            expected, _ = _loop_owners_from_blocks(x, tau, sizes, mode, chunk)
+            owner, is_pivot = regd_mod._owners(regd_mod._Grouped.of(x, counts), tau, mode)
+            assert owner.tolist() == expected, (trial, mode, sizes, tau)
+            assert is_pivot.tolist() == [o == i for i, o in enumerate(expected)]
+            seg = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+            assert sequential_pivots(x, tau, seg, mode).tolist() == expected
+
+
+def test_chains_pointer_doubling_equal_walking():
+    """``_chains``: rows reached from the segment starts by following ``next``, with log2 of the longest
+    segment doubling steps, against walking the pointers."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        sizes = _random_sizes(g, int(torch.randint(1, 50, (1,), generator=g)))
+        m = sum(sizes)
+        nxt, start = [], 0
+        for size in sizes:  # any pointer to a later row of the segment, or its end
+            for a in range(size):
+                nxt.append(int(torch.randint(start + a + 1, start + size + 1, (1,), generator=g)))
+            start += size
+        reached, start = set(), 0
+        for size in sizes:
+            i = start
+            while i < start + size:
+                reached.add(i)
+                i = nxt[i]
+            start += size
+        counts = torch.tensor(sizes)
+        starts = torch.cumsum(counts, 0) - counts
+        got = regd_mod._chains(torch.tensor(nxt + [m]), starts, (max(sizes) - 1).bit_length())
+        assert got.tolist() == [i in reached for i in range(m)]
+
+
+@pytest.mark.parametrize("tile", [1 << 16, 12])
+def test_prefilter_equals_the_per_segment_loop(monkeypatch, tile):
+    """Pre-filtering (one block-diagonal tile, each row gathering its own segment's columns) equals the loop that
+    multiplies ``x[nonreg_s] @ x[reg_s].T`` per segment and takes the first maximum, ties included."""
+    monkeypatch.setattr(regd_mod, "_TILE_ENTRIES", tile)
+    g = torch.Generator().manual_seed(5)
+    for trial in range(150):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        h = _random_rows(g, n, int(torch.randint(2, 9, (1,), generator=g))) * (torch.rand(n, 1, generator=g) + 0.5)
+        seg = torch.repeat_interleave(torch.arange(len(sizes := _random_sizes(g, n, empty=False))), torch.tensor(sizes))
+        registers = torch.sort(torch.randperm(n, generator=g)[: int(torch.randint(1, n + 1, (1,), generator=g))]).values
+        x = F.normalize(h.float(), dim=-1, eps=1e-12)
+        is_reg = torch.zeros(n, dtype=torch.bool)
+        is_reg[registers] = True
+        nonreg = torch.arange(n)[~is_reg]
+        blocks, seen = {}, []
+        for s in range(len(sizes)):  # the loop RegD replaced: fresh per-segment gathers, one product each
+            non_s, reg_s = nonreg[seg[nonreg] == s], registers[seg[registers] == s]
+            if len(non_s) and len(reg_s):
+                blocks[s] = (non_s.tolist(), reg_s.tolist(), (x[non_s] @ x[reg_s].T).tolist())
+                seen += [v for row in blocks[s][2] for v in row]
+        tau = _tie_tau(g, seen)
+        expected = [-1] * n
+        for non_s, reg_s, sim in blocks.values():
+            for i, row in zip(non_s, sim):
+                if max(row) > tau:
+                    expected[i] = reg_s[row.index(max(row))]  # first maximum
+        reg_counts = torch.bincount(seg[registers], minlength=len(sizes))
+        non_counts = torch.tensor(sizes) - reg_counts
+        order = torch.cat([registers, nonreg])
+        xs = regd_mod._unit_rows(h, order)
+        k = len(registers)
+        absorber = torch.full((n,), -1)
+        hit = regd_mod._prefilter(regd_mod._Grouped.of(xs[k:], non_counts), regd_mod._Grouped.of(xs[:k], reg_counts),
+                                  nonreg, registers, tau, absorber)
+        assert absorber.tolist() == expected, (trial, tau)
+        assert hit.tolist() == [expected[i] >= 0 for i in nonreg.tolist()]
+
+
+def test_unit_rows_equal_normalize():
+    """The gathered unit rows are bit for bit ``F.normalize(hidden.float())`` rows, any dtype, zero rows too."""
+    g = torch.Generator().manual_seed(2)
+    for d in (3, 17, 64, 1000):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            h = (torch.randn(30, d, generator=g) * 3).to(dtype)
+            h[4] = 0
+            rows = torch.randperm(30, generator=g)
+            assert torch.equal(regd_mod._unit_rows(h, rows), F.normalize(h.float(), dim=-1, eps=1e-12)[rows])
+
+
+def _centre_order_reference(div, c_seg, quota):
+    """``fill="segment"`` as RegD ranked it before: each segment's quota of centres by Div, segment after segment,
+    then ranked by Div (stable), then the other centres by Div."""
+    by_div = torch.sort(div, descending=True, stable=True).indices
+    order = by_div[torch.sort(c_seg[by_div], stable=True).indices]
+    seg_sorted = c_seg[order]
+    rank = torch.arange(order.numel()) - torch.searchsorted(seg_sorted, seg_sorted, right=False)
+    chosen = order[rank < quota[seg_sorted]]
+    chosen = chosen[torch.sort(div[chosen], descending=True, stable=True).indices]
+    taken = torch.zeros(div.numel(), dtype=torch.bool)
+    taken[chosen] = True
+    return torch.cat([chosen, by_div[~taken[by_div]]])
+
+
+def test_centre_order_equals_the_segment_by_segment_ranking():
+    g = torch.Generator().manual_seed(7)
+    for _ in range(300):
+        c = int(torch.randint(0, 25, (1,), generator=g))
+        n_seg = int(torch.randint(1, 6, (1,), generator=g))
+        c_seg = torch.sort(torch.randint(0, n_seg, (c,), generator=g)).values  # centres in sequence order
+        div = torch.round(torch.rand(c, generator=g) * 4) / 4  # many exact ties
+        if c and float(torch.rand(1, generator=g)) < 0.2:
+            div[int(torch.randint(0, c, (1,), generator=g))] = float("nan")
+        quota = torch.randint(0, 4, (n_seg,), generator=g)
+        got = regd_mod._centre_order(div, c_seg, quota, "segment")
+        assert got.tolist() == _centre_order_reference(div, c_seg, quota).tolist()
+        assert regd_mod._centre_order(div, c_seg, quota, "global").tolist() == torch.sort(
+            div, descending=True, stable=True).indices.tolist()
+
+
+def test_final_owners_follow_the_absorber_chains():
+    g = torch.Generator().manual_seed(9)
+    for _ in range(200):
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        keep = torch.sort(torch.randperm(n, generator=g)[: int(torch.randint(1, n + 1, (1,), generator=g))]).values
+        kept = set(keep.tolist())
+        # chains of at most two hops into a kept token (filtered -> deduplicated register -> pivot)
+        role = torch.randint(0, 3, (n,), generator=g).tolist()  # 0: dropped, 1: into a kept token, 2: via a mid
+        mids = [i for i in range(n) if i not in kept and role[i] == 1]
+        absorber = [-1] * n
+        for i in range(n):
+            if i not in kept and (role[i] == 1 or (role[i] == 2 and not mids)):
+                absorber[i] = int(keep[int(torch.randint(0, len(keep), (1,), generator=g))])
+            elif i not in kept and role[i] == 2:
+                absorber[i] = mids[int(torch.randint(0, len(mids), (1,), generator=g))]
+        expected = []
+        for i in range(n):
+            o = i
+            while o >= 0 and o not in kept:
+                o = absorber[o]
+            expected.append(o)
+        owner, kept_mask = regd_mod._final_owners(keep, torch.tensor(absorber))
+        assert owner.tolist() == expected
+        assert kept_mask.tolist() == [i in kept for i in range(n)]
+
+
+def test_segment_groups_cover_in_order_within_budget(monkeypatch):
+    monkeypatch.setattr(regd_mod, "_TILE_ENTRIES", 50)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(200):
+        s = int(torch.randint(1, 12, (1,), generator=g))
+        a, b = torch.randint(0, 9, (s,), generator=g).tolist(), torch.randint(0, 9, (s,), generator=g).tolist()
+        alone = [None, 5][int(torch.randint(0, 2, (1,), generator=g))]
+        groups = list(regd_mod._segment_groups(a, b, alone_above=alone))
+        assert groups[0][0] == 0 and groups[-1][1] == s
+        for (s0, s1, a0, a1, b0, b1), nxt in zip(groups, groups[1:] + [None]):
+            assert (a0, a1, b0, b1) == (sum(a[:s0]), sum(a[:s1]), sum(b[:s0]), sum(b[:s1]))
+            assert s1 > s0 and (nxt is None or nxt[0] == s1)
+            assert s1 - s0 == 1 or (a1 - a0) * (b1 - b0) <= 50
+            if alone is not None and s1 - s0 > 1:
+                assert max(a[s0:s1]) <= alone
