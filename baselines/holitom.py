@@ -50,7 +50,9 @@ Our choices (docs/methods/holitom.md has each next to its equation):
 """
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
@@ -70,48 +72,82 @@ _TOKENS_PER_FRAME = {"llava_onevision_7b": 196, "qwen2_vl_7b": 180, "tiny_llava_
 
 # -- 1. temporal segmentation ------------------------------------------------------------------
 def consecutive_similarity(x: torch.Tensor) -> torch.Tensor:
-    """s_t(p) = cos(x_t(p), x_{t+1}(p)): (F, n, d) -> (F-1, n) float32."""
-    x = torch.nn.functional.normalize(x.float(), dim=-1)
-    return (x[:-1] * x[1:]).sum(dim=-1)
+    """s_t(p) = cos(x_t(p), x_{t+1}(p)): (F, n, d) -> (F-1, n) float32, as the official
+    ``F.normalize(x, dim=-1)`` then ``(x[:-1] * x[1:]).sum(-1)``.
+
+    On the CPU (n > 1) frame by frame in two (n, d) buffers that stay in cache: the same float
+    operations on every element and every row (the norms of the whole video; each frame divided by its
+    norms, times the next frame's, summed over d), ~40 % less time than whole-video temporaries;
+    elsewhere (an accelerator: one launch per operation) on the whole video."""
+    x = x.float()
+    frames, n, d = x.shape
+    if x.device.type != "cpu" or n < 2:  # (n = 1: torch may split a one-output sum over threads)
+        unit = torch.nn.functional.normalize(x, dim=-1)
+        return (unit[:-1] * unit[1:]).sum(dim=-1)
+    norms = x.norm(2.0, -1, keepdim=True).clamp_min(1e-12)  # (F, n, 1) F.normalize's denominator
+    out = x.new_empty(frames - 1, n)
+    unit, after = torch.div(x[0], norms[0]), x.new_empty(n, d)
+    for t in range(frames - 1):
+        torch.div(x[t + 1], norms[t + 1], out=after)
+        unit *= after  # the product (frame t's unit rows are not needed again)
+        torch.sum(unit, dim=-1, out=out[t])
+        unit, after = after, unit
+    return out
 
 
-def static_counts(similarity: torch.Tensor, tau: float) -> list[list[float]]:
-    """c[a][e] = (e - a) x #{p : s_t(p) > tau for t = a..e-1}: tokens a window [a, e] removes by
-    averaging its static positions ((F-1, n) -> F x F nested list; 0 for e <= a)."""
-    frames = similarity.shape[0] + 1
-    counts = [[0.0] * frames for _ in range(frames)]
-    above = similarity > tau  # (F-1, n)
-    for a in range(frames - 1):
-        static = torch.cumprod(above[a:].int(), dim=0).sum(dim=1).tolist()  # window [a, a+1+t]
-        for t, n_static in enumerate(static):
-            counts[a][a + 1 + t] = float((t + 1) * n_static)
-    return counts
+def nonstatic_steps(similarity: torch.Tensor, tau: float) -> torch.Tensor:
+    """g[i, p] = #{t < i : not s_t(p) > tau}, the non-static steps before frame i: (F-1, n) -> (F, n)
+    long. A window [a, e] is static at p iff g[e, p] == g[a, p] (no non-static step between its frames)."""
+    g = torch.zeros(similarity.shape[0] + 1, similarity.shape[1], dtype=torch.long, device=similarity.device)
+    torch.cumsum(~(similarity > tau), dim=0, out=g[1:])
+    return g
+
+
+_COMPARISONS = 1 << 22  # (a, e, p) triples compared at once by static_counts (memory bound for long videos)
+
+
+def static_counts(g: torch.Tensor) -> list[list[float]]:
+    """c[a][e] = (e - a) x #{p : g[a, p] == g[e, p]} (0 for e <= a), from :func:`nonstatic_steps`
+    g (F, n): the tokens the window [a, e] removes by averaging its static positions (F x F nested list)."""
+    frames, n = g.shape
+    step = max(1, _COMPARISONS // max(1, frames * n))
+    static = torch.cat([(g[a:a + step, None] == g).sum(dim=2) for a in range(0, frames, step)])  # (F, F)
+    frame = torch.arange(frames, device=g.device)
+    return ((frame[None, :] - frame[:, None]).clamp_min(0) * static).double().tolist()
+
+
+def best_segmentation(counts: list[list[float]], max_window: int = 1024) -> tuple[list[tuple[int, int]], float]:
+    """The segmentation of the frames into windows [a, e] maximising sum c(a, e) (the official DP),
+    c = ``counts`` (:func:`static_counts`).
+
+    best[i] = max(best[i-1] (frame i alone), max_{w=2..min(i+1, max_window)} best[i-w] + c(i-w+1, i));
+    a strictly larger value replaces the current best (ties keep the earlier option: the single
+    frame, then the shorter window). Returns (windows in time order, the maximum R, a float).
+    """
+    frames = len(counts)
+    by_end = list(zip(*counts))  # by_end[i][a] = c(a, i)
+    before = [0.0] * (frames + 1)  # before[a] = best[a - 1], 0 before frame 0
+    start = list(range(frames))  # each frame alone, unless a window does better
+    for i in range(frames):
+        low = i + 1 - max_window if i + 1 > max_window else 0  # windows [a, i] of 2..max_window frames
+        candidates = list(map(operator.add, before[low:i], by_end[i][low:i]))  # [a - low]: best[a - 1] + c(a, i)
+        window = max(candidates, default=before[i])
+        if window > before[i]:  # the shortest (the last a) of the best windows: the official loop tries it first
+            start[i] = i - 1 - candidates[::-1].index(window)
+            before[i + 1] = window
+        else:
+            before[i + 1] = before[i]
+    windows, i = [], frames - 1
+    while i >= 0:
+        windows += [(start[i], i)]
+        i = start[i] - 1
+    return windows[::-1], before[-1]
 
 
 def segment_windows(similarity: torch.Tensor, tau: float, max_window: int = 1024
                     ) -> tuple[list[tuple[int, int]], float]:
-    """The segmentation of the frames into windows [a, e] maximising sum c(a, e) (the official DP).
-
-    best[i] = max(best[i-1] (frame i alone), max_{w=2..min(i+1, max_window)} best[i-w] + c(i-w+1, i));
-    a strictly larger value replaces the current best (ties keep the earlier option: the single
-    frame, then the shorter window). Returns (windows in time order, the maximum R).
-    """
-    frames = similarity.shape[0] + 1
-    counts = static_counts(similarity, tau)
-    best, start = [0.0] * frames, [0] * frames
-    for i in range(frames):
-        value, first = (best[i - 1] if i > 0 else 0.0), i
-        for w in range(2, min(i + 1, max_window) + 1):
-            j = i - w
-            candidate = (best[j] if j >= 0 else 0.0) + counts[j + 1][i]
-            if candidate > value:
-                value, first = candidate, j + 1
-        best[i], start[i] = value, first
-    windows, i = [], frames - 1
-    while i >= 0:
-        windows.append((start[i], i))
-        i = start[i] - 1
-    return windows[::-1], best[-1]
+    """:func:`best_segmentation` of the similarities (F-1, n) at threshold tau: (windows, R)."""
+    return best_segmentation(static_counts(nonstatic_steps(similarity, tau)), max_window)
 
 
 def static_mask(similarity: torch.Tensor, window: tuple[int, int], tau: float) -> torch.Tensor:
@@ -120,6 +156,20 @@ def static_mask(similarity: torch.Tensor, window: tuple[int, int], tau: float) -
     if e == a:
         return torch.zeros(similarity.shape[1], dtype=torch.bool, device=similarity.device)
     return (similarity[a:e] > tau).all(dim=0)
+
+
+def frame_windows(windows: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Per frame, the first and the last frame of its window (windows covering the frames in order)."""
+    return ([f for a, e in windows for f in [a] * (e - a + 1)],
+            [f for a, e in windows for f in [e] * (e - a + 1)])
+
+
+def frame_static_masks(g: torch.Tensor, first: list[int], last: list[int]) -> torch.Tensor:
+    """(F, n) bool: row f is :func:`static_mask` of frame f's window [first[f], last[f]]
+    (:func:`frame_windows`), from :func:`nonstatic_steps` g (F, n): [a, e] is static at p iff
+    e > a and g[e, p] == g[a, p]."""
+    first, last = torch.tensor([first, last], device=g.device)
+    return (g[last] == g[first]) & (last > first)[:, None]
 
 
 def rescaled_ratio(retention: float, total: int, reduced: float) -> float:
@@ -142,6 +192,29 @@ def group_quotas(sizes: list[int], kinds: list[str], ratio: float, total: int, r
         return [min(n, math.ceil(n * ratio) if kind == "dynamic" else round(n * ratio))
                 for n, kind in zip(sizes, kinds)]
     return split_budget(total, sizes)
+
+
+def budget_groups(first: list[int], n_static: list[int], per_frame: int) -> list[tuple[str, int, int]]:
+    """The units of the pre-LLM budget as (kind, frame, size), in time order: a window's static set
+    ("static", a, m) when it has m > 0 static positions (its tokens sit in its first frame a), then
+    each of its frames' dynamic set ("dynamic", f, per_frame - m). Per frame f: ``first[f]``, its
+    window's first frame, and ``n_static[f]``, its window's m. The f-th dynamic group is frame f's."""
+    return [group for f, (a, m) in enumerate(zip(first, n_static))
+            for group in ((("static", f, m), ("dynamic", f, per_frame - m)) if f == a and m else
+                          (("dynamic", f, per_frame - m),))]
+
+
+def grouped_top_k(scores: torch.Tensor, sizes: list[int], ks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Row r's top ``ks[r]`` among its first ``sizes[r]`` scores, as positions ascending, for every row
+    with ks[r] > 0. scores: (R, n). Rows with equal (size, k) are ranked by one ``torch.topk`` call,
+    which ranks each row on its own (the same positions, ties included, as one call per row).
+    Returns [(rows (G,) long, positions (G, k) long ascending)], one entry per distinct (size, k)."""
+    pairs = list(zip(sizes, ks))
+    buckets = dict.fromkeys([pair for pair in pairs if pair[1] > 0])  # distinct (size, k), first seen first
+    members = [[r for r, pair in enumerate(pairs) if pair == key] for key in buckets]
+    rows = torch.tensor([r for bucket in members for r in bucket], dtype=torch.long, device=scores.device)
+    rows = rows.split([len(bucket) for bucket in members])
+    return [(r, torch.topk(scores[r, :m], k, dim=1).indices.sort(dim=1).values) for r, (m, k) in zip(rows, buckets)]
 
 
 # -- DPC-kNN clustering -------------------------------------------------------------------------
@@ -212,18 +285,34 @@ def sequential_merge(x: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor) ->
 
 
 @dataclass
-class _Group:
-    """One unit of the pre-LLM budget: a window's static set or one frame's dynamic set.
+class _Plan:
+    """One video's pre-LLM result, before any row is read.
 
-    frame: the frame its tokens sit in (a static set: the window's first frame); cells: (m,) grid
-    cells (index within the frame); x: (m, d) features (static: averaged over the window);
-    attention: (m,) vision attention (dynamic sets only)."""
+    content: (k,) the flat index f n + p of each kept token, in the official order (per window [its
+    static tokens, then frame by frame its dynamic tokens], each set in cell order; with D > 0 a
+    frame's dominant tokens before its contextual ones). centres: per DPC-kNN run, (start, end, rows,
+    merged): tokens content[start:end] carry these (end - start, d) float32 rows instead of their own
+    (merged False: the run kept every token of its set, their own rows). windows, reduced (R), ratio (r')."""
 
-    kind: str
-    frame: int
-    cells: torch.Tensor
-    x: torch.Tensor
-    attention: Optional[torch.Tensor] = None
+    content: torch.Tensor
+    centres: list[tuple[int, int, torch.Tensor, bool]]
+    windows: list[tuple[int, int]]
+    reduced: float
+    ratio: float
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(k, d) float32 in content order: each token's own row of x (F, n, d), or its centre row."""
+        rows = x.reshape(-1, x.shape[-1])[self.content].float()
+        for start, end, centre_rows, _ in self.centres:
+            rows[start:end] = centre_rows
+        return rows
+
+    def merged(self) -> torch.Tensor:
+        """(k,) bool in content order: the rows that are not their token's own row (a merge, a window average)."""
+        merged = torch.zeros(len(self.content), dtype=torch.bool, device=self.content.device)
+        for start, end, _, is_merged in self.centres:
+            merged[start:end] = is_merged
+        return merged
 
 
 @dataclass
@@ -336,28 +425,39 @@ class HoliTom(PruningMethod):
             return self.select_before_llm(ctx) if ctx.layer_idx == 0 else self.select_in_llm(ctx)
 
     def select_before_llm(self, ctx) -> Selection:
-        """Segmentation, static merging, per-frame attention top-k and DPC-kNN, per sample."""
+        """Segmentation, static merging, per-frame attention top-k and DPC-kNN, per sample (:meth:`plan`).
+        The hidden states are copied and written only when some kept slot's row changes (a merged row,
+        or the official order moving a row): a dominant token's row is its own input row, exactly for a
+        model dtype of at most 32 bits (float32 holds it)."""
         layout = ctx.layout
         frames, per_frame = layout.frames, layout.tokens_per_frame
         attention = ctx.vision("feature").attention  # (b, N_vis) float32, original order
-        hidden = ctx.hidden_states.clone()
-        keep, windows, reduced, ratios, content = [], [], [], [], []
+        official = self.compacts_at(0)
+        keep, content, plans, changed = [], [], [], False
         for b in range(ctx.batch_size):
-            tokens = ctx.visual_tokens(b)
-            if len(tokens) != ctx.n_visual:
+            positions = ctx.visual_positions(b)
+            if len(positions) != ctx.n_visual:
                 raise ValueError(f"holitom: the pre-LLM stage needs every visual token of the video ({ctx.n_visual}), "
-                                 f"got {len(tokens)}: compose holitom first")
-            x = ctx.rows(b, tokens.positions.view(frames, per_frame))  # (F, n, d), read-only
-            attn = attention[b, tokens.index].view(frames, per_frame)
-            kept_index, rows, info = self.plan_sample(x, attn, ctx.n_visual, official_order=self.compacts_at(0))
-            hidden[b, tokens.positions[kept_index]] = rows.to(hidden.dtype)
-            keep.append(kept_index)
-            content.append(info["content"])
-            windows.append(info["windows"])
-            reduced.append(info["reduced"])
-            ratios.append(info["ratio"])
+                                 f"got {len(positions)}: compose holitom first")
+            x = ctx.rows(b, positions.view(frames, per_frame))  # (F, n, d), read-only
+            attn = attention[b, ctx.visual_index[b, positions]].view(frames, per_frame)
+            plan = self.plan(x, attn, ctx.n_visual)
+            kept = plan.content.sort().values  # the slots: ascending
+            # row i (content order) goes to slot kept[i] in the official order, else to its own token's slot
+            slots = kept if official else plan.content
+            moved = official and bool((kept != plan.content).any())
+            changed = changed or moved or any([merged for *_, merged in plan.centres])
+            plans.append((positions[slots], x, plan))
+            keep.append(kept)
+            content.append(plan.content if official else kept)
+        hidden = ctx.hidden_states
+        if changed or not (hidden.dtype.is_floating_point and torch.finfo(hidden.dtype).bits <= 32):
+            hidden = hidden.clone()
+            for b, (rows_at, x, plan) in enumerate(plans):
+                hidden[b, rows_at] = plan.rows(x).to(hidden.dtype)
         t = ctx.trace
-        t.tau, t.windows, t.reduced, t.ratio = self.threshold, windows, reduced, ratios
+        t.tau, t.windows = self.threshold, [plan.windows for _, _, plan in plans]
+        t.reduced, t.ratio = [plan.reduced for _, _, plan in plans], [plan.ratio for _, _, plan in plans]
         t.kept_before_llm = [len(k) for k in keep]
         t.content = content  # per sample: whose row (ORIGINAL index) each kept slot carries, slot order
         return Selection(keep_visual=keep, hidden_states=hidden)
@@ -368,69 +468,84 @@ class HoliTom(PruningMethod):
 
         Returns (kept flat indices f n + p, ascending = the slots the engine keeps; the rows (k, d)
         float32 written into those slots; info with the windows, R, r' and ``content``, the flat index
-        of the token whose row each slot carries). ``official_order=False``: slot i carries its own
-        token's row (cell order). ``official_order=True`` (compact positions, where the slot order IS the
-        LLM's order): the rows come in the official order, per window [static tokens, then dynamic
-        tokens frame by frame], each set in cell order (with D > 0 a frame's dominant tokens before its
-        contextual ones): the same slots, the window's rows permuted."""
+        of the token whose row each slot carries, and ``merged``, (k,) bool aligned with the rows: True
+        where the row is not its token's own input row (a DPC-kNN merge, a window average)).
+        ``official_order=False``: slot i carries its own token's row (cell order). ``official_order=True``
+        (compact positions, where the slot order IS the LLM's order): the rows come in the official order
+        (:class:`_Plan`): the same slots, the window's rows permuted."""
+        plan = self.plan(x, attention, n_visual)
+        rows, merged = plan.rows(x), plan.merged()
+        info = {"windows": plan.windows, "reduced": plan.reduced, "ratio": plan.ratio}
+        if official_order:
+            info["content"], info["merged"] = plan.content, merged
+            return plan.content.sort().values, rows, info
+        order = torch.argsort(plan.content)
+        info["content"], info["merged"] = plan.content[order], merged[order]
+        return info["content"], rows[order], info
+
+    def plan(self, x: torch.Tensor, attention: torch.Tensor, n_visual: int) -> _Plan:
+        """The kept tokens of one video (x (F, n, d) LLM input features, attention (F, n) vision
+        attention) in the official order, and the DPC-kNN centres' rows (:class:`_Plan`).
+
+        Per group (:func:`budget_groups`): a static set keeps the DPC-kNN centres of its window average;
+        a dynamic set its dominant tokens, the top round(quota (1 - D)) by attention (every frame at once:
+        :func:`grouped_top_k`), then with D > 0 the DPC-kNN centres of the rest. The DPC runs draw the
+        tie-break noise in group order."""
         frames, per_frame = x.shape[:2]
         tau = self.threshold
         similarity = consecutive_similarity(x)
-        windows, reduced = segment_windows(similarity, tau, self.max_window)
+        g = nonstatic_steps(similarity, tau)  # (F, n)
+        windows, reduced = best_segmentation(static_counts(g), self.max_window)
         ratio = rescaled_ratio(self.retention, frames * per_frame, reduced)
-        groups = self.groups(x, attention, similarity, windows, tau)
-        left = sum(len(g.cells) for g in groups)
-        total = min(budget(n_visual, self.retention), left)
-        quotas = group_quotas([len(g.cells) for g in groups], [g.kind for g in groups], ratio, total, self.rounding)
+        first, last = frame_windows(windows)
+        frame_static = frame_static_masks(g, first, last)  # (F, n): the static positions of each frame's window
+        groups = budget_groups(first, frame_static.sum(dim=1).tolist(), per_frame)
+        kinds, _, sizes = zip(*groups)
+        total = min(budget(n_visual, self.retention), sum(sizes))
+        quotas = group_quotas(list(sizes), list(kinds), ratio, total, self.rounding)
+        starts = [0, *itertools.accumulate(quotas)]  # group g's rows: starts[g]:starts[g + 1], official order
+        content = torch.empty(starts[-1], dtype=torch.long, device=x.device)  # flat index of each row's token
+
+        # the dominant tokens, every frame at once. Frame f's cells: its window's dynamic ones ascending,
+        # then the static ones; its rows start at row dynamic_start[f]
+        dynamic = [group for group, kind in enumerate(kinds) if kind == "dynamic"]  # frame f's group: dynamic[f]
+        frame_cells = torch.sort(frame_static.to(torch.uint8), dim=1, stable=True).indices  # (F, n)
+        ranked = attention.gather(1, frame_cells)  # (F, n): each frame's attention in that cell order
+        flat_cells = frame_cells + torch.arange(0, frames * per_frame, per_frame, device=x.device)[:, None]
+        share = 1 - self.dynamic_cluster_share
+        dominant = [quotas[i] if share == 1 else round(quotas[i] * share) for i in dynamic]  # per frame (D = 0: all)
+        dynamic_start = torch.tensor([starts[i] for i in dynamic], device=x.device)
+        slot_of = dynamic_start[:, None] + torch.arange(per_frame, device=x.device)  # [f, j]: the row of its j-th
+        top_of = {}  # frame -> its dominant tokens' positions among its dynamic cells (D > 0 only)
+        for members, top in grouped_top_k(ranked, [sizes[i] for i in dynamic], dominant):
+            content[slot_of[members, :top.shape[1]]] = flat_cells[members].gather(1, top)
+            if share < 1:
+                top_of.update(zip(members.tolist(), top))
+
+        # the DPC-kNN runs, in group order: static sets, and with D > 0 the rest of each dynamic set
+        centres = []  # (start, end, rows, merged) of each run
         generator = torch.Generator().manual_seed(self.seed)
-        index, rows = [], []
-        for group, quota in zip(groups, quotas):
-            cells, merged = self.reduce_group(group, quota, generator)
-            index.append(group.frame * per_frame + cells)
-            rows.append(merged)
-        index = torch.cat(index)  # the official order (groups in window order, see reduce_group)
-        rows = torch.cat(rows)
-        info = {"windows": windows, "reduced": reduced, "ratio": ratio}
-        if official_order:
-            info["content"] = index
-            return index.sort().values, rows, info
-        order = torch.argsort(index)
-        info["content"] = index[order]
-        return index[order], rows[order], info
-
-    @staticmethod
-    def groups(x: torch.Tensor, attention: torch.Tensor, similarity: torch.Tensor, windows: list, tau: float
-               ) -> list[_Group]:
-        """Per window in time order: its static set (averaged over the window), then each frame's
-        dynamic set."""
-        out = []
-        cells = torch.arange(x.shape[1], device=x.device)
-        for a, e in windows:
-            static = static_mask(similarity, (a, e), tau)
-            if bool(static.any()):
-                out.append(_Group("static", a, cells[static], x[a:e + 1, static].float().mean(dim=0)))
-            for f in range(a, e + 1):
-                out.append(_Group("dynamic", f, cells[~static], x[f, ~static].float(), attention[f, ~static]))
-        return out
-
-    def reduce_group(self, group: _Group, quota: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cells kept, their rows float32) of one group keeping ``quota`` tokens, in the official order:
-        static centres ascending; dynamic: the dominant tokens ascending, then the clusters ascending."""
-        empty = (group.cells[:0], group.x[:0])
-        if quota <= 0:
-            return empty
-        if group.kind == "static":
-            return self._clusters(group.cells, group.x, quota, generator)
-        dominant = round(quota * (1 - self.dynamic_cluster_share))
-        top = torch.topk(group.attention, dominant).indices.sort().values if dominant > 0 else group.cells[:0]
-        cells, rows = [group.cells[top]], [group.x[top]]
-        if quota > dominant:
-            rest = torch.ones(len(group.cells), dtype=torch.bool, device=group.cells.device)
-            rest[top] = False
-            c, r = self._clusters(group.cells[rest], group.x[rest], quota - dominant, generator)
-            cells.append(c)
-            rows.append(r)
-        return torch.cat(cells), torch.cat(rows)
+        for (kind, f, size), quota, start in zip(groups, quotas, starts):
+            if kind == "static":
+                if quota <= 0:
+                    continue
+                group_cells = frame_cells[f, per_frame - size:]
+                group_x = x[f:last[f] + 1, frame_static[f]].float().mean(dim=0)  # (m, d) the window average
+            else:
+                keep = dominant[f]
+                if quota <= keep:
+                    continue
+                rest = torch.ones(size, dtype=torch.bool, device=x.device)
+                if keep > 0:
+                    rest[top_of[f]] = False
+                group_cells = frame_cells[f, :size][rest]
+                group_x = x[f, group_cells].float()
+                start, quota = start + keep, quota - keep
+            centre_cells, centre_rows = self._clusters(group_cells, group_x, quota, generator)
+            end = start + len(centre_cells)
+            content[start:end] = f * per_frame + centre_cells
+            centres += [(start, end, centre_rows, kind == "static" or quota < len(group_cells))]
+        return _Plan(content, centres, windows, reduced, ratio)
 
     def _clusters(self, cells: torch.Tensor, x: torch.Tensor, clusters: int, generator
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,6 +124,11 @@ class Recorder:
                             pos = pos[torch.as_tensor(sel.keep_visual[b]).long()]
                         into.append((ctx.layer_idx, b, ctx.seq.origin[b, pos].clone(),
                                      sel.hidden_states[b, pos].detach().clone()))
+                if sel.new_rows is not None:  # only the given rows change (those of dropped tokens are unused)
+                    for b, (pos, rows) in enumerate(sel.new_rows):
+                        pos = torch.as_tensor(pos).long()
+                        into.append((ctx.layer_idx, b, ctx.seq.origin[b, pos].clone(),
+                                     rows.detach().to(ctx.hidden_states.dtype).clone()))
                 return sel
             return recording
 

@@ -9,7 +9,11 @@
     forward);
 (e) exact budgets at each stage, Table 3's TFLOPs, Qwen2-VL (temporal patches), errors;
 (f) holitom_sharp with HoliTom's compact positions and ShaRP's original ones: decode equals a masked
-    no-cache reference whose positions are those of the sequence after the pre-LLM stage.
+    no-cache reference whose positions are those of the sequence after the pre-LLM stage;
+(g) the vectorised pre-LLM stage bit for bit against the loops it replaced, written here: the official
+    similarity formula, the official DP loop, static masks window by window, one top-k per frame
+    (ties included), the stage group by group; the input hidden states are never written and copied
+    only when a kept row changes.
 """
 from __future__ import annotations
 
@@ -683,3 +687,240 @@ def test_holitom_sharp_compact_then_original_positions_decode(monkeypatch):
     monkeypatch.setattr(engine_reference, "layer_masks", original)
     recompacted = replay_reference_logits(bb, inputs, seq, trace, recorder, compact_layers=range(bb.num_layers))
     assert not torch.allclose(logits, recompacted[:, p - 1: s - 1], atol=2e-4, rtol=1e-4)
+
+
+# -- (g) the vectorised pre-LLM stage against the loops it replaced --------------------------------------------
+def official_similarity(x):
+    """The official s_t(p): F.normalize, then the product of consecutive frames summed over d."""
+    unit = F.normalize(x.float(), dim=-1)
+    return (unit[:-1] * unit[1:]).sum(dim=-1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_consecutive_similarity_is_the_official_formula_bit_for_bit(threads):
+    """The frame-by-frame CPU computation gives the same float32 bits as the whole-video formula (so
+    every s > tau decision, near-ties included, is the official one): shapes, scales, zero rows (the
+    norm's clamp), bf16 and non-contiguous inputs, one frame, one token per frame."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        for frames, n, d in [(1, 5, 8), (2, 1, 64), (3, 2, 1), (8, 16, 64), (5, 49, 1024), (9, 7, 100), (4, 70, 33)]:
+            for scale in (1e-3, 1.0, 300.0):
+                x = torch.randn(frames, n, d, generator=g) * scale
+                x[frames // 2, n // 2] = 0.0  # a zero row: the clamp of the norm
+                x[-1, 0] = x[0, 0]  # an exact repeat
+                for case in (x, x.bfloat16(), x.transpose(0, 1).contiguous().transpose(0, 1)):
+                    got = H.consecutive_similarity(case)
+                    assert got.dtype == torch.float32 and got.shape == (frames - 1, n)
+                    assert torch.equal(got, official_similarity(case)), (frames, n, d, scale, case.dtype)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def loop_segmentation(sim, tau, max_window):
+    """The official DP loop (counts by cumulative products, candidates tried from the shortest window,
+    a candidate replaces the best only when strictly larger)."""
+    frames = sim.shape[0] + 1
+    above = (sim > tau).int()
+    counts = [[0.0] * frames for _ in range(frames)]
+    for a in range(frames - 1):
+        for t, m in enumerate(torch.cumprod(above[a:], dim=0).sum(dim=1).tolist()):
+            counts[a][a + 1 + t] = float((t + 1) * m)
+    best, start = [0.0] * frames, [0] * frames
+    for i in range(frames):
+        value, first = (best[i - 1] if i > 0 else 0.0), i
+        for w in range(2, min(i + 1, max_window) + 1):
+            candidate = (best[i - w] if i - w >= 0 else 0.0) + counts[i - w + 1][i]
+            if candidate > value:
+                value, first = candidate, i - w + 1
+        best[i], start[i] = value, first
+    windows, i = [], frames - 1
+    while i >= 0:
+        windows.append((start[i], i))
+        i = start[i] - 1
+    return windows[::-1], best[-1], counts
+
+
+def test_segmentation_equals_the_official_loop_ties_included(monkeypatch):
+    """Windows and R (a float) equal the official loop's on many small inputs whose similarities take
+    few values (many equal counts: ties between windows), NaN included, every max_window; the counts
+    are the official ones, also when computed in several blocks of window starts."""
+    g = np.random.default_rng(0)
+    for case in range(400):
+        frames, n = int(g.integers(1, 11)), int(g.integers(1, 6))
+        sim = torch.tensor(g.choice([0.1, 0.5, 0.79, 0.8, 0.81, 0.95, np.nan], size=(frames - 1, n)),
+                           dtype=torch.float32)
+        tau = float(g.choice([0.5, 0.8]))
+        if case == 200:
+            monkeypatch.setattr(H, "_COMPARISONS", 5)  # from here on, the counts in blocks of window starts
+        windows, value, counts = loop_segmentation(sim, tau, 1024)
+        assert H.static_counts(H.nonstatic_steps(sim, tau)) == counts
+        for max_window in (1, 2, 3, 1024):
+            expected = loop_segmentation(sim, tau, max_window)
+            got = H.segment_windows(sim, tau, max_window)
+            assert got == expected[:2] and type(got[1]) is float
+
+
+def test_frame_static_masks_equal_static_mask_window_by_window():
+    g = np.random.default_rng(1)
+    for _ in range(200):
+        frames, n = int(g.integers(1, 10)), int(g.integers(1, 7))
+        sim = torch.tensor(g.choice([0.2, 0.8, 0.9, np.nan], size=(frames - 1, n)), dtype=torch.float32)
+        cuts = sorted(set(g.integers(1, frames + 1, size=3).tolist()) | {frames})
+        windows = [(a, e - 1) for a, e in zip([0] + cuts[:-1], cuts)]
+        first, last = H.frame_windows(windows)
+        assert first == [a for a, e in windows for _ in range(a, e + 1)]
+        assert last == [e for a, e in windows for _ in range(a, e + 1)]
+        masks = H.frame_static_masks(H.nonstatic_steps(sim, 0.85), first, last)
+        expected = torch.stack([H.static_mask(sim, (a, e), 0.85) for a, e in windows for _ in range(a, e + 1)])
+        assert torch.equal(masks, expected)
+
+
+def test_grouped_top_k_equals_one_top_k_per_row_ties_included():
+    """One torch.topk per (size, k) bucket picks, row by row, the positions one call per row picks,
+    on scores with many equal values (the tie-break is torch.topk's, unchanged)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        rows, n = int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(1, 60, (1,), generator=g))
+        scores = torch.randint(0, 3, (rows, n), generator=g).float()  # ~n / 3 ties per value
+        sizes = [int(torch.randint(1, n + 1, (1,), generator=g)) if bool(torch.rand(1, generator=g) < 0.3) else n
+                 for _ in range(rows)]
+        ks = [int(torch.randint(0, m + 1, (1,), generator=g)) for m in sizes]
+        got = {}
+        for members, top in H.grouped_top_k(scores, sizes, ks):
+            assert top.shape == (len(members), ks[int(members[0])])
+            got.update({r: t for r, t in zip(members.tolist(), top)})
+        assert sorted(got) == [r for r in range(rows) if ks[r] > 0]
+        for r, top in got.items():
+            assert torch.equal(top, torch.topk(scores[r, :sizes[r]].clone(), ks[r]).indices.sort().values)
+
+
+def per_group_plan(method, x, attention, n_visual, official_order):
+    """The pre-LLM stage of one video group by group, as baselines/holitom.py computed it before its
+    vectorisation: a static mask per window, each group's rows copied, one top-k and DPC run per group
+    (the noise drawn in group order), the rows concatenated in the official order."""
+    frames, n, _ = x.shape
+    tau = method.threshold
+    sim = official_similarity(x)
+    windows, reduced, _ = loop_segmentation(sim, tau, method.max_window)
+    ratio = H.rescaled_ratio(method.retention, frames * n, reduced)
+    cells = torch.arange(n)
+    groups = []  # (kind, frame, cells, rows, attention)
+    for a, e in windows:
+        static = H.static_mask(sim, (a, e), tau)
+        if bool(static.any()):
+            groups.append(("static", a, cells[static], x[a:e + 1, static].float().mean(dim=0), None))
+        for f in range(a, e + 1):
+            groups.append(("dynamic", f, cells[~static], x[f, ~static].float(), attention[f, ~static]))
+    sizes = [len(group[2]) for group in groups]
+    total = min(budget(n_visual, method.retention), sum(sizes))
+    quotas = H.group_quotas(sizes, [group[0] for group in groups], ratio, total, method.rounding)
+    generator = torch.Generator().manual_seed(method.seed)
+
+    def clusters(c, rows, k):
+        if k >= len(c):
+            return c, rows, False
+        centres, dist = H.dpc_knn_centres(rows, k, min(method.knn_k, k), generator)
+        return c[centres], H.merge_into_centres(rows, centres, dist, method.beta, method.cluster_merge), True
+
+    index, out, merged = [], [], []
+    for (kind, f, c, rows, att), quota in zip(groups, quotas):
+        if quota <= 0:
+            continue
+        if kind == "static":
+            kept_cells, kept_rows, _ = clusters(c, rows, quota)
+            pieces = [(kept_cells, kept_rows, True)]
+        else:
+            dominant = round(quota * (1 - method.dynamic_cluster_share))
+            top = torch.topk(att, dominant).indices.sort().values if dominant > 0 else c[:0]
+            pieces = [(c[top], rows[top], False)]
+            if quota > dominant:
+                rest = torch.ones(len(c), dtype=torch.bool)
+                rest[top] = False
+                pieces.append(clusters(c[rest], rows[rest], quota - dominant))
+        for kept_cells, kept_rows, is_merged in pieces:
+            index.append(f * n + kept_cells)
+            out.append(kept_rows)
+            merged.append(torch.full((len(kept_cells),), is_merged))
+    index, out, merged = torch.cat(index), torch.cat(out), torch.cat(merged)
+    info = {"windows": windows, "reduced": reduced, "ratio": ratio}
+    if official_order:
+        return index.sort().values, out, {**info, "content": index, "merged": merged}
+    order = torch.argsort(index)
+    return index[order], out[order], {**info, "content": index[order], "merged": merged[order]}
+
+
+def random_video(g, frames, n, d, dtype):
+    """Random rows with static windows planted (cells repeated over runs of frames, some with a small
+    drift) and an attention with many ties."""
+    x = torch.randn(frames, n, d, generator=g)
+    for _ in range(int(torch.randint(0, 4, (1,), generator=g))):
+        a = int(torch.randint(0, frames, (1,), generator=g))
+        e = min(frames - 1, a + int(torch.randint(1, 5, (1,), generator=g)))
+        cells = torch.rand(n, generator=g) < 0.6
+        drift = 0.3 * torch.randn(e - a, int(cells.sum()), d, generator=g) * float(torch.rand(1, generator=g))
+        x[a + 1:e + 1, cells] = x[a, cells] + drift
+    attention = torch.randint(0, 5, (frames, n), generator=g).float()
+    return x.to(dtype), attention
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"retention": 0.25},
+    {"retention": 0.1, "rounding": "official"},
+    {"retention": 0.5, "dynamic_cluster_share": 0.5, "cluster_merge": "mean", "knn_k": 3},
+    {"retention": 0.3, "dynamic_cluster_share": 1.0, "max_window": 3, "seed": 4},
+    {"retention": 0.2, "tau": 0.5, "rounding": "official", "dynamic_cluster_share": 0.3},
+])
+def test_plan_sample_equals_the_per_group_loop_bit_for_bit(kwargs):
+    """Kept slots, rows (torch.equal), the official order (content), the merged flags, windows, R and
+    r' of random videos with planted static windows and tied attention, both token orders."""
+    kwargs = dict(kwargs)
+    retention = kwargs.pop("retention")
+    method = sharp.make_method("holitom", retention, llm_layer=None, positions="original", **kwargs)
+    g = torch.Generator().manual_seed(len(kwargs))
+    statics = 0
+    for case in range(16):
+        frames, n = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(2, 20, (1,), generator=g))
+        x, attention = random_video(g, frames, n, 8, torch.bfloat16 if case % 4 == 3 else torch.float32)
+        for official in (False, True):
+            kept, rows, info = method.plan_sample(x, attention, frames * n, official_order=official)
+            ref_kept, ref_rows, ref_info = per_group_plan(method, x, attention, frames * n, official)
+            assert torch.equal(kept, ref_kept) and torch.equal(rows, ref_rows) and rows.dtype == torch.float32
+            assert info.keys() == ref_info.keys()
+            for key in ("content", "merged"):
+                assert torch.equal(info[key], ref_info[key]), key
+            assert (info["windows"], info["reduced"], info["ratio"]) == \
+                (ref_info["windows"], ref_info["reduced"], ref_info["ratio"])
+        statics += any(e > a for a, e in info["windows"])
+    assert statics >= 4  # the cases do have static windows
+
+
+def test_pre_llm_stage_copies_the_hidden_states_only_when_a_row_changes():
+    """No static window and D = 0: every kept row is its token's own row, the stage returns its input
+    (no copy). It returns a copy with the new rows when static windows are merged, and when the
+    official order moves unmerged rows to other slots (D = 0.5 at r = 1: a frame's dominant half, then
+    the rest, all kept). The input is never written in place."""
+    bb = scaled_projector_backbone()
+    random_video = bb.synthetic_inputs(frames=8, seed=3, batch_size=2)
+    seen = []
+    for inputs, r, kwargs in ((random_video, 0.3, {"tau": 0.99}), (structured_video(bb), 0.3, {"tau": 0.8}),
+                              (random_video, 1.0, {"tau": 0.99, "dynamic_cluster_share": 0.5})):
+        method = sharp.make_method("holitom", r, llm_layer=None, positions="compact", **kwargs)
+        select = method.select
+
+        def recording(ctx, select=select):
+            before = ctx.hidden_states.clone()
+            selection = select(ctx)
+            assert torch.equal(ctx.hidden_states, before)  # not written in place
+            seen.append((selection.hidden_states is ctx.hidden_states, ctx.trace))
+            return selection
+
+        object.__setattr__(method, "select", recording)
+        with sharp.prune(bb, method), torch.no_grad():
+            bb.model(**inputs)
+    assert [same for same, _ in seen] == [True, False, False]
+    static_windows = [any(e > a for a, e in windows) for _, t in seen for windows in t.windows]
+    assert static_windows == [False, False, True, False, False]
+    content, kept = seen[2][1].content[0], seen[2][1].kept_before_llm[0]
+    assert kept == len(content) and not torch.equal(content, content.sort().values)  # rows moved
