@@ -31,7 +31,7 @@ its ports (HoliTom's LLaVA-OV port ``visionzip/llava_arch.py``, EffiVLM-Bench's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
