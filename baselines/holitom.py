@@ -139,7 +139,7 @@ def best_segmentation(counts: list[list[float]], max_window: int = 1024) -> tupl
             before[i + 1] = before[i]
     windows, i = [], frames - 1
     while i >= 0:
-        windows += [(start[i], i)]
+        windows.append((start[i], i))
         i = start[i] - 1
     return windows[::-1], before[-1]
 

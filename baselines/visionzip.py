@@ -103,31 +103,23 @@ def assign_to_targets(keys: torch.Tensor, targets: torch.Tensor, others: torch.T
     return torch.stack(choice).view(*unit.shape[:-2], len(others))
 
 
-def merge_contextual(hidden: torch.Tensor, targets: torch.Tensor, others: torch.Tensor,
-                     choice: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+def merge_contextual(rows: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, others: torch.Tensor,
+                     choice: torch.Tensor) -> torch.Tensor:
     """Contextual tokens (G, c, D) float32: x_t + mean of the tokens assigned to t (+ 0 when none),
-    per group; hidden: (G, n, D) the groups' embeddings, or with ``index`` (G, n) the rows (N, D)
-    that ``index`` points into; targets (G, c), others (G, m - c): positions 0..n-1 in the groups;
-    choice (G, m - c): the position in ``targets`` of each token of ``others``."""
-    g, c, width = targets.shape[0], targets.shape[1], hidden.shape[-1]
-    group = torch.arange(g, device=hidden.device)[:, None]
-    slot = choice + c * group  # (G, m - c): group g's targets are sums rows g c .. g c + c - 1
+    per group. rows (N, D): the embeddings; index (G, n): each group's rows, ascending; targets (G, c),
+    others (G, m - c): positions 0..n-1 in the groups; choice (G, m - c): the position in ``targets``
+    of each token of ``others``.
+
+    One index_add_ over the rows themselves (no gathered copy): every row of a group's others goes to
+    its target's slot, every other row to a discarded last slot; each slot adds its rows in row order,
+    the order of ``others``."""
+    g, c, width = targets.shape[0], targets.shape[1], rows.shape[-1]
+    slot = choice + c * torch.arange(g, device=rows.device)[:, None]  # (G, m - c): group g's targets: g c .. g c + c - 1
     counts = torch.bincount(slot.reshape(-1), minlength=g * c).clamp(min=1).to(torch.float32)[:, None]
-    if index is None:
-        # one index_add_ over every group's gathered others
-        sums = hidden.new_zeros(g * c, width, dtype=torch.float32).index_add_(
-            0, slot.reshape(-1), hidden[group, others].float().reshape(-1, width))
-        target_rows = hidden[group, targets]
-    else:
-        # one index_add_ over the rows themselves (no gathered copy): every row of a group's others
-        # goes to its target's slot, every other row to a discarded last slot. Each slot's rows are
-        # added in row order, which is the order of ``others`` (groups and others ascend): the sums
-        # are those of the gathered form.
-        row_slot = torch.full((hidden.shape[0],), g * c, dtype=torch.long, device=hidden.device)
-        row_slot[index.gather(1, others)] = slot
-        sums = hidden.new_zeros(g * c + 1, width, dtype=torch.float32).index_add_(0, row_slot, hidden.float())[:-1]
-        target_rows = hidden[index.gather(1, targets)]
-    return target_rows.float() + (sums / counts).view(g, c, width)
+    row_slot = torch.full((rows.shape[0],), g * c, dtype=torch.long, device=rows.device)
+    row_slot[index.gather(1, others)] = slot
+    sums = rows.new_zeros(g * c + 1, width, dtype=torch.float32).index_add_(0, row_slot, rows.float())[:-1]
+    return rows[index.gather(1, targets)].float() + (sums / counts).view(g, c, width)
 
 
 def visionzip_group(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, k: int,
@@ -140,12 +132,15 @@ def visionzip_group(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.T
 def visionzip_groups(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, k: int,
                      dominant_ratio: float = DOMINANT_RATIO, index: Optional[torch.Tensor] = None) -> GroupResult:
     """VisionZip on G groups of n tokens with the same budget k <= n, at once: attention (G, n),
-    keys (G, n, h), hidden (G, n, D) (or, with ``index`` (G, n), the rows (N, D) it points into:
-    no gathered copy); each group as :func:`visionzip_group` alone. Returns the
+    keys (G, n, h), hidden (G, n, D) (or, with ``index`` (G, n), ascending in each group, the rows
+    (N, D) it points into: no gathered copy); each group as :func:`visionzip_group` alone. Returns the
     :class:`GroupResult` fields with a leading group dimension (G, ...)."""
     g, n = attention.shape
     if not 0 <= k <= n:
         raise ValueError(f"visionzip: a group's budget must be in 0..{n}, got {k}")
+    if index is None:  # the groups' own rows, one after the other
+        index = torch.arange(g * n, device=hidden.device).view(g, n)
+        hidden = hidden.reshape(g * n, hidden.shape[-1])
     device = attention.device
     d, c = dominant_split(k, dominant_ratio)
     dominant = dominant_tokens(attention, d)  # (G, d)
@@ -156,14 +151,13 @@ def visionzip_groups(attention: torch.Tensor, keys: torch.Tensor, hidden: torch.
     targets = rest[:, local_targets]
     if c == 0:  # dominant_ratio 1: the rest is dropped, nothing merges
         empty = torch.zeros(g, 0, 2, dtype=torch.long, device=device)
-        rows = gather_rows(hidden, targets) if index is None else hidden[index.gather(1, targets)]
-        return GroupResult(dominant, targets, empty, rows.float())
+        return GroupResult(dominant, targets, empty, hidden[index.gather(1, targets)].float())
     is_other = torch.ones(n - d, dtype=torch.bool, device=device)
     is_other[local_targets] = False
     local_others = is_other.nonzero().squeeze(1)
     choice = assign_to_targets(gather_rows(keys, rest), local_targets, local_others)  # (G, m - c)
     others = rest[:, local_others]  # (G, m - c)
-    rows = merge_contextual(hidden, targets, others, choice, index)
+    rows = merge_contextual(hidden, index, targets, others, choice)
     absorbed = torch.stack([others, targets.gather(1, choice)], dim=2)
     return GroupResult(dominant=dominant, targets=targets, absorbed=absorbed, rows=rows)
 

@@ -217,6 +217,16 @@ def test_groups_over_flat_rows_equal_gathered_groups(seed):
         gathered = visionzip_groups(attention, keys, rows[index], k, ratio)
         for field in ("dominant", "targets", "absorbed", "rows"):
             assert torch.equal(getattr(flat, field), getattr(gathered, field)), (k, ratio, field)
+        for i in range(g):  # each contextual row by a plain loop: its target's row + the mean of its tokens
+            for j, t in enumerate(flat.targets[i].tolist()):
+                absorbed = [int(o) for o, tt in flat.absorbed[i].tolist() if tt == t]
+                want = rows[index[i, t]].clone()
+                if absorbed:
+                    total = torch.zeros(width)
+                    for o in absorbed:  # in sequence order, as the official sum
+                        total += rows[index[i, o]]
+                    want += total / len(absorbed)
+                torch.testing.assert_close(flat.rows[i, j], want, rtol=0, atol=1e-6)
 
 def test_context_rows_view_or_gather():
     """StageContext.rows: hidden_states[b, positions] for any positions; one ascending run is a view

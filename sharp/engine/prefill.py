@@ -36,7 +36,6 @@ from sharp.engine.sequence import SeqState, gather_seq
 from sharp.engine.trace import Trace
 
 
-
 def write_rows(hidden: torch.Tensor, new_rows: list, index: Optional[torch.Tensor] = None,
                pad: Optional[torch.Tensor] = None) -> None:
     """Write :attr:`Selection.new_rows` (per sample ``(positions (k,), rows (k, d))`` in the stage's
@@ -55,6 +54,7 @@ def write_rows(hidden: torch.Tensor, new_rows: list, index: Optional[torch.Tenso
             kept = index[b, real[slot]] == positions
             positions, rows = real[slot[kept]], rows[kept]
         hidden[b, positions] = rows
+
 
 class _ProbeDone(Exception):
     """Raised inside a probe forward once the probed stage has been reached."""

@@ -304,6 +304,7 @@ class ShaRP(PruningMethod):
                 new_rows.append((tokens.positions[:0], ctx.hidden_states[b, :0]))
         return keep, new_rows if any(len(p) for p, _ in new_rows) else None
 
+
 def _unchanged(inputs: dict) -> dict:
     """The scoring pass's probe inputs: the prefill's own."""
     return inputs
